@@ -1,0 +1,95 @@
+"""Prometheus metrics, one registry per service (never the global one).
+
+Every counter the components update lives here, so ``/metrics`` documents
+itself and two services in one test process do not share numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        # SMTP intake
+        self.connections = Counter(
+            "spamtrap_smtp_connections", "SMTP connections accepted", registry=r
+        )
+        self.connections_open = Gauge(
+            "spamtrap_smtp_connections_open", "SMTP connections now open", registry=r
+        )
+        self.connections_refused = Counter(
+            "spamtrap_smtp_connections_refused",
+            "Connections closed by a host-protection limit",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_accepted = Counter(
+            "spamtrap_messages_accepted", "Messages answered 250 (durably spooled)", registry=r
+        )
+        self.bytes_accepted = Counter(
+            "spamtrap_bytes_accepted", "Message bytes answered 250", registry=r
+        )
+        self.messages_rejected = Counter(
+            "spamtrap_messages_rejected",
+            "Transactions or recipients refused at SMTP",
+            ["reason"],
+            registry=r,
+        )
+        self.smtp_errors = Counter(
+            "spamtrap_smtp_protocol_errors", "Protocol errors answered", ["kind"], registry=r
+        )
+        # Spool
+        self.spool_depth = Gauge(
+            "spamtrap_spool_depth", "Messages spooled and not yet processed", registry=r
+        )
+        self.spool_bytes = Gauge(
+            "spamtrap_spool_bytes", "Bytes of spooled messages not yet processed", registry=r
+        )
+        self.spool_shed = Counter(
+            "spamtrap_spool_shed",
+            "Oldest messages dropped because the spool was full or too old",
+            ["reason"],
+            registry=r,
+        )
+        self.spool_commits = Counter(
+            "spamtrap_spool_commits", "Group commits (fsyncs) of the spool", registry=r
+        )
+        self.spool_recovered = Counter(
+            "spamtrap_spool_recovered", "Messages recovered from the spool at start", registry=r
+        )
+        # Filters
+        self.filter_verdicts = Counter(
+            "spamtrap_filter_verdicts",
+            "Filter stage verdicts",
+            ["stage", "verdict", "reason"],
+            registry=r,
+        )
+        self.messages_processed = Counter(
+            "spamtrap_messages_processed", "Messages through the filter pipeline", registry=r
+        )
+        self.processing_errors = Counter(
+            "spamtrap_processing_errors",
+            "Messages whose processing raised (kept, and logged)",
+            registry=r,
+        )
+        # Bundles
+        self.set_messages = Counter(
+            "spamtrap_set_messages", "Messages written to a set", ["set"], registry=r
+        )
+        self.bundles = Counter(
+            "spamtrap_bundles", "Bundles finalised and stored", ["set"], registry=r
+        )
+        self.bundle_bytes = Counter(
+            "spamtrap_bundle_bytes", "Compressed bytes stored", ["set"], registry=r
+        )
+        self.store_errors = Counter(
+            "spamtrap_store_errors", "Failed attempts to store a bundle", ["set"], registry=r
+        )
+        self.bundles_open = Gauge(
+            "spamtrap_bundles_open", "Bundles open for writing", ["set"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
