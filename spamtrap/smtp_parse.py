@@ -1,0 +1,123 @@
+"""Parsers for SMTP command arguments, and the dialect fingerprint.
+
+Everything here takes raw network bytes and never raises on bad input other
+than returning None: spammers send anything, and a trap records it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_KEYWORD = {b"MAIL": b"FROM", b"RCPT": b"TO"}
+_WS = re.compile(rb"[ \t]+")
+
+
+@dataclass
+class Path:
+    address: bytes  # without brackets or source route; b"" for the null path
+    params: list[bytes]  # ESMTP parameters as sent, e.g. [b"SIZE=1234", b"BODY=8BITMIME"]
+    shape: bytes  # how the argument was spelled, for the fingerprint, e.g. b"FROM:<"
+
+
+def parse_path(verb: bytes, arg: bytes) -> Path | None:
+    """Parse a MAIL FROM / RCPT TO argument leniently.
+
+    QUIRK: bots send ``FROM: <a@b>``, ``from:a@b``, ``FROM:<a@b>SIZE=1`` and
+    unterminated brackets. RFC 5321 4.1.2 allows none of these; a trap accepts
+    them all (architecture: "missing angle brackets") and records the
+    spelling in the dialect fingerprint.
+    """
+    keyword = _KEYWORD[verb.upper()]
+    m = re.match(rb"[ \t]*(" + keyword + rb")[ \t]*:[ \t]*", arg, re.I)
+    if not m:
+        return None
+    rest = arg[m.end() :]
+    shape = arg[m.start(1) : m.end()].replace(b"\t", b" ")
+    if rest.startswith(b"<"):
+        shape += b"<"
+        end = rest.find(b">")
+        if end < 0:  # QUIRK: unterminated bracket; take the first word
+            address, _, tail = rest[1:].partition(b" ")
+        else:
+            address, tail = rest[1:end], rest[end + 1 :]
+    else:
+        parts = _WS.split(rest.strip(), maxsplit=1)
+        address = parts[0]
+        tail = parts[1] if len(parts) > 1 else b""
+    address = address.strip()
+    # RFC 5321 4.1.2: a source route "@a,@b:user@host" is to be ignored.
+    if address.startswith(b"@") and b":" in address:
+        address = address.split(b":", 1)[1]
+    return Path(address, [p for p in _WS.split(tail.strip()) if p], shape)
+
+
+def param_value(params: list[bytes], name: bytes) -> bytes | None:
+    for p in params:
+        key, _, value = p.partition(b"=")
+        if key.upper() == name:
+            return value
+    return None
+
+
+def helo_shape(arg: bytes) -> str:
+    """Classify a HELO/EHLO argument: what bots put there tells them apart."""
+    a = arg.strip()
+    if not a:
+        return "none"
+    if a.startswith(b"["):
+        return "literal"
+    if re.fullmatch(rb"[0-9.]+", a):
+        return "ip"
+    if b" " in a:
+        return "words"
+    if b"." in a:
+        return "fqdn"
+    return "word"
+
+
+def bucket(seconds: float) -> str:
+    """A coarse timing bucket for the fingerprint."""
+    for limit, name in ((0.01, "<10ms"), (0.1, "<100ms"), (1.0, "<1s"), (10.0, "<10s")):
+        if seconds < limit:
+            return name
+    return ">=10s"
+
+
+def _printable(b: bytes) -> str:
+    # Spaces become "_" (their presence is the point); commas and bytes that
+    # are not printable ASCII become "?", keeping the field one clean token.
+    return "".join(
+        "_" if c == 32 else chr(c) if 33 <= c < 127 and c != 44 else "?" for c in b
+    )
+
+
+@dataclass
+class Dialect:
+    """The SMTP dialect of one session: what researchers attribute bots with."""
+
+    tokens: list[str] = field(default_factory=list)
+    flags: set[str] = field(default_factory=set)
+
+    def command(self, verb: bytes, arg: bytes) -> None:
+        v = verb.upper()
+        token = _printable(verb)
+        if v in (b"HELO", b"EHLO"):
+            token += ":" + helo_shape(arg)
+        elif v in _KEYWORD:
+            path = parse_path(v, arg)
+            if path is None:
+                token += ":?"
+            else:
+                token += ":" + _printable(path.shape)
+                keys = sorted({_printable(p.partition(b"=")[0].upper()) for p in path.params})
+                if keys:
+                    token += "+" + "+".join(keys)
+        if len(self.tokens) < 64:  # bounded: a session can send millions of NOOPs
+            self.tokens.append(token)
+
+    def render(self) -> str:
+        out = "cmds=" + ",".join(self.tokens)
+        if self.flags:
+            out += " flags=" + ",".join(sorted(self.flags))
+        return out
