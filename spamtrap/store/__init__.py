@@ -1,0 +1,95 @@
+"""Where finished bundles go: the key scheme and the Store interface.
+
+A key is ``<set>/<UTC ISO-8601 to seconds>.<node>.<random base62>.mbox.gz``;
+its manifest sits beside it under the same name ending in ``.json``. Listing
+by prefix (``all/2026-11-22T13``) finds a time range, and the random part
+makes the key a secret: objects are public to whoever knows the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from spamtrap.message import random_base62
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.python.threadpool import ThreadPool
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+SET_NAME_RE = re.compile(NAME_PATTERN)
+BUNDLE_SUFFIX = ".mbox.gz"
+MANIFEST_SUFFIX = ".json"
+# A whole key: set, time, node, random part, and which of the pair it is.
+KEY_RE = re.compile(
+    rf"(?P<set>{NAME_PATTERN})/"
+    r"(?P<time>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})\."
+    rf"(?P<node>{NAME_PATTERN})\."
+    r"(?P<random>[0-9A-Za-z]{16,})"
+    r"(?P<suffix>\.mbox\.gz|\.json)"
+)
+
+
+class StoreConfigError(Exception):
+    """The store URL cannot be used."""
+
+
+def valid_set_name(name: str) -> bool:
+    return SET_NAME_RE.fullmatch(name) is not None
+
+
+def bundle_key(set_name: str, opened_at: float, node: str) -> str:
+    """A new, unguessable key for a bundle of ``set_name`` opened at ``opened_at``."""
+    if not valid_set_name(set_name):
+        raise ValueError(f"invalid set name {set_name!r}")
+    if not valid_set_name(node):
+        raise ValueError(f"invalid node name {node!r}")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(opened_at))
+    return f"{set_name}/{stamp}.{node}.{random_base62(16)}{BUNDLE_SUFFIX}"
+
+
+def manifest_key(key: str) -> str:
+    """The manifest's key for a bundle key."""
+    if not key.endswith(BUNDLE_SUFFIX):
+        raise ValueError(f"not a bundle key: {key!r}")
+    return key[: -len(BUNDLE_SUFFIX)] + MANIFEST_SUFFIX
+
+
+class Store(Protocol):
+    def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
+        """Store the file at ``path`` under ``key``, then the manifest (the
+        commit marker) under ``manifest_key(key)``. The caller keeps ``path``."""
+        ...
+
+    def url(self, key: str) -> str | None:
+        """The public URL of a stored key, if the store has one."""
+        ...
+
+    def describe(self) -> str:
+        """A short human description for logs."""
+        ...
+
+
+def open_store(url: str | None, data_dir: str, reactor: Any, pool: ThreadPool) -> Store:
+    """The store for ``--store``/``store.url``: None means DATA/bundles."""
+    from spamtrap.store.local import LocalStore
+
+    if url is None:
+        return LocalStore(os.path.join(data_dir, "bundles"), reactor, pool)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise StoreConfigError(f"store URL {url!r}: use file:///absolute/path (three slashes)")
+        if parts.query or parts.fragment:
+            raise StoreConfigError(f"store URL {url!r}: a file URL takes no query or fragment")
+        return LocalStore(unquote(parts.path), reactor, pool)
+    if parts.scheme == "s3":
+        raise StoreConfigError("S3 store is not available yet")
+    raise StoreConfigError(
+        f"store URL {url!r}: unsupported scheme {parts.scheme!r} "
+        "(use file:///path or s3://bucket/prefix)"
+    )

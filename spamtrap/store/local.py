@@ -1,0 +1,152 @@
+"""The local directory store: ``ROOT/<set>/<name>.mbox.gz`` plus its manifest.
+
+Every file appears atomically (temp file in the same directory, fsync,
+rename, fsync of the directory), the object before the manifest, so a
+manifest on disk always means a complete bundle beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from spamtrap.message import random_base62
+from spamtrap.store import KEY_RE, MANIFEST_SUFFIX, manifest_key, valid_set_name
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(target: str) -> str:
+    # Hidden and with a suffix no key can have, so listings never see it.
+    head, tail = os.path.split(target)
+    return os.path.join(head, f".{tail}.{random_base62(8)}.tmp")
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    def __init__(self, root: str, reactor: Any, pool: ThreadPool) -> None:
+        self.root = os.path.abspath(root)
+        self._reactor = reactor
+        self._pool = pool
+
+    def describe(self) -> str:
+        return f"local directory {self.root}"
+
+    def url(self, key: str) -> str | None:
+        # Served by spamtrap's own web layer, which knows its public URL.
+        return None
+
+    def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
+        return deferToThreadPool(self._reactor, self._pool, self._put, key, path, manifest)
+
+    def _put(self, key: str, path: str, manifest: bytes) -> None:
+        if KEY_RE.fullmatch(key) is None or not key.endswith(".mbox.gz"):
+            raise ValueError(f"not a bundle key: {key!r}")
+        target = os.path.join(self.root, key)
+        set_dir = os.path.dirname(target)
+        if not os.path.isdir(set_dir):
+            os.makedirs(set_dir, exist_ok=True)
+            _fsync_dir(self.root)  # make the new set directory itself durable
+        self._place_copy(path, target)
+        self._place_bytes(manifest, os.path.join(self.root, manifest_key(key)))
+        _fsync_dir(set_dir)
+
+    def _place_copy(self, source: str, target: str) -> None:
+        tmp = _temp_name(target)
+        try:
+            # A hard link costs nothing on the same filesystem; the caller
+            # deletes its own name afterwards, which leaves ours intact.
+            os.link(source, tmp)
+        except OSError:
+            with open(source, "rb") as src, open(tmp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            _fsync_file(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        # The object must be durable under its name before the manifest
+        # (the commit marker) can appear.
+        _fsync_dir(os.path.dirname(target))
+
+    def _place_bytes(self, data: bytes, target: str) -> None:
+        tmp = _temp_name(target)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def path_for(self, key: str) -> str | None:
+        """The file for ``key``, or None if the key is not a stored bundle or
+        manifest. ``key`` is taken literally: percent-decoding is the web
+        layer's job, and anything that is not exactly ``set/name`` with a
+        valid name is refused (``..``, absolute paths, backslashes, NUL)."""
+        if KEY_RE.fullmatch(key) is None:
+            return None
+        set_name, name = key.split("/")
+        path = os.path.join(self.root, set_name, name)
+        # Defence in depth: a symlinked set directory must not lead outside.
+        root = os.path.realpath(self.root)
+        if os.path.commonpath([os.path.realpath(path), root]) != root:
+            return None
+        return path if os.path.isfile(path) else None
+
+    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+        """Blocking: the parsed manifests of a set, newest first (by key).
+
+        Unreadable or malformed manifests are skipped: a listing must not
+        fail because one file is damaged."""
+        if not valid_set_name(set_name):
+            raise ValueError(f"invalid set name {set_name!r}")
+        directory = os.path.join(self.root, set_name)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        keys = sorted(
+            (f"{set_name}/{n}" for n in names if n.endswith(MANIFEST_SUFFIX)), reverse=True
+        )
+        result = []
+        for key in keys:
+            if KEY_RE.fullmatch(key) is None:
+                continue
+            try:
+                with open(os.path.join(self.root, key), "rb") as f:
+                    manifest = json.loads(f.read().decode("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(manifest, dict):
+                result.append(manifest)
+        return result
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
