@@ -1,0 +1,287 @@
+"""The HTTP side: bundle downloads, set listings, ``/metrics`` and ``/healthz``.
+
+Bundles are public to whoever knows their unguessable key, so downloads
+need no authentication. Listing a set reveals its keys, so it needs the
+set's bearer token. Keys never change once stored: downloads are cached
+forever, everything else never.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web import resource, server, static
+
+from spamtrap.config import Config, SetConfig
+from spamtrap.metrics import Metrics
+
+_log = Logger()
+
+# Key suffix -> Content-Type. Never Content-Encoding: gzip for a bundle, or
+# HTTP clients would silently gunzip the very file whose sha256 is published.
+CONTENT_TYPES = {".mbox.gz": b"application/gzip", ".json": b"application/json"}
+IMMUTABLE = b"public, max-age=31536000, immutable"
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+TEXT_TYPE = b"text/plain; charset=utf-8"
+JSON_TYPE = b"application/json"
+READ_METHODS = (b"GET", b"HEAD")
+
+INDEX = b"""\
+spamtrap: a spam trap's bundle server.
+
+GET /bundles/<set>/<name>.mbox.gz  a bundle of trapped spam (gzipped mboxrd)
+GET /bundles/<set>/<name>.json     its manifest (size, sha256, messages, period)
+GET /bundles/<set>/                the set's manifests, newest first
+                                   (needs Authorization: Bearer <token>)
+GET /metrics                       Prometheus metrics
+GET /healthz                       health as JSON; 503 when not ok
+"""
+
+
+def make_site(
+    store: Any,
+    config: Config,
+    metrics: Metrics,
+    health: Callable[[], dict[str, Any]],
+    reactor: Any,
+    pool: ThreadPool,
+) -> server.Site:
+    """The whole HTTP service. ``store`` is served by key if it has
+    ``path_for`` (a LocalStore); ``pool`` runs its blocking listings."""
+    root = _Page()
+    children: dict[bytes, resource.Resource] = {
+        b"": _Index(),
+        b"bundles": _Bundles(store, config, reactor, pool),
+        b"metrics": _Metrics(metrics),
+        b"healthz": _Health(health),
+    }
+    for name, child in children.items():
+        # Without mypy-zope, mypy does not know a Resource is an IResource.
+        root.putChild(name, child)  # type: ignore[arg-type]
+    site = _Site(root, reactor=reactor)
+    site.displayTracebacks = False
+    site.noisy = False  # no "Starting factory" log line per listen
+    return site
+
+
+class _Site(server.Site):
+    def getResourceFor(self, request: server.Request) -> Any:
+        # Request.process() has just set "Server: TwistedWeb/<version>" and
+        # nothing is rendered yet: replace it for every routed response.
+        request.setHeader(b"server", b"spamtrap")
+        return super().getResourceFor(request)
+
+
+def _error(request: server.Request, code: int, text: str) -> bytes:
+    """A short plain-text error body; never cached (a 404 may become a 200
+    once the bundle is stored)."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", TEXT_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    return text.encode("utf-8") + b"\n"
+
+
+class _NotFound(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return _error(request, 404, "not found")
+
+
+_NOT_FOUND = _NotFound()
+
+
+class _Page(resource.Resource):
+    """A read-only resource: GET and HEAD (server.Request drops the body of
+    a HEAD), a text 405 for anything else, and no children."""
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return _NOT_FOUND
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in READ_METHODS:
+            request.setHeader(b"allow", b", ".join(READ_METHODS))
+            return _error(request, 405, "method not allowed")
+        return self.render_GET(request)
+
+    def render_GET(self, request: server.Request) -> Any:
+        return _error(request, 404, "not found")
+
+
+class _Index(_Page):
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", TEXT_TYPE)
+        return INDEX
+
+
+class _Metrics(_Page):
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", METRICS_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return self._metrics.render()
+
+
+class _Health(_Page):
+    def __init__(self, health: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self._health = health
+
+    def render_GET(self, request: server.Request) -> bytes:
+        status = self._health()
+        request.setResponseCode(200 if status.get("status") == "ok" else 503)
+        request.setHeader(b"content-type", JSON_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(status).encode("utf-8") + b"\n"
+
+
+def _segment(raw: bytes) -> str | None:
+    """One decoded path segment, or None if it could escape a directory.
+
+    server.Request has already percent-decoded each segment, so "%2e%2e"
+    arrives as ".." and "%2f" as a "/" inside a segment: both refused here.
+    A leading dot also covers the store's hidden temp files.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.startswith(".") or not text.isprintable() or "/" in text or "\\" in text:
+        return None
+    return text
+
+
+class _Bundles(_Page):
+    """``/bundles/<set>/<name>`` downloads and ``/bundles/<set>/`` listings."""
+
+    isLeaf = True
+
+    def __init__(self, store: Any, config: Config, reactor: Any, pool: ThreadPool) -> None:
+        super().__init__()
+        self._store = store
+        self._sets: dict[str, SetConfig] = {s.name: s for s in config.sets}
+        self._public_url = config.http.public_url.rstrip("/")
+        self._reactor = reactor
+        self._pool = pool
+
+    def render_GET(self, request: server.Request) -> Any:
+        parts = [_segment(p) for p in request.postpath or []]
+        match parts:
+            case [str(set_name), ""] | [str(set_name)] if set_name:
+                return self._listing(request, set_name)
+            case [str(set_name), str(name)] if set_name and name:
+                return self._download(request, f"{set_name}/{name}")
+        return _error(request, 404, "not found")
+
+    # Downloads
+
+    def _download(self, request: server.Request, key: str) -> Any:
+        content_type = next((t for s, t in CONTENT_TYPES.items() if key.endswith(s)), None)
+        path_for = getattr(self._store, "path_for", None)  # an S3 store has none
+        if content_type is None or path_for is None:
+            return _error(request, 404, "no such bundle")
+        path = path_for(key)
+        if path is None:
+            return _error(request, 404, "no such bundle")
+        # Defence in depth: whatever the store answered, serve only regular
+        # files really inside its root (no symlink out of it).
+        real = os.path.realpath(path)
+        root = os.path.realpath(self._store.root)
+        if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
+            return _error(request, 404, "no such bundle")
+        request.setHeader(b"cache-control", IMMUTABLE)
+        try:
+            # static.File streams 64 KiB reads through a producer paced by
+            # the transport (a slow client never makes us buffer the file),
+            # and answers HEAD, Range (resumed downloads) and
+            # If-Modified-Since. Bundles in an S3 store are served by S3.
+            return _BundleFile(real, content_type).render_GET(request)
+        except OSError:
+            # The file went away between the checks and open().
+            return _error(request, 404, "no such bundle")
+
+    # Listings
+
+    def _listing(self, request: server.Request, set_name: str) -> Any:
+        set_config = self._sets.get(set_name)
+        if set_config is None:
+            return _error(request, 404, "no such set")
+        if not set_config.token:
+            return _error(request, 403, "listing is disabled for this set")
+        if not _bearer_matches(request.getHeader(b"authorization"), set_config.token):
+            request.setHeader(b"www-authenticate", b'Bearer realm="spamtrap"')
+            return _error(request, 401, "a valid bearer token is required")
+        reply = _DelayedReply(request)
+        d = deferToThreadPool(self._reactor, self._pool, self._store.list_manifests, set_name)
+        d.addCallback(self._listing_body, set_name)
+        d.addCallbacks(reply.json, reply.failed, errbackArgs=(f"listing set {set_name}",))
+        return server.NOT_DONE_YET
+
+    def _listing_body(self, manifests: list[dict[str, Any]], set_name: str) -> bytes:
+        bundles = [{**m, "url": f"{self._public_url}/bundles/{m['key']}"} for m in manifests]
+        return json.dumps({"set": set_name, "bundles": bundles}).encode("utf-8") + b"\n"
+
+
+def _bearer_matches(header: bytes | None, token: str) -> bool:
+    if header is None:
+        return False
+    scheme, _, presented = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(presented.strip(), token.encode("utf-8"))
+
+
+class _BundleFile(static.File):
+    """A static.File with our content type and our plain 404."""
+
+    # Plain 404s that also reset the immutable Cache-Control; and do not
+    # tell which files exist but are unreadable.
+    childNotFound = _NOT_FOUND  # type: ignore[assignment]
+    forbidden = _NOT_FOUND  # type: ignore[assignment]
+
+    def __init__(self, path: str, content_type: bytes) -> None:
+        super().__init__(path)
+        self.type = content_type.decode("ascii")
+        self.encoding = None
+
+
+class _DelayedReply:
+    """Answers a request after render() returned NOT_DONE_YET, unless the
+    client has gone away meanwhile (writing then would raise)."""
+
+    def __init__(self, request: server.Request) -> None:
+        self._request = request
+        self._gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, reason: Failure) -> None:
+        self._gone = True
+
+    def json(self, body: bytes) -> None:
+        self._send(200, JSON_TYPE, body)
+
+    def failed(self, reason: Failure, what: str) -> None:
+        _log.failure("{what} failed", failure=reason, what=what)
+        self._send(500, TEXT_TYPE, f"{what} failed\n".encode())
+
+    def _send(self, code: int, content_type: bytes, body: bytes) -> None:
+        if self._gone:
+            return
+        request = self._request
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.setHeader(b"cache-control", b"no-store")
+        request.write(body)
+        request.finish()

@@ -1,0 +1,660 @@
+"""The HTTP side: downloads, listings, metrics and health.
+
+Most tests run the real Site on 127.0.0.1 with the default reactor and
+fetch with treq. Traversal attempts go out as raw bytes on a socket,
+because HTTP clients normalise "..", and the point is what the server does
+with what an attacker really sends. The property test drives the resource
+tree with DummyRequest to stay fast.
+
+FakeStore.path_for trusts its key (it only joins and checks existence), so
+the traversal tests prove web.py's own checks; the LocalStore tests prove
+the combination with the real store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from spamtrap.config import Config, SetConfig
+from spamtrap.metrics import Metrics
+from spamtrap.web import make_site
+
+TOKEN = "tok-private-0123456789"
+PUBLIC_URL = "https://spam.example:8443/"  # trailing slash on purpose
+SECRET = b"SECRET-OUTSIDE-THE-STORE"
+NAME = "2026-01-02T03:04:05.node1.AbCdEfGhIjKlMnOp"
+PRIVATE_NAMES = [  # newest first
+    "2026-03-01T00:00:00.node1.ZZZZZZZZZZZZZZZZ",
+    "2026-02-01T00:00:00.node2.YYYYYYYYYYYYYYYY",
+    "2026-01-01T00:00:00.node1.XXXXXXXXXXXXXXXX",
+]
+
+
+def manifest_for(key: str, data: bytes) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "set": key.split("/")[0],
+        "key": key,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "messages": 1,
+        "first_received": 1767322800.0,
+        "last_received": 1767322845.5,
+        "node": "node1",
+    }
+
+
+@dataclass
+class Layout:
+    root: Path
+    bundle: bytes  # all/NAME.mbox.gz
+    manifest: bytes  # all/NAME.json
+    files: dict[str, bytes] = field(default_factory=dict)  # every key in the store
+
+
+def build_store(base: Path) -> Layout:
+    """A store under base/store, with secrets beside it that no request may
+    reach: same suffixes as real keys, so only the path checks stop them."""
+    root = base / "store"
+    (root / "all").mkdir(parents=True)
+    (root / "private").mkdir()
+    for name in ("secret.mbox.gz", "secret.json", "all.mbox.gz"):
+        (base / name).write_bytes(SECRET)
+    # A symlink inside the store that points out of it.
+    os.symlink(base / "secret.mbox.gz", root / "all" / "evil.mbox.gz")
+    # A hidden file, as a store's write in progress might be: never served.
+    (root / "all" / ".partial.mbox.gz").write_bytes(SECRET)
+    # Larger than a few 64 KiB producer chunks, and incompressible.
+    bundle = gzip.compress(os.urandom(300_000))
+    key = f"all/{NAME}.mbox.gz"
+    manifest = json.dumps(manifest_for(key, bundle)).encode()
+    layout = Layout(root, bundle, manifest)
+    layout.files[key] = bundle
+    layout.files[f"all/{NAME}.json"] = manifest
+    for name in PRIVATE_NAMES:
+        layout.files[f"private/{name}.mbox.gz"] = name.encode()
+    for key, data in layout.files.items():
+        (root / key).write_bytes(data)
+    return layout
+
+
+class FakeStore:
+    """Exactly the API web.py uses, naively implemented."""
+
+    def __init__(self, root: Path, manifests: dict[str, list[dict[str, Any]]]) -> None:
+        self.root = str(root)
+        self.manifests = manifests
+        self.listed_in_reactor_thread: list[bool] = []
+        self.fail_listing: Exception | None = None
+
+    def path_for(self, key: str) -> str | None:
+        path = os.path.join(self.root, key)
+        return path if os.path.exists(path) else None
+
+    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+        self.listed_in_reactor_thread.append(isInIOThread())
+        if self.fail_listing is not None:
+            raise self.fail_listing
+        return self.manifests.get(set_name, [])
+
+
+def private_manifests() -> list[dict[str, Any]]:
+    return [manifest_for(f"private/{n}.mbox.gz", n.encode()) for n in PRIVATE_NAMES]
+
+
+def make_config() -> Config:
+    config = Config()
+    config.http.public_url = PUBLIC_URL
+    config.sets = [SetConfig(name="all"), SetConfig(name="private", token=TOKEN)]
+    return config
+
+
+# --- the real server on loopback ---------------------------------------------
+
+
+@dataclass
+class Server:
+    base: str
+    port: int
+    layout: Layout
+    store: Any
+    metrics: Metrics
+    health: dict[str, Any]
+
+
+async def start_server(
+    stack: list[Callable[[], Any]], store_factory: Callable[[Layout, ThreadPool], Any], base: Path
+) -> Server:
+    layout = build_store(base)
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-web")
+    pool.start()
+    stack.append(pool.stop)
+    store = store_factory(layout, pool)
+    metrics = Metrics()
+    health: dict[str, Any] = {"status": "ok"}
+    site = make_site(store, make_config(), metrics, lambda: dict(health), reactor, pool)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+    stack.append(port.stopListening)
+    number = port.getHost().port
+    return Server(f"http://127.0.0.1:{number}", number, layout, store, metrics, health)
+
+
+async def unwind(stack: list[Callable[[], Any]]) -> None:
+    while stack:
+        await defer.maybeDeferred(stack.pop())
+
+
+@pytest_twisted.async_yield_fixture
+async def server(tmp_path: Path):
+    stack: list[Callable[[], Any]] = []
+    try:
+        yield await start_server(
+            stack,
+            lambda layout, pool: FakeStore(layout.root, {"private": private_manifests()}),
+            tmp_path,
+        )
+    finally:
+        await unwind(stack)
+
+
+async def fetch(method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
+    response = await treq.request(method, url, persistent=False, **kwargs)
+    body = await treq.content(response)
+    return response, body
+
+
+def header(response: Any, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[-1] if values else None
+
+
+class _RawClient(Protocol):
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport  # an ITransport; mypy lacks mypy-zope
+        transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.done.callback(self.received)
+
+
+async def raw_request(port: int, method: bytes, target: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``target`` byte for byte, as no normalising client would."""
+    request = method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    client = _RawClient(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    data = await client.done
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+# --- downloads ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_streams_exact_bytes_with_headers(server: Server) -> None:
+    response, body = await fetch("GET", f"{server.base}/bundles/all/{NAME}.mbox.gz")
+    assert response.code == 200
+    assert body == server.layout.bundle
+    assert header(response, "content-type") == "application/gzip"
+    # twisted's client turns Content-Length into .length (else UNKNOWN_LENGTH).
+    assert response.length == len(server.layout.bundle)
+    assert header(response, "cache-control") == "public, max-age=31536000, immutable"
+    # Content-Encoding: gzip would make clients gunzip the published file
+    # (treq asks for gzip and would decode; it leaves an empty header).
+    assert not header(response, "content-encoding")
+    assert header(response, "server") == "spamtrap"
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_manifest_is_json(server: Server) -> None:
+    response, body = await fetch("GET", f"{server.base}/bundles/all/{NAME}.json")
+    assert response.code == 200
+    assert header(response, "content-type") == "application/json"
+    assert body == server.layout.manifest
+    assert json.loads(body)["sha256"] == hashlib.sha256(server.layout.bundle).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_gives_headers_without_body(server: Server) -> None:
+    target = f"/bundles/all/{NAME}.mbox.gz".encode()
+    status, headers, body = await raw_request(server.port, b"HEAD", target)
+    assert status == 200
+    assert body == b""
+    assert headers["content-length"] == str(len(server.layout.bundle))
+    assert headers["content-type"] == "application/gzip"
+    assert headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert headers["server"] == "spamtrap"
+
+
+@pytest_twisted.ensureDeferred
+async def test_range_request_resumes_a_download(server: Server) -> None:
+    size = len(server.layout.bundle)
+    response, body = await fetch(
+        "GET",
+        f"{server.base}/bundles/all/{NAME}.mbox.gz",
+        headers={"Range": "bytes=100000-"},
+    )
+    assert response.code == 206
+    assert body == server.layout.bundle[100000:]
+    assert header(response, "content-range") == f"bytes 100000-{size - 1}/{size}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/bundles/all/{NAME[:-1]}X.mbox.gz",  # well-formed, not stored
+        "/bundles/all/nothing.mbox.gz",
+        f"/bundles/all/{NAME}.txt",  # stored suffixes only
+        f"/bundles/nosuchset/{NAME}.mbox.gz",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_unknown_key_is_404_text(server: Server, path: str) -> None:
+    response, body = await fetch("GET", server.base + path)
+    assert response.code == 404
+    assert header(response, "content-type") == "text/plain; charset=utf-8"
+    # A missing bundle may appear later: the 404 must not be cached.
+    assert header(response, "cache-control") == "no-store"
+    assert header(response, "server") == "spamtrap"
+    assert len(body) < 100 and b"<" not in body
+
+
+TRAVERSALS = [
+    b"/bundles/../secret.mbox.gz",
+    b"/bundles/all/../../secret.mbox.gz",
+    b"/bundles/all/../../all.mbox.gz",
+    b"/bundles/%2e%2e/secret.mbox.gz",
+    b"/bundles/%2E%2E/secret.json",
+    b"/bundles/all/%2e%2e%2f%2e%2e%2fsecret.mbox.gz",
+    b"/bundles/all/..%2f..%2fsecret.mbox.gz",
+    b"/bundles/..%2fsecret.mbox.gz/x",
+    b"/bundles/all/..%5c..%5csecret.mbox.gz",
+    b"/bundles/all/..\\..\\secret.mbox.gz",
+    b"/bundles//secret.mbox.gz",
+    b"/bundles/all//" + NAME.encode() + b".mbox.gz",
+    b"/bundles/all/" + NAME.encode() + b".mbox.gz%00.txt",
+    b"/bundles/all/" + NAME.encode() + b"%00.mbox.gz",
+    b"/bundles/%2fetc%2fpasswd/x",
+    b"/bundles/all/%2fetc%2fpasswd",
+    b"/bundles/all/evil.mbox.gz",  # symlink out of the store
+    b"/bundles/all/../all/" + NAME.encode() + b".mbox.gz",  # not canonical
+    b"/bundles/all/./" + NAME.encode() + b".mbox.gz",
+    b"/bundles/all/.%2e/secret.mbox.gz",
+    b"/bundles/all/.partial.mbox.gz",
+    # A stored key, but through a path that is not the key.
+    b"/bundles/private/..%2fall%2f" + NAME.encode() + b".mbox.gz",
+    b"/bundles/all%2f." + b"/" + NAME.encode() + b".mbox.gz",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_traversal_attempts_are_404_and_never_read_outside(server: Server) -> None:
+    for target in TRAVERSALS:
+        for method in (b"GET", b"HEAD"):
+            status, headers, body = await raw_request(server.port, method, target)
+            assert status == 404, target
+            assert SECRET not in body, target
+            assert headers["server"] == "spamtrap"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest_twisted.ensureDeferred
+async def test_other_methods_are_405(server: Server, method: str) -> None:
+    for path in (f"/bundles/all/{NAME}.mbox.gz", "/bundles/private/", "/metrics", "/healthz"):
+        response, body = await fetch(method, server.base + path, data=b"x")
+        assert response.code == 405, path
+        assert header(response, "allow") == "GET, HEAD"
+        assert header(response, "server") == "spamtrap"
+        assert b"Traceback" not in body
+    assert (server.layout.root / f"all/{NAME}.mbox.gz").read_bytes() == server.layout.bundle
+
+
+# --- listings ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_without_a_configured_token_is_403(server: Server) -> None:
+    response, body = await fetch(
+        "GET", f"{server.base}/bundles/all/", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.code == 403
+    assert body == b"listing is disabled for this set\n"
+    assert server.store.listed_in_reactor_thread == []
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong", f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer "],
+)
+@pytest_twisted.ensureDeferred
+async def test_listing_without_the_right_token_is_401(
+    server: Server, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response, body = await fetch("GET", f"{server.base}/bundles/private/", headers=headers)
+    assert response.code == 401
+    assert header(response, "www-authenticate") == 'Bearer realm="spamtrap"'
+    assert header(response, "server") == "spamtrap"
+    assert b"ZZZZ" not in body
+    assert server.store.listed_in_reactor_thread == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_an_unknown_set_is_404(server: Server) -> None:
+    response, _ = await fetch(
+        "GET", f"{server.base}/bundles/nosuch/", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.code == 404
+
+
+@pytest.mark.parametrize("path", ["/bundles/private/", "/bundles/private"])
+@pytest_twisted.ensureDeferred
+async def test_listing_with_the_token(server: Server, path: str) -> None:
+    assert isInIOThread()  # else the "not in the reactor thread" check below proves nothing
+    response, body = await fetch(
+        "GET", server.base + path, headers={"Authorization": f"bearer  {TOKEN}"}
+    )
+    assert response.code == 200
+    assert header(response, "content-type") == "application/json"
+    assert header(response, "cache-control") == "no-store"
+    doc = json.loads(body)
+    assert doc["set"] == "private"
+    expected = private_manifests()
+    for m in expected:
+        m["url"] = f"https://spam.example:8443/bundles/{m['key']}"
+    assert doc["bundles"] == expected  # newest first, as the store gave them
+    # The blocking call ran in the pool, and the store's dicts were not touched.
+    assert server.store.listed_in_reactor_thread == [False]
+    assert all("url" not in m for m in server.store.manifests["private"])
+
+
+def manual_site(store: Any) -> tuple[Any, ManualPool]:
+    pool = ManualPool()
+    return make_site(store, make_config(), Metrics(), dict, InlineReactor(), pool), pool  # type: ignore[arg-type]
+
+
+class InlineReactor:
+    """Just enough reactor for deferToThreadPool, on one thread."""
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class ManualPool:
+    """A thread pool double whose work runs when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[Callable[[], None]] = []
+
+    def callInThreadWithCallback(
+        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kw: Any
+    ) -> None:
+        def run() -> None:
+            try:
+                result = f(*args, **kw)
+            except Exception:
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+        self.pending.append(run)
+
+    def run_all(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
+
+
+def listing_request() -> DummyRequest:
+    request = DummyRequest([b"bundles", b"private", b""])
+    request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {TOKEN}".encode()])
+    return request
+
+
+def render(site: Any, request: DummyRequest) -> Any:
+    result = site.getResourceFor(request).render(request)
+    if result is not NOT_DONE_YET:
+        request.write(result)
+        request.finish()
+    return result
+
+
+def test_listing_answers_only_when_the_pool_is_done(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path, {"private": private_manifests()})
+    site, pool = manual_site(store)
+    request = listing_request()
+    assert render(site, request) is NOT_DONE_YET
+    assert request.written == [] and not request.finished
+    pool.run_all()
+    assert request.finished == 1
+    assert request.responseCode == 200
+    assert [b["key"] for b in json.loads(b"".join(request.written))["bundles"]] == [
+        f"private/{n}.mbox.gz" for n in PRIVATE_NAMES
+    ]
+
+
+def test_listing_for_a_client_that_went_away_writes_nothing(tmp_path: Path) -> None:
+    site, pool = manual_site(FakeStore(tmp_path, {"private": private_manifests()}))
+    request = listing_request()
+    assert render(site, request) is NOT_DONE_YET
+    # What server.Request does when the connection drops: errback notifyFinish.
+    request.processingFailed(Failure(ConnectionLost()))
+    pool.run_all()  # must neither write nor finish (a real Request would raise)
+    assert request.written == []
+    assert request.finished == 0
+
+
+def test_listing_store_failure_is_a_500_without_details(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path, {})
+    store.fail_listing = OSError("disk on fire at /var/lib/spamtrap")
+    site, pool = manual_site(store)
+    request = listing_request()
+    render(site, request)
+    pool.run_all()
+    assert request.responseCode == 500
+    assert b"".join(request.written) == b"listing set private failed\n"
+
+
+def test_store_without_path_for_answers_404(tmp_path: Path) -> None:
+    class S3Like:
+        root = str(tmp_path)
+
+        def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+            return []
+
+    (tmp_path / "all").mkdir()
+    (tmp_path / "all" / f"{NAME}.mbox.gz").write_bytes(b"data")
+    site, _ = manual_site(S3Like())
+    request = DummyRequest([b"bundles", b"all", f"{NAME}.mbox.gz".encode()])
+    render(site, request)
+    assert request.responseCode == 404
+    assert b"data" not in b"".join(request.written)
+
+
+# --- metrics, health, index --------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics(server: Server) -> None:
+    server.metrics.messages_accepted.inc(3)
+    response, body = await fetch("GET", f"{server.base}/metrics")
+    assert response.code == 200
+    assert header(response, "content-type") == "text/plain; version=0.0.4; charset=utf-8"
+    assert b"\nspamtrap_messages_accepted_total 3.0\n" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_follows_status(server: Server) -> None:
+    server.health.update(status="ok", spool_depth=0)
+    response, body = await fetch("GET", f"{server.base}/healthz")
+    assert response.code == 200
+    assert header(response, "content-type") == "application/json"
+    assert json.loads(body) == {"status": "ok", "spool_depth": 0}
+
+    server.health.update(status="degraded", store="unreachable")
+    response, body = await fetch("GET", f"{server.base}/healthz")
+    assert response.code == 503
+    assert json.loads(body)["store"] == "unreachable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_index_and_unknown_paths(server: Server) -> None:
+    response, body = await fetch("GET", f"{server.base}/")
+    assert response.code == 200
+    assert header(response, "content-type") == "text/plain; charset=utf-8"
+    for route in (b"/bundles/<set>/<name>.mbox.gz", b"/bundles/<set>/", b"/metrics", b"/healthz"):
+        assert route in body
+    for path in ("/nope", "/metrics/extra", "/healthz/", "//metrics", "/bundles", "/bundles/"):
+        response, body = await fetch("GET", server.base + path)
+        assert response.code == 404, path
+        assert header(response, "server") == "spamtrap"
+        assert header(response, "content-type") == "text/plain; charset=utf-8"
+
+
+# --- with the real LocalStore ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_local_store_listing_and_downloads(tmp_path: Path) -> None:
+    from spamtrap.store import bundle_key, manifest_key
+    from spamtrap.store.local import LocalStore
+
+    stack: list[Callable[[], Any]] = []
+    try:
+        srv = await start_server(
+            stack,
+            lambda layout, pool: LocalStore(str(layout.root), reactor, pool),
+            tmp_path,
+        )
+        # Stored out of order: the listing must still come newest first.
+        keys = []
+        for when in (1767225600, 1772323200, 1769904000):
+            key = bundle_key("private", when, "node1")
+            data = gzip.compress(key.encode() * 100)
+            source = tmp_path / f"upload-{when}.tmp"  # put() may hard-link it
+            source.write_bytes(data)
+            manifest = json.dumps(manifest_for(key, data)).encode()
+            await srv.store.put(key, str(source), manifest)
+            keys.append(key)
+
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        response, body = await fetch("GET", f"{srv.base}/bundles/private/", headers=auth)
+        assert response.code == 200
+        listed = json.loads(body)["bundles"]
+        assert [b["key"] for b in listed] == [keys[1], keys[2], keys[0]]
+
+        for entry in listed:
+            assert entry["url"].startswith("https://spam.example:8443/bundles/private/")
+            path = entry["url"][len("https://spam.example:8443") :]
+            response, data = await fetch("GET", srv.base + path)
+            assert response.code == 200
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+            response, manifest = await fetch(
+                "GET", f"{srv.base}/bundles/{manifest_key(entry['key'])}"
+            )
+            assert json.loads(manifest)["key"] == entry["key"]
+
+        for target in TRAVERSALS:
+            status, _, body = await raw_request(srv.port, b"GET", target)
+            assert status == 404, target
+            assert SECRET not in body
+    finally:
+        await unwind(stack)
+
+
+# --- property: no path reaches outside the store, none fails -----------------
+
+
+@pytest.fixture(scope="module")
+def property_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Layout]:
+    layout = build_store(tmp_path_factory.mktemp("web-property"))
+    site, _ = manual_site(FakeStore(layout.root, {}))
+    return site, layout
+
+
+INTERESTING_SEGMENTS = [
+    b"",
+    b".",
+    b"..",
+    b"...",
+    b"all",
+    b"private",
+    b"store",
+    b"secret.mbox.gz",
+    b"secret.json",
+    b"evil.mbox.gz",
+    b".partial.mbox.gz",
+    b"../all",
+    b"all/.",
+    b"all.mbox.gz",
+    b"../secret.mbox.gz",  # what %2f decodes to inside one segment
+    b"..\\secret.mbox.gz",
+    b"/secret.mbox.gz",
+    b"/etc/passwd",
+    b"\x00",
+    b"x\x00.mbox.gz",
+    NAME.encode() + b".mbox.gz",
+    NAME.encode() + b".json",
+]
+segments = st.one_of(
+    st.sampled_from(INTERESTING_SEGMENTS),
+    st.binary(max_size=24),
+    st.text(max_size=24).map(lambda s: s.encode("utf-8", "surrogatepass")),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    path=st.lists(segments, max_size=5),
+    method=st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS"]),
+)
+def test_bundle_route_never_fails_or_escapes(
+    property_site: tuple[Any, Layout], path: list[bytes], method: bytes
+) -> None:
+    site, layout = property_site
+    request = DummyRequest([b"bundles", *path])
+    request.method = method
+    render(site, request)  # raising here would be a 500 on a real server
+    assert request.finished == 1
+    status = request.responseCode or 200
+    assert status in (200, 401, 403, 404, 405)  # 401/403: listing answers
+    body = b"".join(request.written)
+    assert SECRET not in body
+    if status == 200:  # only for exactly a stored key, and with its bytes
+        key = b"/".join(path).decode()
+        assert key in layout.files
+        assert body == (layout.files[key] if method == b"GET" else b"")
