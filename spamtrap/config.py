@@ -8,9 +8,24 @@ passed in, never global, so two services can run in one test process.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import ipaddress
+import math
 import re
 import socket
+import types
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from spamtrap.message import META_FIELDS
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -111,7 +126,8 @@ class SpoolConfig:
 
 @dataclass
 class FilterConfig:
-    # Bounded thread pool for filter stages and bundle writes.
+    # Bounded thread pool for filter stages and bundle writes. 0 = intake
+    # only: SMTP still answers 250 into the spool, which sheds its oldest.
     workers: int = 2
     # Stage "size": discard messages above this many bytes.
     max_size: int = 4 * MIB
@@ -178,3 +194,692 @@ def default_config() -> Config:
     cfg.traps.catch_all = True
     cfg.sets = [SetConfig(name="all")]
     return cfg
+
+
+# ---------------------------------------------------------------------------
+# Loading: YAML text -> the dataclasses above.
+#
+# The YAML is composed into nodes (which keep their line numbers) and walked
+# against the dataclass fields and their type hints. Each leaf is parsed by
+# the default parser for its type, or by a per-field rule in _RULES. Every
+# problem is collected, so one run of `spamtrap check-config` shows them all.
+
+
+@dataclass
+class ConfigIssue:
+    line: int | None  # 1-based; None when the problem has no single place
+    path: str  # where in the config, e.g. "sets.private.match[0].regex"
+    message: str
+
+    def format(self, filename: str) -> str:
+        where = filename if self.line is None else f"{filename}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is not valid; ``errors`` lists every problem found."""
+
+    def __init__(self, errors: list[ConfigIssue], filename: str = "<string>") -> None:
+        self.errors = errors
+        self.filename = filename
+        super().__init__("\n".join(issue.format(filename) for issue in errors))
+
+
+def load_config(path: str) -> Config:
+    """Read and check a YAML config file. Raises ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([ConfigIssue(None, "", f"cannot read: {e.strerror or e}")], path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([ConfigIssue(line, "", "the file is not UTF-8 text")], path)
+    return parse_config(text, path)
+
+
+def parse_config(text: str, filename: str = "<string>") -> Config:
+    """Check YAML text and build a Config. Raises ConfigError."""
+    walker = _Walker()
+    cfg = None
+    try:
+        root = _compose(text, walker.issues)
+        if root is not None:
+            cfg = walker.build(Config, root, "")
+    except RecursionError:
+        # Hostile input (e.g. thousands of nested brackets) must still end
+        # as a ConfigError: this is an entry point for bad files.
+        walker.issues.append(ConfigIssue(None, "", "the YAML is nested too deeply"))
+    if walker.issues or cfg is None:
+        walker.issues.sort(key=lambda i: (i.line is None, i.line or 0))
+        raise ConfigError(walker.issues, filename)
+    return typing.cast(Config, cfg)
+
+
+def _compose(text: str, issues: list[ConfigIssue]) -> yaml.MappingNode | None:
+    """The root mapping node, or None with the problem added to ``issues``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        message = f"YAML syntax error: {e.problem or e.context}"
+        if e.problem and e.context and e.context_mark:
+            message += f" ({e.context} from line {e.context_mark.line + 1})"
+        issues.append(ConfigIssue(mark.line + 1 if mark else None, "", message))
+        return None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        issues.append(ConfigIssue(line, "", str(e).splitlines()[0]))
+        return None
+    except yaml.YAMLError as e:
+        issues.append(ConfigIssue(None, "", f"YAML error: {e}"))
+        return None
+    if root is None or _is_null(root):
+        issues.append(ConfigIssue(None, "", "the file is empty; see etc/spamtrap.yaml"))
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        line = root.start_mark.line + 1
+        issues.append(
+            ConfigIssue(line, "", f"expected a mapping of sections, got {_node_kind(root)}")
+        )
+        return None
+    return root
+
+
+# -- sizes and durations -----------------------------------------------------
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": KIB, "m": MIB, "g": GIB, "t": 1024 * GIB}
+_DURATION_RE = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w))+\s*", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_MAX_INT = 2**63 - 1  # what the OS and file formats downstream can hold
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string like "512", "64KiB", "8MiB", "4M", "10k".
+
+    Units are always binary (k = KiB = 1024), whatever the spelling: a limit
+    that is 2% larger than meant harms nobody, an ambiguity table does.
+    Raises ValueError.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m is None:
+            if value.strip().startswith("-"):
+                raise ValueError(f"must not be negative, got {value!r}")
+            raise ValueError(f"not a size: {value!r} (use e.g. 512, 64KiB, 8MiB, 1GiB)")
+        exact = Fraction(m[1]) * _SIZE_UNITS[m[2] and m[2].lower()]
+        if exact.denominator != 1:
+            raise ValueError(f"not a whole number of bytes: {value!r}")
+        n = int(exact)
+    else:
+        raise ValueError(f"expected a size such as 512, 64KiB or 8MiB, got {_describe(value)}")
+    if n < 0:
+        raise ValueError(f"must not be negative, got {n}")
+    if n > _MAX_INT:
+        raise ValueError(f"too large: {value!r}")
+    return n
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "90s", "5m", "1h30m", "2d", "500ms".
+
+    Raises ValueError.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
+            seconds = sum(
+                float(n) * _DURATION_UNITS[unit.lower()] for n, unit in _DURATION_PART.findall(text)
+            )
+        elif text.startswith("-"):
+            raise ValueError(f"must not be negative, got {value!r}")
+        else:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30, 90s, 5m, 1h, 2d, 500ms)")
+    else:
+        raise ValueError(f"expected a duration such as 90s, 5m or 1h, got {_describe(value)}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a finite duration: {value!r}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return seconds
+
+
+# -- leaf parsers: a YAML scalar's Python value -> the field's value -----------
+#
+# Each raises ValueError with a message for the operator. Non-scalar nodes
+# arrive as a _Shape, so "expected X, got a list" comes out of the same code.
+
+Parser = Callable[[Any], Any]
+
+
+class _Shape:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, _Shape):
+        return value.kind
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ({shown!r})"
+    return f"a {type(value).__name__}"
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _nonempty(value: object) -> str:
+    s = _string(value)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _integer(minimum: int = 0) -> Parser:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        if value > _MAX_INT:
+            raise ValueError(f"too large: {value}")
+        return value
+
+    return parse
+
+
+def _size(minimum: int = 1) -> Parser:
+    def parse(value: object) -> int:
+        n = parse_size(value)
+        if n < minimum:
+            raise ValueError(f"must be at least {minimum} bytes, got {value!r}")
+        return n
+
+    return parse
+
+
+def _duration(positive: bool = False) -> Parser:
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds <= 0:
+            raise ValueError(f"must be more than 0, got {value!r}")
+        return seconds
+
+    return parse
+
+
+def _regex(value: object) -> re.Pattern[str]:
+    s = _string(value)
+    try:
+        return re.compile(s, re.IGNORECASE)
+    except (re.error, OverflowError) as e:
+        raise ValueError(f"bad regular expression {s!r}: {e}")
+    except RecursionError:
+        raise ValueError(f"bad regular expression {s[:40]!r}...: nested too deeply")
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The node name is one dot-separated part of every bundle key, so no dots.
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_LABEL_RE = re.compile(r"[^\s@<>()\[\]\\,;:\"/]+")
+_HEADER_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 2.2: printable ASCII, no colon
+_ENDPOINT_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]*")
+
+
+def _name(value: object) -> str:
+    s = _string(value)
+    if not _NAME_RE.fullmatch(s):
+        raise ValueError(f"bad name {s!r}: use letters, digits, '_', '.', '-' (not first)")
+    return s
+
+
+def _node_name(value: object) -> str:
+    s = _string(value)
+    if not _NODE_RE.fullmatch(s):
+        raise ValueError(
+            f"bad node name {s!r}: use letters, digits, '_', '-' (no dots: it is part of"
+            " dot-separated bundle names)"
+        )
+    return s
+
+
+def _domain(value: object) -> str:
+    s = _string(value).lower().rstrip(".")
+    if "@" in s:
+        raise ValueError(f"{value!r} is an address, not a domain name")
+    if not s or not all(_LABEL_RE.fullmatch(label) for label in s.split(".")):
+        raise ValueError(f"not a domain name: {value!r}")
+    return s
+
+
+def _hostname(value: object) -> str:
+    _domain(value)
+    return _string(value)
+
+
+def _address(value: object) -> str:
+    s = _string(value).lower()
+    local, at, domain = s.rpartition("@")
+    if not at or not local or any(c.isspace() or c in "<>" for c in local):
+        raise ValueError(f"not an address: {value!r} (expected local@domain)")
+    try:
+        domain = _domain(domain)
+    except ValueError:
+        raise ValueError(f"not an address: {value!r} (bad domain part)")
+    return f"{local}@{domain}"
+
+
+def _split_endpoint(rest: str) -> list[str]:
+    # Twisted's description syntax: ':'-separated, backslash escapes a colon.
+    parts: list[str] = []
+    current, chars = "", iter(rest)
+    for c in chars:
+        if c == "\\":
+            current += next(chars, "")
+        elif c == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    return [*parts, current]
+
+
+def _endpoint(value: object) -> str:
+    # A full parse needs a reactor (serverFromString), so check the form here
+    # and the port of the common TCP kinds; the daemon reports the rest.
+    if not isinstance(value, str):
+        raise ValueError(f"expected an endpoint such as 'tcp:2525', got {_describe(value)}")
+    kind, colon, rest = value.partition(":")
+    if not colon or not rest or not _ENDPOINT_TYPE_RE.fullmatch(kind):
+        raise ValueError(
+            f"not an endpoint description: {value!r} (expected TYPE:ARGS, e.g. 'tcp:2525'"
+            " or 'tcp:25:interface=127.0.0.1')"
+        )
+    if kind.lower() in ("tcp", "tcp6", "ssl"):
+        args = _split_endpoint(rest)
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        positional = [a for a in args if "=" not in a]
+        port = named.get("port", positional[0] if positional else "")
+        if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+            raise ValueError(f"bad port in endpoint {value!r}: expected 0-65535")
+    return value
+
+
+def _network(value: object) -> str:
+    s = _string(value)
+    try:
+        return str(ipaddress.ip_network(s))
+    except ValueError as e:
+        raise ValueError(f"not a network (CIDR): {e}")
+
+
+def _http_url(value: object) -> str:
+    s = _string(value)
+    parts = urlsplit(s)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+    return s
+
+
+def _store_url(value: object) -> str:
+    s = _string(value)
+    parts = urlsplit(s)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path[:1] == "/":
+        if parts.query or parts.fragment:
+            raise ValueError(f"a file URL takes no query or fragment, got {s!r}")
+        return s
+    if parts.scheme == "s3" and parts.netloc and not any(c.isspace() for c in s):
+        return s
+    raise ValueError(f"expected file:///absolute/path or s3://bucket/prefix, got {s!r}")
+
+
+def _header_name(value: object) -> str:
+    s = _string(value)
+    if not _HEADER_RE.fullmatch(s):
+        raise ValueError(f"not a header field name: {s!r} (no colon, no spaces)")
+    return s
+
+
+def _meta_field(value: object) -> str:
+    s = _string(value)
+    if s not in META_FIELDS:
+        raise ValueError(_unknown("metadata field", s, list(META_FIELDS)))
+    return s
+
+
+def _unknown(what: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what} {name!r}; did you mean {close[0]!r}?"
+    return f"unknown {what} {name!r} (known: {', '.join(known)})"
+
+
+# -- the schema: defaults by type, rules by field ----------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    parse: Parser | None = None  # for a list field: applied to each item
+    one_or_many: bool = False  # a single string is a list of one
+    keyed_by: str | None = None  # a list written as a mapping: key -> this field
+    nonempty: bool = False
+
+
+_DEFAULT_PARSERS: dict[Any, Parser] = {
+    str: _string,
+    bool: _boolean,
+    int: _integer(0),
+    float: _duration(),  # every float in the config is a duration
+    re.Pattern: _regex,
+}
+
+_RULES: dict[tuple[type, str], _Rule] = {
+    (Config, "node"): _Rule(_node_name),
+    (Config, "data_dir"): _Rule(_nonempty),
+    (Config, "sets"): _Rule(keyed_by="name", nonempty=True),
+    (SMTPConfig, "listen"): _Rule(_endpoint, one_or_many=True),
+    (SMTPConfig, "hostname"): _Rule(_hostname),
+    (SMTPConfig, "max_message_size"): _Rule(_size()),
+    (SMTPConfig, "max_connections"): _Rule(_integer(1)),
+    (SMTPConfig, "max_recipients"): _Rule(_integer(1)),
+    # RFC 5321 4.5.3.1.4: a command line may be 512 octets; never cut below.
+    (SMTPConfig, "max_command_line"): _Rule(_size(512)),
+    (TimeoutConfig, "command"): _Rule(_duration(positive=True)),
+    (TimeoutConfig, "data"): _Rule(_duration(positive=True)),
+    (TimeoutConfig, "session"): _Rule(_duration(positive=True)),
+    (ProxyConfig, "trusted_networks"): _Rule(_network),
+    (HTTPConfig, "listen"): _Rule(_endpoint, one_or_many=True),
+    (HTTPConfig, "public_url"): _Rule(_http_url),
+    (FeedConfig, "id"): _Rule(_name),
+    (FeedConfig, "address"): _Rule(_address),
+    (TrapConfig, "domains"): _Rule(_domain),
+    (TrapConfig, "addresses"): _Rule(_address),
+    (SpoolConfig, "max_bytes"): _Rule(_size()),
+    (SpoolConfig, "max_messages"): _Rule(_integer(1)),
+    (SpoolConfig, "max_age"): _Rule(_duration(positive=True)),
+    (SpoolConfig, "segment_bytes"): _Rule(_size()),
+    (FilterConfig, "workers"): _Rule(_integer(0)),
+    (FilterConfig, "max_size"): _Rule(_size()),
+    (Condition, "header"): _Rule(_header_name),
+    (Condition, "meta"): _Rule(_meta_field),
+    (RotateConfig, "max_bytes"): _Rule(_size()),
+    (RotateConfig, "max_messages"): _Rule(_integer(1)),
+    (RotateConfig, "max_age"): _Rule(_duration(positive=True)),
+    (SetConfig, "shards"): _Rule(_integer(1)),
+    (SetConfig, "token"): _Rule(_nonempty),
+    (StoreConfig, "url"): _Rule(_store_url),
+}
+
+_NO_RULE = _Rule()
+_BAD: Any = object()  # a value that failed; the error is already recorded
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _node_kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return "a single value"
+
+
+def _entry(node: yaml.Node | None, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+    """The (key node, value node) of ``key`` in a mapping node, if present."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return k, v
+    return None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.issues: list[ConfigIssue] = []
+        self.unknown_keys: list[str] = []  # their paths
+        # id(built object) -> (its mapping node, its path), for cross-checks
+        self.origin: dict[int, tuple[yaml.Node, str]] = {}
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def error(self, node: yaml.Node | None, path: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.issues.append(ConfigIssue(line, path, message))
+
+    def clean(self, path: str) -> bool:
+        """No problem was found at or below ``path``.
+
+        Cross-checks run only on clean parts: a value that failed is left out,
+        and checking without it would report mistakes the operator never made.
+        """
+        return not any(
+            i.path == path or i.path.startswith((path + ".", path + "[")) for i in self.issues
+        )
+
+    def pairs(
+        self, node: yaml.MappingNode, path: str, what: str = "key"
+    ) -> Iterator[tuple[str, yaml.Node, yaml.Node]]:
+        """A mapping's entries, reporting duplicate and non-name keys.
+
+        YAML itself lets a later duplicate key silently win; a typo'd copy of
+        a section would then replace the real one without a word.
+        """
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.error(key_node, path, "merge keys (<<) are not supported")
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.error(key_node, path, f"a key must be a name, got {_node_kind(key_node)}")
+                continue
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.error(
+                    key_node,
+                    _join(path, key),
+                    f"duplicate {what} {key!r} (first on line {seen[key]})",
+                )
+                continue
+            seen[key] = line
+            yield key, key_node, value_node
+
+    def build(
+        self, cls: type, node: yaml.Node, path: str, preset: dict[str, Any] | None = None
+    ) -> Any:
+        """A dataclass instance from a mapping node (null: all defaults)."""
+        preset = preset or {}
+        if not isinstance(node, yaml.MappingNode) and not _is_null(node):
+            self.error(node, path, f"expected a mapping, got {_node_kind(node)}")
+            return _BAD
+        hints = _type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in preset}
+        values = dict(preset)
+        given = set()
+        entries = self.pairs(node, path) if isinstance(node, yaml.MappingNode) else iter(())
+        for key, key_node, value_node in entries:
+            if key not in fields:
+                self.error(key_node, _join(path, key), _unknown("key", key, list(fields)))
+                self.unknown_keys.append(_join(path, key))
+                continue
+            given.add(key)
+            rule = _RULES.get((cls, key), _NO_RULE)
+            value = self.value(hints[key], value_node, _join(path, key), rule)
+            if value is not _BAD:
+                values[key] = value
+        required = [name for name, f in fields.items() if not _has_default(f)]
+        for name in required:
+            if name not in given:
+                self.error(node, path, f"missing required key {name!r}")
+        if any(name not in values for name in required):
+            return _BAD  # reported above, or where its value failed
+        obj = cls(**values)
+        self.origin[id(obj)] = (node, path)
+        check = _CHECKS.get(cls)
+        if check is not None:
+            check(self, obj, node, path)
+        return obj
+
+    def value(self, hint: Any, node: yaml.Node, path: str, rule: _Rule) -> Any:
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            return self.build(typing.cast(type, hint), node, path)
+        if origin is list:
+            return self.list(typing.get_args(hint)[0], node, path, rule)
+        if origin in (types.UnionType, typing.Union):
+            if _is_null(node):
+                return None
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        parse = rule.parse or _DEFAULT_PARSERS[typing.get_origin(hint) or hint]
+        try:
+            return parse(self.scalar(node))
+        except ValueError as e:
+            self.error(node, path, str(e))
+            return _BAD
+
+    def list(self, item_hint: Any, node: yaml.Node, path: str, rule: _Rule) -> Any:
+        if rule.keyed_by:
+            return self.keyed_list(item_hint, node, path, rule)
+        if _is_null(node):
+            items: list[tuple[yaml.Node, str]] = []
+        elif isinstance(node, yaml.SequenceNode):
+            items = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        elif rule.one_or_many and isinstance(node, yaml.ScalarNode):
+            items = [(node, path)]
+        else:
+            self.error(node, path, f"expected a list, got {_node_kind(node)}")
+            return _BAD
+        values = [self.value(item_hint, item, item_path, rule) for item, item_path in items]
+        return [v for v in values if v is not _BAD]
+
+    def keyed_list(self, item_hint: Any, node: yaml.Node, path: str, rule: _Rule) -> Any:
+        # e.g. sets: {name: {options}} -> [SetConfig(name=name, ...)]
+        if _is_null(node):
+            entries: list[tuple[str, yaml.Node, yaml.Node]] = []
+        elif isinstance(node, yaml.MappingNode):
+            entries = list(self.pairs(node, path, what="name"))
+        else:
+            self.error(
+                node, path, f"expected a mapping of names to options, got {_node_kind(node)}"
+            )
+            return _BAD
+        assert rule.keyed_by is not None
+        result = []
+        for key, key_node, value_node in entries:
+            item_path = _join(path, key)
+            try:
+                name = _name(key)
+            except ValueError as e:
+                self.error(key_node, item_path, str(e))
+                continue
+            item = self.build(item_hint, value_node, item_path, {rule.keyed_by: name})
+            if item is not _BAD:
+                result.append(item)
+        if rule.nonempty and not entries:
+            self.error(node, path, "must not be empty")
+        return result
+
+    def scalar(self, node: yaml.Node) -> object:
+        if not isinstance(node, yaml.ScalarNode):
+            return _Shape(_node_kind(node))
+        try:
+            return self._constructor.construct_object(node)
+        # Explicit tags make PyYAML's constructors raise all of these, e.g.
+        # "!!bool maybe" is a KeyError and "!!int x" a ValueError.
+        except (yaml.YAMLError, ValueError, KeyError, TypeError, OverflowError):
+            raise ValueError(f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}")
+
+
+def _has_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# -- cross-checks, run on each built object ----------------------------------
+
+
+def _check_condition(w: _Walker, cond: Condition, node: yaml.Node, path: str) -> None:
+    if w.clean(path) and (cond.header is None) == (cond.meta is None):
+        which = "both are given" if cond.header else "neither is given"
+        w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+
+
+def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
+    found = _entry(node, "key")
+    if tls.key is not None and tls.certificate is None and found:
+        w.error(found[1], _join(path, "key"), "a key needs a certificate")
+
+
+def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
+    if _entry(node, "sets") is None:
+        cfg.sets = [SetConfig(name="all")]
+    for attr in ("id", "address"):
+        first: dict[str, int] = {}  # value -> line
+        for feed in cfg.feeds:
+            feed_node, feed_path = w.origin[id(feed)]
+            found = _entry(feed_node, attr)
+            value_node = found[1] if found else feed_node
+            value = getattr(feed, attr)
+            if value in first:
+                w.error(
+                    value_node,
+                    _join(feed_path, attr),
+                    f"duplicate feed {attr} {value!r} (first on line {first[value]})",
+                )
+            else:
+                first[value] = value_node.start_mark.line + 1
+    t = cfg.traps
+    no_trap = not (t.domains or t.addresses or t.patterns or t.catch_all or cfg.feeds)
+    # A misspelt top-level key may be the traps or feeds section itself.
+    misspelt = any("." not in key for key in w.unknown_keys)
+    if no_trap and w.clean("traps") and w.clean("feeds") and not misspelt:
+        found = _entry(node, "traps")
+        w.error(
+            found[0] if found else None,
+            "traps",
+            "no trap configured: give domains, addresses, patterns or feeds, or catch_all: true",
+        )
+
+
+_CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], None]] = {
+    Condition: _check_condition,
+    TLSConfig: _check_tls,
+    Config: _check_config,
+}

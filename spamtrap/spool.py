@@ -53,6 +53,7 @@ Recovery
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
 import re
 import struct
@@ -474,6 +475,7 @@ class Spool:
         # stopping: then every segment is sealed.
         self._current_seq: int | None = None
         self._writer: _Writer | None = None
+        self._lock_fd: int | None = None
         self._writer_open = False  # still taking acks and deletes
         self._closed = False  # no more appends or gets
         self._stopped = False
@@ -505,6 +507,7 @@ class Spool:
         if self._writer is not None or self._closed:
             raise SpoolError("spool already started")
         os.makedirs(self._dir, exist_ok=True)
+        self._lock()
         next_seq = self._recover()
         self._current_seq = next_seq
         self._writer = _Writer(
@@ -560,8 +563,22 @@ class Spool:
         self._writer.join()  # it has posted its last call: returns at once
         self._finish_stop()
 
+    def _lock(self) -> None:
+        # Two processes appending to one spool would corrupt it: each process
+        # of a node needs its own data directory (or spool directory).
+        fd = os.open(os.path.join(self._dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SpoolError(f"spool {self._dir} is in use by another process") from None
+        self._lock_fd = fd
+
     def _finish_stop(self) -> None:
         self._stopped = True
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         waiters, self._stop_waiters = self._stop_waiters, []
         for d in waiters:
             d.callback(None)

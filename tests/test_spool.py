@@ -37,7 +37,14 @@ def config(**overrides: Any) -> SpoolConfig:
 
 
 def segment_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    return sorted(p.name for p in directory.iterdir() if p.name != "lock")
+
+
+def die(spool: Spool) -> None:
+    """What a killed process leaves: its lock released, nothing else done."""
+    assert spool._lock_fd is not None
+    os.close(spool._lock_fd)
+    spool._lock_fd = None
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -301,6 +308,7 @@ async def test_recovery_after_crash(tmp_path: Path, make_spool: Any) -> None:
     old_sizes = {n: (tmp_path / n).stat().st_size for n in old_segments}
 
     # No stop(): a second spool on the same directory is the restart.
+    die(first)
     metrics = Metrics()
     second = make_spool(tmp_path, metrics=metrics)
     assert second.depth == 5
@@ -475,8 +483,11 @@ def test_recovery_returns_exactly_the_unacked(
         entries = [reactor.wait(first.get()) for _ in payloads]
         for i in sorted(acked):
             first.ack(entries[i])
-        # A marker append is the sync point for the acks; then "crash".
+        # A marker append is the sync point for the acks. The first spool
+        # must let go of the directory before another opens it (the kill -9
+        # test covers a real crash).
         reactor.wait(first.append(b"marker", 2000.0))
+        reactor.wait(first.stop())
 
         second = Spool(directory, cfg, Metrics(), reactor, Clock())
         second.start()
@@ -484,7 +495,6 @@ def test_recovery_returns_exactly_the_unacked(
         expected = [(p, 1000.0 + i) for i, p in enumerate(payloads) if i not in acked]
         assert [(e.read(), e.received_at) for e in recovered] == expected + [(b"marker", 2000.0)]
         reactor.wait(second.stop())
-        reactor.wait(first.stop())
 
 
 # -- errors and stopping --------------------------------------------------
@@ -559,3 +569,13 @@ async def test_cancelled_get_does_not_lose_an_entry(tmp_path: Path, make_spool: 
     assert spool.depth == 1
     assert spool.in_flight == 1
     assert (await spool.get()).read() == b"b"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spool_in_use_cannot_be_opened_twice(tmp_path: Path, make_spool: Any) -> None:
+    first = make_spool(tmp_path)
+    with pytest.raises(SpoolError, match="in use by another process"):
+        make_spool(tmp_path)
+    await first.stop()
+    second = make_spool(tmp_path)  # free again after a clean stop
+    assert second.depth == 0

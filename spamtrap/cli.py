@@ -1,0 +1,88 @@
+"""The ``spamtrap`` command: tools around the daemon (which runs under twistd).
+
+Each subcommand is one ``add_*`` function that declares its arguments and one
+function that runs it and returns the exit code, so new commands (``explain``,
+``pull``) slot in beside ``check-config`` without touching the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from spamtrap import __version__
+from spamtrap.config import Config, ConfigError, load_config
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Load FILE strictly; print OK and a summary, or every error with its line."""
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        for issue in e.errors:
+            print(issue.format(args.file), file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    print(f"  {summary(cfg)}")
+    return 0
+
+
+def summary(cfg: Config) -> str:
+    """One line on what a config traps and where it goes."""
+    t = cfg.traps
+    traps = [
+        _count(len(t.domains), "domain"),
+        _count(len(t.addresses), "address", "addresses"),
+        _count(len(t.patterns), "pattern"),
+    ]
+    if t.catch_all:
+        traps.append("catch-all")
+    sets = ", ".join(s.name + (f" ({s.shards} shards)" if s.shards > 1 else "") for s in cfg.sets)
+    return f"traps: {', '.join(traps)}; feeds: {len(cfg.feeds)}; sets: {sets}"
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "check-config",
+        help="check a config file and list every error",
+        description="Check a spamtrap YAML config. Exit 0 if it is valid; otherwise print "
+        "every error as FILE:LINE: key: message and exit 1.",
+    )
+    p.add_argument("file", metavar="FILE", help="the YAML config, e.g. /etc/spamtrap/spamtrap.yaml")
+    p.set_defaults(run=check_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spamtrap",
+        description="Tools for spamtrap. The daemon itself runs as `twistd spamtrap`.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_check_config(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits for --help, --version and usage errors; callers of
+        # main() (tests, the console script) want the code, not the exit.
+        return e.code if isinstance(e.code, int) else 1 if e.code else 0
+    run = getattr(args, "run", None)
+    if run is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    code: int = run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

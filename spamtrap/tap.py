@@ -1,0 +1,210 @@
+"""``twistd spamtrap``: command-line options and the service tree.
+
+makeService takes the reactor as a parameter so tests can build the whole
+tree in-process. The start and stop order matters and lives in
+:class:`SpamtrapService`:
+
+start: spool recovery -> bundle sets -> filter pool and workers -> HTTP -> SMTP
+stop (SIGTERM): SMTP stops listening and finishes replies in progress ->
+workers drain the spool -> every open bundle is finalised and stored ->
+spool closed -> HTTP closed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from spamtrap import tls
+from spamtrap.bundle import BundleSet
+from spamtrap.collate import Collator
+from spamtrap.config import Config, ConfigError, default_config, load_config
+from spamtrap.filters import Stage
+from spamtrap.filters.size import SizeStage
+from spamtrap.metrics import Metrics
+from spamtrap.pipeline import Pipeline
+from spamtrap.smtp import TrapSMTPFactory
+from spamtrap.spool import Spool
+from spamtrap.store import open_store
+from spamtrap.web import make_site
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--smtp ENDPOINT] [--http ENDPOINT] [--data-dir DIR] ..."
+    longdesc = (
+        "Run a spamtrap node. With no --config it runs the embedded default: a "
+        "catch-all trap on tcp:2525, HTTP on tcp:8025, data in ./spamtrap-data "
+        "and one set 'all'. ENDPOINT is a Twisted server endpoint description, "
+        "e.g. tcp:25:interface=127.0.0.1 or systemd:domain=INET:index=0."
+    )
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (see etc/spamtrap.yaml)"],
+        ["smtp", None, None, "SMTP endpoint (overrides smtp.listen)"],
+        ["http", None, None, "HTTP endpoint (overrides http.listen)"],
+        ["data-dir", "d", None, "data directory: spool, open bundles, local store"],
+        ["store", None, None, "bundle store URL: file:///path or s3://bucket/prefix"],
+        ["node", None, None, "node name used in bundle keys and metadata"],
+    ]
+
+    def postOptions(self) -> None:
+        if self["config"]:
+            try:
+                cfg = load_config(self["config"])
+            except ConfigError as e:
+                raise usage.UsageError(f"configuration errors:\n{e}")
+        else:
+            cfg = default_config()
+        if self["smtp"]:
+            cfg.smtp.listen = [self["smtp"]]
+        if self["http"]:
+            cfg.http.listen = [self["http"]]
+        if self["data-dir"]:
+            cfg.data_dir = self["data-dir"]
+        if self["store"]:
+            cfg.store.url = self["store"]
+        if self["node"]:
+            if not all(c.isalnum() or c in "-_" for c in self["node"]):
+                raise usage.UsageError("--node takes letters, digits, '-' and '_' only")
+            cfg.node = self["node"]
+        self.config = cfg
+
+
+def build_stages(cfg: Config) -> list[tuple[str, Stage]]:
+    return [("size", SizeStage(cfg.filters.max_size))]
+
+
+class SpamtrapService(service.MultiService):
+    """One node: owns the components and their start/stop order."""
+
+    def __init__(self, cfg: Config, reactor: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reactor = reactor
+        self.metrics = Metrics()
+        data = os.path.abspath(cfg.data_dir)
+        os.makedirs(data, exist_ok=True)
+        self.data_dir = data
+        self.pool = ThreadPool(minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2,
+                               name="spamtrap-workers")
+        self.spool = Spool(os.path.join(data, "spool"), cfg.spool, self.metrics, reactor)
+        self.store = open_store(cfg.store.url, data, reactor, self.pool)
+        self.pipeline = Pipeline(
+            self.spool,
+            build_stages(cfg),
+            Collator(cfg.sets),
+            {},
+            self.metrics,
+            reactor,
+            self.pool,
+            cfg.filters.workers,
+        )
+        self.bundles = {
+            s.name: BundleSet(
+                s,
+                cfg.node,
+                os.path.join(data, "open"),
+                self.store,
+                self.metrics,
+                reactor,
+                self.pool,
+                self.pipeline.stored,
+            )
+            for s in cfg.sets
+        }
+        self.pipeline.bundles = self.bundles
+        self.smtp_factory = TrapSMTPFactory(
+            cfg,
+            self._submit,
+            self.metrics,
+            reactor,
+            tls_context=tls.context_factory(cfg.smtp.tls, data, cfg.smtp.hostname),
+        )
+        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, self.pool)
+        self.smtp_ports: list[Any] = []
+        self.http_ports: list[Any] = []
+
+    def _submit(self, env: Any) -> defer.Deferred[Any]:
+        return self.spool.append(env.to_record(), env.received_at)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.running else "stopping",
+            "node": self.cfg.node,
+            "spool_depth": self.spool.depth,
+            "smtp_sessions": len(self.smtp_factory.sessions),
+        }
+
+    def privilegedStartService(self) -> None:
+        # Listen before twistd drops privileges, so port 25 works for root.
+        service.MultiService.privilegedStartService(self)
+        self._listening = self._listen()
+
+    @defer.inlineCallbacks
+    def _listen(self) -> Any:
+        for desc in self.cfg.http.listen:
+            ep = endpoints.serverFromString(self.reactor, desc)
+            self.http_ports.append((yield ep.listen(self.site)))
+        for desc in self.cfg.smtp.listen:
+            ep = endpoints.serverFromString(self.reactor, desc)
+            port = yield ep.listen(self.smtp_factory)
+            self.smtp_ports.append(port)
+            log.info("SMTP listening on {addr}", addr=port.getHost())
+
+    def startService(self) -> None:
+        service.MultiService.startService(self)
+        if not hasattr(self, "_listening"):
+            self._listening = self._listen()
+        self._listening.addErrback(self._listen_failed)
+        self.pool.start()
+        self.spool.start()
+        for b in self.bundles.values():
+            b.start()
+        if self.cfg.filters.workers > 0:
+            self.pipeline.start()
+        log.info(
+            "spamtrap node {node} started: data in {data}, store {store}",
+            node=self.cfg.node,
+            data=self.data_dir,
+            store=self.store.describe(),
+        )
+
+    def _listen_failed(self, failure: Any) -> None:
+        log.failure("cannot listen; stopping", failure)
+        # The endpoint error is the operator's to fix: exit non-zero.
+        self.reactor.callLater(0, self.reactor.stop)
+        self.exit_code = 1
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        service.MultiService.stopService(self)
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
+        yield self.smtp_factory.shutdown()
+        if self.pipeline.running:
+            yield defer.ensureDeferred(self.pipeline.drain())
+        yield defer.DeferredList([b.stop() for b in self.bundles.values()])
+        yield self.spool.stop()
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.http_ports])
+        self.pool.stop()
+        log.info("spamtrap node {node} stopped cleanly", node=self.cfg.node)
+
+
+def makeService(options: Options, reactor: Any = None) -> SpamtrapService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        return SpamtrapService(options.config, reactor)
+    except Exception as e:
+        # A clear line for the operator rather than a twistd traceback.
+        sys.stderr.write(f"spamtrap: cannot start: {e}\n")
+        raise SystemExit(1)
