@@ -8,6 +8,7 @@ or at once when the stages discard it or no set wants it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,9 @@ from spamtrap.metrics import Metrics
 from spamtrap.spool import SpoolError
 
 log = Logger()
+
+# Messages handed to a worker thread at once.
+BATCH = 64
 
 
 @dataclass
@@ -94,29 +98,44 @@ class Pipeline:
                 return  # stopping
             finally:
                 self._gets.discard(get)
-            self._busy += 1
+            # Take what else is queued, up to a batch: one thread hop and one
+            # round of bookkeeping for many messages keeps the reactor free.
+            batch = [entry, *self.spool.take(BATCH - 1)]
+            self._busy += len(batch)
             try:
-                await self._process(entry)
+                await self._process(batch)
             finally:
-                self._busy -= 1
+                self._busy -= len(batch)
 
-    async def _process(self, entry: Any) -> None:
-        token = Pending(entry, 0)
-        try:
-            result = await deferToThreadPool(self.reactor, self.pool, self._work, entry, token)
-        except Exception:  # noqa: BLE001 - logged; the message stays in the spool
-            log.failure("processing spooled message failed; it stays spooled")
-            self.metrics.processing_errors.inc()
-            return
-        self.metrics.messages_processed.inc()
-        for v in result.outcome.verdicts:
-            self.metrics.filter_verdicts.labels(stage=v.stage, verdict=v.verdict, reason=v.reason).inc()
-        if not result.sets:
-            self.spool.ack(entry)
+    async def _process(self, batch: list[Any]) -> None:
+        tokens = [Pending(e, 0) for e in batch]
+        results = await deferToThreadPool(self.reactor, self.pool, self._work_batch, tokens)
+        verdicts: Counter[tuple[str, str, str]] = Counter()
+        for token, result in zip(tokens, results, strict=True):
+            if result is None:
+                self.metrics.processing_errors.inc()
+                continue  # logged; the message stays in the spool
+            self.metrics.messages_processed.inc()
+            for v in result.outcome.verdicts:
+                verdicts[(v.stage, v.verdict, v.reason)] += 1
+            if not result.sets:
+                self.spool.ack(token.entry)
+        for (stage, verdict, reason), n in verdicts.items():
+            self.metrics.filter_verdicts.labels(stage=stage, verdict=verdict, reason=reason).inc(n)
 
-    def _work(self, entry: Any, token: Pending) -> Result:
+    def _work_batch(self, tokens: list[Pending]) -> list[Result | None]:
+        out: list[Result | None] = []
+        for token in tokens:
+            try:
+                out.append(self._work(token))
+            except Exception:  # noqa: BLE001 - one bad record must not stop the batch
+                log.failure("processing spooled message failed; it stays spooled")
+                out.append(None)
+        return out
+
+    def _work(self, token: Pending) -> Result:
         """In a pool thread: read, decide, and write into the sets' bundles."""
-        env = Envelope.from_record(entry.read())
+        env = Envelope.from_record(token.entry.read())
         result = evaluate(self.stages, self.collator, env)
         if result.sets:
             data = mbox.entry(env.mail_from, env.received_at, env.full_bytes())

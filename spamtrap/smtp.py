@@ -27,7 +27,6 @@ message: see architecture "Durability at 250".
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +37,7 @@ from twisted.mail import smtp
 
 from spamtrap import proxy
 from spamtrap.config import Config
-from spamtrap.message import Envelope, new_message_id, random_base62, rfc2822_date
+from spamtrap.message import Envelope, iso_time, new_message_id, new_session_id, rfc2822_date
 from spamtrap.metrics import Metrics
 from spamtrap.smtp_parse import Dialect, bucket, param_value, parse_path
 from spamtrap.traps import TrapMatcher
@@ -47,11 +46,6 @@ log = Logger()
 
 COMMAND, DATA, PROXY, CLOSED = "COMMAND", "DATA", "PROXY", "CLOSED"
 _SENTINEL = b"\r\n"  # DATA is scanned as if preceded by a line end
-
-
-def _iso(t: float) -> str:
-    ms = int(t * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def _text(b: bytes) -> str:
@@ -93,7 +87,7 @@ class TrapSMTP(smtp.ESMTP):
         self._helo_arg: bytes | None = None
         self._timers: list[Any] = []
         self.dialect = Dialect()
-        self.session_id = random_base62(12)
+        self.session_id = new_session_id()
         self.connected_at = factory.clock.seconds()
         self.first_command_at: float | None = None
         self.data_started_at = 0.0
@@ -147,6 +141,13 @@ class TrapSMTP(smtp.ESMTP):
         self._greeted = True
         self.sendCode(220, self.greeting())
         self._pump()
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        # The parent splits every reply into lines; nearly all are one line.
+        if b"\n" in message:
+            smtp.ESMTP.sendCode(self, code, message)
+        else:
+            self.transport.write(b"%d %s\r\n" % (code, message))
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP spamtrap"
@@ -483,7 +484,7 @@ class TrapSMTP(smtp.ESMTP):
     def _envelope(self, txn: Transaction, content: bytes) -> Envelope:
         f = self.factory
         now = f.clock.seconds()
-        msg_id = new_message_id(f.config.node)
+        msg_id = new_message_id(f.config.node, now)
         mail_from = _text(txn.mail_from)
         rcpts = [_text(a) for a, _ in txn.rcpts]
         tls = self._tls_facts()
@@ -510,8 +511,8 @@ class TrapSMTP(smtp.ESMTP):
             meta["domain"] = list(domains)
         if txn.feed:
             meta["feed"] = [txn.feed]
-        meta["connected"] = [_iso(self.connected_at)]
-        meta["received"] = [_iso(now)]
+        meta["connected"] = [iso_time(self.connected_at)]
+        meta["received"] = [iso_time(now)]
         meta["size"] = [str(len(content))]
         meta["dialect"] = [self.dialect.render()]
         first = (self.first_command_at or now) - self.connected_at

@@ -630,6 +630,18 @@ class Spool:
         self._dispatch()
         return d
 
+    def take(self, limit: int) -> list[SpoolEntry]:
+        """Up to ``limit`` queued entries at once, without waiting (for batches)."""
+        out: list[SpoolEntry] = []
+        while self._queue and len(out) < limit:
+            entry = self._queue.popleft()
+            self._bytes -= entry.size
+            self._in_flight[entry.key] = entry
+            out.append(entry)
+        if out:
+            self._update_gauges()
+        return out
+
     def _cancel_get(self, d: Deferred[SpoolEntry]) -> None:
         try:
             self._waiters.remove(d)

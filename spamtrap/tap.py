@@ -31,8 +31,8 @@ from spamtrap.filters.size import SizeStage
 from spamtrap.metrics import Metrics
 from spamtrap.pipeline import Pipeline
 from spamtrap.smtp import TrapSMTPFactory
-from spamtrap.spool import Spool
-from spamtrap.store import open_store
+from spamtrap.spool import Spool, SpoolError
+from spamtrap.store import StoreConfigError, open_store
 from spamtrap.web import make_site
 
 log = Logger()
@@ -78,6 +78,19 @@ class Options(usage.Options):
         self.config = cfg
 
 
+# Twisted's TCP endpoints listen with a backlog of 50: a burst of spam bots
+# then sees SYNs dropped and retried seconds later. A trap never refuses.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """Add a large listen backlog to a tcp/tcp6 endpoint that names none."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
 def build_stages(cfg: Config) -> list[tuple[str, Stage]]:
     return [("size", SizeStage(cfg.filters.max_size))]
 
@@ -93,8 +106,9 @@ class SpamtrapService(service.MultiService):
         data = os.path.abspath(cfg.data_dir)
         os.makedirs(data, exist_ok=True)
         self.data_dir = data
-        self.pool = ThreadPool(minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2,
-                               name="spamtrap-workers")
+        self.pool = ThreadPool(
+            minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2, name="spamtrap-workers"
+        )
         self.spool = Spool(os.path.join(data, "spool"), cfg.spool, self.metrics, reactor)
         self.store = open_store(cfg.store.url, data, reactor, self.pool)
         self.pipeline = Pipeline(
@@ -151,10 +165,10 @@ class SpamtrapService(service.MultiService):
     @defer.inlineCallbacks
     def _listen(self) -> Any:
         for desc in self.cfg.http.listen:
-            ep = endpoints.serverFromString(self.reactor, desc)
+            ep = endpoints.serverFromString(self.reactor, with_backlog(desc))
             self.http_ports.append((yield ep.listen(self.site)))
         for desc in self.cfg.smtp.listen:
-            ep = endpoints.serverFromString(self.reactor, desc)
+            ep = endpoints.serverFromString(self.reactor, with_backlog(desc))
             port = yield ep.listen(self.smtp_factory)
             self.smtp_ports.append(port)
             log.info("SMTP listening on {addr}", addr=port.getHost())
@@ -165,7 +179,12 @@ class SpamtrapService(service.MultiService):
             self._listening = self._listen()
         self._listening.addErrback(self._listen_failed)
         self.pool.start()
-        self.spool.start()
+        try:
+            self.spool.start()
+        except (SpoolError, OSError) as e:
+            log.critical("cannot open the spool: {err}", err=e)
+            self.reactor.callLater(0, self.reactor.stop)
+            return
         for b in self.bundles.values():
             b.start()
         if self.cfg.filters.workers > 0:
@@ -204,7 +223,7 @@ def makeService(options: Options, reactor: Any = None) -> SpamtrapService:
         reactor = default_reactor
     try:
         return SpamtrapService(options.config, reactor)
-    except Exception as e:
+    except (OSError, ValueError, StoreConfigError) as e:
         # A clear line for the operator rather than a twistd traceback.
         sys.stderr.write(f"spamtrap: cannot start: {e}\n")
         raise SystemExit(1)

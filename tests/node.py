@@ -78,8 +78,9 @@ class Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "twistd.log"
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         wait_for_port(self.host, self.smtp_port, self.proc)
         return self
 
@@ -95,7 +96,11 @@ class Node:
         return self.proc.returncode
 
     def log(self) -> str:
-        out = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        out = (
+            self.log_path.read_text(errors="replace")
+            if self.log_path and self.log_path.exists()
+            else ""
+        )
         return out[-5000:]
 
     def http_get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
@@ -158,7 +163,9 @@ class RawSMTP:
         for r in rcpts:
             self.cmd(b"RCPT TO:<" + r + b">", 250)
         self.cmd(b"DATA", 354)
-        stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in data.split(b"\r\n"))
+        stuffed = b"\r\n".join(
+            b"." + ln if ln.startswith(b".") else ln for ln in data.split(b"\r\n")
+        )
         if not stuffed.endswith(b"\r\n"):
             stuffed += b"\r\n"
         self.sock.sendall(stuffed + b".\r\n")

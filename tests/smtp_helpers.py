@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import address, defer, task
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
-from twisted.internet.interfaces import ITLSTransport
 
 from spamtrap.config import Config, SetConfig
 from spamtrap.message import Envelope

@@ -55,7 +55,9 @@ def test_header_conditions_and_and_semantics() -> None:
 
 
 def test_headers_are_unfolded_and_lenient() -> None:
-    h = message_headers(b"Subject : folded\r\n\tline\r\nX-Bad\r\nTo: a\r\nTo: b\r\n\r\nSubject: body")
+    h = message_headers(
+        b"Subject : folded\r\n\tline\r\nX-Bad\r\nTo: a\r\nTo: b\r\n\r\nSubject: body"
+    )
     assert h["subject"] == ["folded line"]
     assert h["to"] == ["a", "b"]
     assert "x-bad" not in h

@@ -28,7 +28,10 @@ MESSAGES: list[tuple[str, bytes]] = [
         b"Subject: from lines\r\n\r\nFrom the desk of\r\n>From quoted\r\n>>From twice\r\n"
         b"From \r\n.leading dot\r\n",
     ),
-    ("8bit", b"Subject: \xe4\xf6\xfc\xff\r\nContent-Type: text/plain\r\n\r\n\x80\x81 junk \xc3\x28\r\n"),
+    (
+        "8bit",
+        b"Subject: \xe4\xf6\xfc\xff\r\nContent-Type: text/plain\r\n\r\n\x80\x81 junk \xc3\x28\r\n",
+    ),
     ("bare-lf", b"Subject: bare lf\n\nline one\nline two\r\nmixed\n"),
     ("no-trailing-newline", b"Subject: no newline\r\n\r\nlast line without end"),
     ("nul", b"Subject: nul\r\n\r\nbefore\x00after\r\n"),
@@ -172,15 +175,13 @@ def test_kill_9_mid_stream_loses_nothing_that_got_250(tmp_path: Path) -> None:
 
 def test_intake_goes_on_with_workers_stopped_and_sheds_oldest(tmp_path: Path) -> None:
     cfg = tmp_path / "spamtrap.yaml"
-    cfg.write_text(
-        "traps: {catch_all: true}\n"
-        "filters: {workers: 0}\n"
-        "spool: {max_messages: 50}\n"
-    )
+    cfg.write_text("traps: {catch_all: true}\nfilters: {workers: 0}\nspool: {max_messages: 50}\n")
     node = Node(tmp_path / "data", config=cfg).start()
     try:
         c = RawSMTP(node.host, node.smtp_port)
-        ids = [c.send(b"a@b", [b"v@x.example"], b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(200)]
+        ids = [
+            c.send(b"a@b", [b"v@x.example"], b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(200)
+        ]
         c.close()
         assert len(ids) == 200
         assert node.metric("spamtrap_spool_depth") == 50
@@ -194,10 +195,22 @@ def test_swaks_delivers_over_starttls(tmp_path: Path) -> None:
     node = Node(tmp_path / "data").start()
     try:
         out = subprocess.run(
-            [swaks, "--server", f"{node.host}:{node.smtp_port}", "--to", "anything@trap.example",
-             "--from", "bot@spam.example", "--tls", "--helo", "swaks.example",
-             "--header", "Subject: via swaks"],
-            capture_output=True, timeout=60,
+            [
+                swaks,
+                "--server",
+                f"{node.host}:{node.smtp_port}",
+                "--to",
+                "anything@trap.example",
+                "--from",
+                "bot@spam.example",
+                "--tls",
+                "--helo",
+                "swaks.example",
+                "--header",
+                "Subject: via swaks",
+            ],
+            capture_output=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stdout.decode(errors="replace")
     finally:
@@ -216,7 +229,9 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     twistd = Path(sys.executable).parent / "twistd"
     out = subprocess.run(
         [str(twistd), "-n", "--pidfile=", "spamtrap", "--config", str(cfg)],
-        capture_output=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert out.returncode != 0
     text = (out.stdout + out.stderr).decode()

@@ -341,7 +341,10 @@ def test_any_split_of_the_stream_gives_the_same_result(cuts: list[int]) -> None:
     for p in [*points, len(SESSION)]:
         h.send(SESSION[prev:p])
         prev = p
-    assert [e.data for e in h.submitted] == [b"Subject: s\r\n\r\nline\r\n.dot\r\n\r\n", b"second\r\n"]
+    assert [e.data for e in h.submitted] == [
+        b"Subject: s\r\n\r\nline\r\n.dot\r\n\r\n",
+        b"second\r\n",
+    ]
     assert h.codes() == [220, 250, 250, 250, 354, 250, 250, 250, 354, 250, 221]
 
 
@@ -380,8 +383,10 @@ def test_proxy_round_trip(src: tuple[str, int], dst: tuple[str, int], build: obj
 def test_deferred_submit_does_not_break_pipelining() -> None:
     h = Harness(auto_ack=False)
     h.replies()
-    h.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<v@trap.example>\r\nDATA\r\nx\r\n.\r\n"
-           b"MAIL FROM:<c@d>\r\nRCPT TO:<v@trap.example>\r\nDATA\r\ny\r\n.\r\n")
+    h.send(
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<v@trap.example>\r\nDATA\r\nx\r\n.\r\n"
+        b"MAIL FROM:<c@d>\r\nRCPT TO:<v@trap.example>\r\nDATA\r\ny\r\n.\r\n"
+    )
     assert h.codes() == [250, 250, 354]
     h.pending[0].callback(None)
     assert h.codes() == [250, 250, 250, 354]

@@ -579,3 +579,18 @@ async def test_a_spool_in_use_cannot_be_opened_twice(tmp_path: Path, make_spool:
     await first.stop()
     second = make_spool(tmp_path)  # free again after a clean stop
     assert second.depth == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_hands_out_a_batch_without_waiting(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    for i in range(5):
+        await spool.append(b"m%d" % i, 1.0)
+    batch = spool.take(3)
+    assert [e.read() for e in batch] == [b"m0", b"m1", b"m2"]
+    assert spool.depth == 2 and spool.in_flight == 3
+    assert [e.read() for e in spool.take(10)] == [b"m3", b"m4"]
+    assert spool.take(10) == []
+    for e in batch:
+        spool.ack(e)
+    assert spool.in_flight == 2
