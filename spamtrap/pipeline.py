@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -26,8 +26,12 @@ from spamtrap.spool import SpoolError
 
 log = Logger()
 
-# Messages handed to a worker thread at once.
-BATCH = 64
+# Messages handed to a worker thread at once, and how long a worker waits
+# for a batch to fill. A hop to a thread and back costs far more than
+# processing one message, and bundles are not due for minutes: gathering
+# keeps the reactor (and the GIL) free for SMTP.
+BATCH = 256
+BATCH_WAIT = 0.05
 
 
 @dataclass
@@ -100,9 +104,14 @@ class Pipeline:
                 self._gets.discard(get)
             # Take what else is queued, up to a batch: one thread hop and one
             # round of bookkeeping for many messages keeps the reactor free.
-            batch = [entry, *self.spool.take(BATCH - 1)]
-            self._busy += len(batch)
+            batch = [entry]
+            self._busy += 1  # held from here on: drain() must wait for it
             try:
+                if self.spool.depth < BATCH - 1 and self.running:
+                    await task.deferLater(self.reactor, BATCH_WAIT, lambda: None)
+                more = self.spool.take(BATCH - 1)
+                self._busy += len(more)
+                batch += more
                 await self._process(batch)
             finally:
                 self._busy -= len(batch)

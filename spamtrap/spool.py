@@ -571,7 +571,10 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise SpoolError(f"spool {self._dir} is in use by another process") from None
+            raise SpoolError(
+                f"spool {self._dir} is in use by another process"
+                " (each process of a node needs its own --node name)"
+            ) from None
         self._lock_fd = fd
 
     def _finish_stop(self) -> None:

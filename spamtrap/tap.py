@@ -26,6 +26,7 @@ from spamtrap import tls
 from spamtrap.bundle import BundleSet
 from spamtrap.collate import Collator
 from spamtrap.config import Config, ConfigError, default_config, load_config
+from spamtrap.endpoints import DEFAULT_BACKLOG
 from spamtrap.filters import Stage
 from spamtrap.filters.size import SizeStage
 from spamtrap.metrics import Metrics
@@ -80,7 +81,6 @@ class Options(usage.Options):
 
 # Twisted's TCP endpoints listen with a backlog of 50: a burst of spam bots
 # then sees SYNs dropped and retried seconds later. A trap never refuses.
-DEFAULT_BACKLOG = 1024
 
 
 def with_backlog(description: str) -> str:
@@ -109,7 +109,9 @@ class SpamtrapService(service.MultiService):
         self.pool = ThreadPool(
             minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2, name="spamtrap-workers"
         )
-        self.spool = Spool(os.path.join(data, "spool"), cfg.spool, self.metrics, reactor)
+        # Spool and open bundles are per node name, so several processes (one
+        # per core, each with its own --node) can share one data directory.
+        self.spool = Spool(os.path.join(data, "spool", cfg.node), cfg.spool, self.metrics, reactor)
         self.store = open_store(cfg.store.url, data, reactor, self.pool)
         self.pipeline = Pipeline(
             self.spool,
@@ -125,7 +127,7 @@ class SpamtrapService(service.MultiService):
             s.name: BundleSet(
                 s,
                 cfg.node,
-                os.path.join(data, "open"),
+                os.path.join(data, "open", cfg.node),
                 self.store,
                 self.metrics,
                 reactor,
