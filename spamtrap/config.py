@@ -97,6 +97,16 @@ class FeedConfig:
 
     id: str
     address: str
+    # Header fields the donor's systems added, removed before storing: each
+    # regexp is matched against a whole header field name. None: the built-in
+    # list (spamtrap.filters.feeds.DEFAULT_STRIP).
+    strip_headers: list[re.Pattern[str]] | None = None
+    # Received lines added by the donor's own relays, on top of the path the
+    # spam really took. 0 = keep them all.
+    strip_received: int = 0
+    # The donor forwards spam as attachments: store every attached
+    # message/rfc822 part as a message of its own (and not the wrapper).
+    extract_attached: bool = False
 
 
 @dataclass
@@ -124,6 +134,95 @@ class SpoolConfig:
     fsync: bool = True
 
 
+DANGEROUS_EXTENSIONS = [
+    "exe", "scr", "com", "pif", "bat", "cmd", "cpl", "msi", "msp", "dll", "sys",
+    "js", "jse", "vbs", "vbe", "wsf", "wsh", "hta", "ps1", "psm1", "reg", "lnk",
+    "iso", "img", "vhd", "vhdx", "jar", "apk", "chm", "scf", "url", "inf",
+]  # fmt: skip
+
+
+@dataclass
+class VirusConfig:
+    """Stage "virus": the fast built-in malware detector."""
+
+    enabled: bool = True
+    # Attachment file name extensions that are discarded on sight.
+    extensions: list[str] = field(default_factory=lambda: list(DANGEROUS_EXTENSIONS))
+    # Zip archives are opened with these limits, so a zip bomb does no harm.
+    max_zip_depth: int = 2
+    max_zip_entries: int = 1000
+    max_zip_bytes: int = 32 * MIB
+
+
+@dataclass
+class ClamdConfig:
+    """Stage "clamd": ClamAV's daemon over its INSTREAM protocol."""
+
+    enabled: bool = False
+    # A unix socket path; when unset, host and port are used.
+    socket: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 3310
+    timeout: float = 30.0
+    max_concurrency: int = 4
+    # What to do with a message when clamd is down or times out.
+    on_error: str = "keep"
+
+
+@dataclass
+class ListRule:
+    """A named discard rule: the message is discarded when ``regex`` is
+    found in a header (``header:``) or metadata field (``meta:``)."""
+
+    name: str
+    regex: re.Pattern[str]
+    header: str | None = None
+    meta: str | None = None
+
+
+@dataclass
+class ListsConfig:
+    """Stage "lists": discard lists for retired trap addresses and ham."""
+
+    rules: list[ListRule] = field(default_factory=list)
+    # YAML files holding more rules (a list of {name, regex, header|meta}).
+    # They reload on SIGHUP and when they change (checked every interval).
+    files: list[str] = field(default_factory=list)
+    reload_interval: float = 10.0
+
+
+@dataclass
+class BounceConfig:
+    """Stage "bounce": the native bounce and backscatter detector."""
+
+    enabled: bool = True
+
+
+@dataclass
+class SpamdConfig:
+    """Stage "spamd": ask a real SpamAssassin, discard on ANY_BOUNCE_MESSAGE."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 783
+    timeout: float = 30.0
+    max_concurrency: int = 3
+    on_error: str = "keep"
+
+
+@dataclass
+class CustomStageConfig:
+    """An operator's own stage: ``callable`` is "package.module:factory",
+    called once with ``options`` (a mapping) to build the stage."""
+
+    name: str
+    callable: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+BUILTIN_STAGES = ["size", "virus", "clamd", "feeds", "lists", "bounce", "spamd"]
+
+
 @dataclass
 class FilterConfig:
     # Bounded thread pool for filter stages and bundle writes. 0 = intake
@@ -131,6 +230,18 @@ class FilterConfig:
     workers: int = 2
     # Stage "size": discard messages above this many bytes.
     max_size: int = 4 * MIB
+    # The stages in the order they run: built-in names and custom ones.
+    # A built-in stage left out of the list does not run.
+    order: list[str] = field(default_factory=lambda: list(BUILTIN_STAGES))
+    # Most seconds one stage may spend on one message; past it the stage's
+    # verdict is "error" and the message goes on (it is never lost).
+    stage_budget: float = 10.0
+    virus: VirusConfig = field(default_factory=VirusConfig)
+    clamd: ClamdConfig = field(default_factory=ClamdConfig)
+    lists: ListsConfig = field(default_factory=ListsConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    spamd: SpamdConfig = field(default_factory=SpamdConfig)
+    custom: list[CustomStageConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -575,6 +686,40 @@ def _meta_field(value: object) -> str:
     return s
 
 
+def _choice(*choices: str) -> Parser:
+    def parse(value: object) -> str:
+        s = _string(value)
+        if s not in choices:
+            raise ValueError(_unknown("value", s, list(choices)))
+        return s
+
+    return parse
+
+
+def _extension(value: object) -> str:
+    s = _string(value).strip().lower().lstrip(".")
+    if not s or "." in s or "/" in s:
+        raise ValueError(f"not a file name extension: {value!r} (e.g. 'exe')")
+    return s
+
+
+_CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _callable_path(value: object) -> str:
+    s = _string(value)
+    if not _CALLABLE_RE.fullmatch(s):
+        raise ValueError(f"expected 'package.module:callable', got {s!r}")
+    return s
+
+
+def _port(value: object) -> int:
+    n: int = _integer(1)(value)
+    if n > 65535:
+        raise ValueError(f"not a port: {n}")
+    return n
+
+
 def _unknown(what: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
@@ -636,6 +781,28 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (SetConfig, "shards"): _Rule(_integer(1)),
     (SetConfig, "token"): _Rule(_nonempty),
     (StoreConfig, "url"): _Rule(_store_url),
+    (FeedConfig, "strip_received"): _Rule(_integer(0)),
+    (FilterConfig, "order"): _Rule(_name),
+    (FilterConfig, "stage_budget"): _Rule(_duration(positive=True)),
+    (FilterConfig, "custom"): _Rule(keyed_by="name"),
+    (VirusConfig, "extensions"): _Rule(_extension),
+    (VirusConfig, "max_zip_depth"): _Rule(_integer(0)),
+    (VirusConfig, "max_zip_entries"): _Rule(_integer(1)),
+    (VirusConfig, "max_zip_bytes"): _Rule(_size()),
+    (ClamdConfig, "socket"): _Rule(_nonempty),
+    (ClamdConfig, "port"): _Rule(_port),
+    (ClamdConfig, "timeout"): _Rule(_duration(positive=True)),
+    (ClamdConfig, "max_concurrency"): _Rule(_integer(1)),
+    (ClamdConfig, "on_error"): _Rule(_choice("keep", "discard")),
+    (SpamdConfig, "port"): _Rule(_port),
+    (SpamdConfig, "timeout"): _Rule(_duration(positive=True)),
+    (SpamdConfig, "max_concurrency"): _Rule(_integer(1)),
+    (SpamdConfig, "on_error"): _Rule(_choice("keep", "discard")),
+    (ListRule, "name"): _Rule(_name),
+    (ListRule, "header"): _Rule(_header_name),
+    (ListRule, "meta"): _Rule(_meta_field),
+    (ListsConfig, "reload_interval"): _Rule(_duration(positive=True)),
+    (CustomStageConfig, "callable"): _Rule(_callable_path),
 }
 
 _NO_RULE = _Rule()
@@ -763,6 +930,9 @@ class _Walker:
             if _is_null(node):
                 return None
             (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+            return self.value(hint, node, path, rule)
+        if origin is dict:
+            return self.mapping(node, path)
         parse = rule.parse or _DEFAULT_PARSERS[typing.get_origin(hint) or hint]
         try:
             return parse(self.scalar(node))
@@ -812,6 +982,21 @@ class _Walker:
             self.error(node, path, "must not be empty")
         return result
 
+    def mapping(self, node: yaml.Node, path: str) -> Any:
+        """Free-form options (a custom stage's): any YAML mapping, as is."""
+        if _is_null(node):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected a mapping, got {_node_kind(node)}")
+            return _BAD
+        for _ in self.pairs(node, path):
+            pass  # reports duplicate and non-name keys
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, KeyError, TypeError, OverflowError) as e:
+            self.error(node, path, f"cannot read options: {e}")
+            return _BAD
+
     def scalar(self, node: yaml.Node) -> object:
         if not isinstance(node, yaml.ScalarNode):
             return _Shape(_node_kind(node))
@@ -839,6 +1024,36 @@ def _check_condition(w: _Walker, cond: Condition, node: yaml.Node, path: str) ->
     if w.clean(path) and (cond.header is None) == (cond.meta is None):
         which = "both are given" if cond.header else "neither is given"
         w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+
+
+def _check_list_rule(w: _Walker, rule: ListRule, node: yaml.Node, path: str) -> None:
+    if w.clean(path) and (rule.header is None) == (rule.meta is None):
+        which = "both are given" if rule.header else "neither is given"
+        w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+
+
+def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> None:
+    known = BUILTIN_STAGES + [c.name for c in f.custom]
+    clash = [c.name for c in f.custom if c.name in BUILTIN_STAGES]
+    found = _entry(node, "custom")
+    for name in clash:
+        w.error(
+            found[1] if found else node,
+            _join(path, f"custom.{name}"),
+            f"{name!r} is a built-in stage name; pick another",
+        )
+    found = _entry(node, "order")
+    if found is None:
+        f.order = f.order + [c.name for c in f.custom]  # custom stages run last
+        return
+    seen: set[str] = set()
+    for i, name in enumerate(f.order):
+        item = found[1].value[i] if isinstance(found[1], yaml.SequenceNode) else found[1]
+        if name not in known:
+            w.error(item, f"{path}.order[{i}]", _unknown("stage", name, known))
+        elif name in seen:
+            w.error(item, f"{path}.order[{i}]", f"stage {name!r} is listed twice")
+        seen.add(name)
 
 
 def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
@@ -880,6 +1095,8 @@ def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
 
 _CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], None]] = {
     Condition: _check_condition,
+    ListRule: _check_list_rule,
+    FilterConfig: _check_filters,
     TLSConfig: _check_tls,
     Config: _check_config,
 }

@@ -108,7 +108,12 @@ def _conditions(paths: set[str]) -> set[str]:
 
 def test_example_config_shows_every_key() -> None:
     documented = _conditions(_document_paths(yaml.safe_load(EXAMPLE.read_text()), ""))
-    missing = _conditions(_schema_paths(Config, "")) - documented
+    # A live custom stage would need code the package does not ship: the
+    # example shows one in comments (checked below) instead.
+    commented = {"filters.custom[].name", "filters.custom[].callable", "filters.custom[].options"}
+    missing = _conditions(_schema_paths(Config, "")) - documented - commented
+    text = EXAMPLE.read_text()
+    assert "#    callable: " in text and "#    options: " in text
     assert not missing, f"etc/spamtrap.yaml does not show: {sorted(missing)}"
 
 
@@ -438,7 +443,10 @@ def test_error(text: str, line: int | None, path: str, fragment: str) -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     issue = only_issue(TRAP + "filters: {zzzzz: 1}\n")
-    assert issue.message == "unknown key 'zzzzz' (known: workers, max_size)"
+    assert issue.message == (
+        "unknown key 'zzzzz' (known: workers, max_size, order, stage_budget, virus, clamd,"
+        " lists, bounce, spamd, custom)"
+    )
 
 
 def test_many_errors_are_reported_at_once_in_line_order() -> None:
