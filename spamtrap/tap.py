@@ -27,8 +27,7 @@ from spamtrap.bundle import BundleSet
 from spamtrap.collate import Collator
 from spamtrap.config import Config, ConfigError, default_config, load_config
 from spamtrap.endpoints import DEFAULT_BACKLOG
-from spamtrap.filters import Stage
-from spamtrap.filters.size import SizeStage
+from spamtrap.filters.registry import build_stages
 from spamtrap.metrics import Metrics
 from spamtrap.pipeline import Pipeline
 from spamtrap.smtp import TrapSMTPFactory
@@ -91,10 +90,6 @@ def with_backlog(description: str) -> str:
     return description
 
 
-def build_stages(cfg: Config) -> list[tuple[str, Stage]]:
-    return [("size", SizeStage(cfg.filters.max_size))]
-
-
 class SpamtrapService(service.MultiService):
     """One node: owns the components and their start/stop order."""
 
@@ -115,7 +110,7 @@ class SpamtrapService(service.MultiService):
         self.store = open_store(cfg.store.url, data, reactor, self.pool)
         self.pipeline = Pipeline(
             self.spool,
-            build_stages(cfg),
+            build_stages(cfg, reactor),
             Collator(cfg.sets),
             {},
             self.metrics,

@@ -6,6 +6,9 @@ attachments-as-payload and not worth storing (mission: "around 4 MiB").
 
 from __future__ import annotations
 
+from typing import Any
+
+from spamtrap.config import Config
 from spamtrap.filters import Discard
 from spamtrap.message import Envelope
 
@@ -20,3 +23,7 @@ class SizeStage:
         if len(env.data) > self.max_size:
             return Discard("too-large")
         return None
+
+
+def make(cfg: Config, reactor: Any) -> SizeStage:
+    return SizeStage(cfg.filters.max_size)
