@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from spamtrap import tls
+from spamtrap import rdns, tls
 from spamtrap.bundle import BundleSet
 from spamtrap.collate import Collator
 from spamtrap.config import Config, ConfigError, default_config, load_config
@@ -138,6 +138,7 @@ class SpamtrapService(service.MultiService):
             self.metrics,
             reactor,
             tls_context=tls.context_factory(cfg.smtp.tls, data, cfg.smtp.hostname),
+            resolve_ptr=rdns.make_lookup() if cfg.smtp.rdns else None,
         )
         self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, self.pool)
         self.smtp_ports: list[Any] = []

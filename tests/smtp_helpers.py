@@ -33,6 +33,7 @@ class Harness:
         peer: str = "192.0.2.7",
         auto_ack: bool = True,
         tls: bool = False,
+        resolve_ptr: Any = None,
     ) -> None:
         if config is None:
             config = Config(node="testnode")
@@ -46,7 +47,12 @@ class Harness:
         self.pending: list[defer.Deferred[None]] = []
         self.auto_ack = auto_ack
         self.factory = TrapSMTPFactory(
-            config, self.submit, self.metrics, self.clock, tls_context=object() if tls else None
+            config,
+            self.submit,
+            self.metrics,
+            self.clock,
+            tls_context=object() if tls else None,
+            resolve_ptr=resolve_ptr,
         )
         self.proto = self.factory.buildProtocol(None)
         transport_cls = TLSStringTransport if tls else StringTransport

@@ -393,3 +393,57 @@ def test_deferred_submit_does_not_break_pipelining() -> None:
     h.pending[1].callback(None)
     assert h.codes() == [250]
     assert isinstance(h.pending[1], defer.Deferred)
+
+
+class FakeResolver:
+    """An IResolver double: no DNS query ever leaves the test."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+        self.pending: list[defer.Deferred[object]] = []
+
+    def lookupPointer(self, name: str, timeout: object = None) -> defer.Deferred[object]:
+        from twisted.names import dns
+
+        self.asked.append(name)
+        d: defer.Deferred[object] = defer.Deferred()
+        if name in self.answers:
+            rr = dns.RRHeader(name=name, type=dns.PTR, payload=dns.Record_PTR(self.answers[name]))
+            d.callback(([rr], [], []))
+        else:
+            self.pending.append(d)  # never answers: must not delay anything
+        return d
+
+
+def test_rdns_answer_lands_in_metadata_and_received_line() -> None:
+    from spamtrap.rdns import make_lookup
+
+    resolver = FakeResolver({"7.2.0.192.in-addr.arpa": "bot7.dsl.example."})
+    cfg = Config(node="n")
+    cfg.traps.catch_all = True
+    cfg.smtp.rdns = True
+    cfg.sets = [SetConfig(name="all")]
+    h = Harness(cfg, resolve_ptr=make_lookup(resolver))
+    h.send(b"HELO x\r\n")
+    h.transaction(b"x\r\n")
+    env = h.submitted[0]
+    assert resolver.asked == ["7.2.0.192.in-addr.arpa"]
+    assert env.meta["rdns"] == ["bot7.dsl.example"]
+    assert "(bot7.dsl.example [192.0.2.7])" in env.received_line
+
+
+def test_a_resolver_that_never_answers_delays_nothing() -> None:
+    from spamtrap.rdns import make_lookup
+
+    resolver = FakeResolver({})
+    cfg = Config(node="n")
+    cfg.traps.catch_all = True
+    cfg.smtp.rdns = True
+    cfg.sets = [SetConfig(name="all")]
+    h = Harness(cfg, resolve_ptr=make_lookup(resolver))
+    h.replies()
+    h.transaction(b"x\r\n")
+    assert h.codes() == [250, 250, 354, 250]
+    assert "rdns" not in h.submitted[0].meta
+    assert "(unknown [192.0.2.7])" in h.submitted[0].received_line
