@@ -1,0 +1,318 @@
+"""spamtrap's benchmarks, side by side with the reference servers in one run.
+
+    python -m bench.run [intake] [multiproc] [hold] [latency] [e2e] [--quick]
+
+With no scenario names, all run. Results print as Markdown and are saved to
+bench/out/<scenario>.json. Every load is bounded in count and time, and only
+127.0.0.1 is used. See docs/benchmarks.md for figures and how to read them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from bench.servers import (
+    HOLD,
+    REPO,
+    Server,
+    smtp_source,
+    start_bare,
+    start_smtp_sink,
+    start_spamtrap,
+)
+
+OUT = REPO / "bench" / "out"
+QUICK = "--quick" in sys.argv
+
+INTAKE_ONLY = """
+traps: {catch_all: true}
+filters: {workers: 0}
+spool: {max_messages: 100000000, max_bytes: 64GiB}
+"""
+WORKERS_STOPPED = """
+traps: {catch_all: true}
+filters: {workers: 0}
+spool: {max_messages: 2000}
+"""
+SATURATED = """
+traps: {catch_all: true}
+filters:
+  order: [size, slow]
+  custom:
+    slow: {callable: "bench.stages:busy", options: {ms: 2}}
+"""
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
+
+
+def save(name: str, data: dict[str, object]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = {"scenario": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **data}
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def table(rows: list[dict[str, Any]]) -> None:
+    """Print dict rows as a Markdown table, one column per key."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if v < 10 else f"{v:.0f}"
+        return str(v)
+
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(cell(r[c]) for c in cols) + " |")
+
+
+def rates(servers: list[Server], sessions: int, messages: int, rounds: int) -> dict[str, float]:
+    """Median msg/s per server, runs alternating so noise hits all alike."""
+    seen: dict[str, list[float]] = {s.name: [] for s in servers}
+    for _ in range(rounds):
+        for s in servers:
+            seen[s.name].append(messages / smtp_source(s.port, sessions, messages))
+    return {name: statistics.median(v) for name, v in seen.items()}
+
+
+def intake() -> None:
+    """One process, durably spooled, against the bare Twisted ESMTP server."""
+    n, rounds = (2000, 2) if QUICK else (5000, 5)
+    servers = [
+        start_spamtrap("spamtrap intake-only", config=INTAKE_ONLY),
+        start_spamtrap("spamtrap with workers"),
+        start_bare(),
+    ]
+    rows = []
+    try:
+        for sessions in (20, 100):
+            r = rates(servers, sessions, n, rounds)
+            bare = r["bare-twisted"]
+            rows.append(
+                {
+                    "sessions": sessions,
+                    **r,
+                    "ratio intake-only": r["spamtrap intake-only"] / bare,
+                    "ratio with workers": r["spamtrap with workers"] / bare,
+                }
+            )
+        accepted = servers[0].metric("spamtrap_messages_accepted_total")
+    finally:
+        for s in servers:
+            s.stop()
+    print(f"\n## intake ({n} msgs x {rounds} rounds, 4 KiB, one per connection)\n")
+    table(rows)
+    print(f"\naccepted by intake-only spamtrap: {accepted:.0f} (sent {2 * n * rounds})")
+    save("intake", {"messages": n, "rounds": rounds, "rows": rows, "accepted": accepted})
+
+
+def multiproc() -> None:
+    """1 and 2 processes (SO_REUSEPORT) against smtp-sink."""
+    n, rounds = (4000, 2) if QUICK else (10000, 3)
+    servers = [
+        start_spamtrap("spamtrap x1"),
+        start_spamtrap("spamtrap x2", processes=2),
+        start_smtp_sink(),
+    ]
+    rows = []
+    try:
+        for sessions in (20, 100):
+            r = rates(servers, sessions, n, rounds)
+            rows.append(
+                {
+                    "sessions": sessions,
+                    **r,
+                    "x1/sink": r["spamtrap x1"] / r["smtp-sink"],
+                    "x2/sink": r["spamtrap x2"] / r["smtp-sink"],
+                    "x2/x1": r["spamtrap x2"] / r["spamtrap x1"],
+                }
+            )
+        split = [servers[1].metric("spamtrap_messages_accepted_total")]
+        per_process = []
+        for port in servers[1].http_ports:
+            one = Server("p", 0, http_ports=[port])
+            per_process.append(one.metric("spamtrap_messages_accepted_total"))
+    finally:
+        for s in servers:
+            s.stop()
+    print(f"\n## several processes ({n} msgs x {rounds} rounds, workers on)\n")
+    table(rows)
+    print(f"\nmessages per process with 2 processes: {per_process} (total {split[0]:.0f})")
+    save("multiproc", {"messages": n, "rounds": rounds, "rows": rows, "per_process": per_process})
+
+
+FAILURES = ("connect_fail", "bad_greeting", "rejected", "dropped")
+
+
+def hold() -> None:
+    """Hold 9,000 sessions (EHLO, wait, one message each); RSS added per session."""
+    n = 2000 if QUICK else 9000
+    rows = []
+    for start in (start_spamtrap, start_bare):
+        server = start()
+        try:
+            time.sleep(1)
+            idle = server.rss_kib()
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(HOLD),
+                    f"127.0.0.1:{server.port}",
+                    str(n),
+                    "5",
+                    "victim@trap.example",
+                    ",".join(map(str, server.pids)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            ).stdout.strip()
+            fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+            held = int(fields.get("rss_kib", "0"))
+            rows.append(
+                {
+                    "server": server.name,
+                    "sessions": n,
+                    "completed": int(fields.get("completed", "0")),
+                    "refused_or_dropped": sum(
+                        int(fields.get(k, "0"))
+                        for k in ("connect_fail", "bad_greeting", "rejected", "dropped")
+                    ),
+                    "idle_rss_kib": idle,
+                    "held_rss_kib": held,
+                    "kib_per_session": (held - idle) / n,
+                }
+            )
+        finally:
+            server.stop()
+    print(f"\n## {n} concurrent sessions held\n")
+    table(rows)
+    save("hold", {"rows": rows})
+
+
+def _transaction_latency(port: int) -> float:
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        f = s.makefile("rwb")
+
+        def cmd(line: bytes | None, code: bytes) -> None:
+            if line is not None:
+                f.write(line + b"\r\n")
+                f.flush()
+            while True:
+                reply = f.readline()
+                if not reply.startswith(code):
+                    raise RuntimeError(f"unexpected reply {reply!r}")
+                if reply[3:4] != b"-":
+                    return
+
+        cmd(None, b"220")
+        cmd(b"EHLO probe.example", b"250")
+        cmd(b"MAIL FROM:<probe@spam.example>", b"250")
+        cmd(b"RCPT TO:<probe@trap.example>", b"250")
+        cmd(b"DATA", b"354")
+        cmd(b"Subject: probe\r\n\r\nprobe\r\n.", b"250")
+        cmd(b"QUIT", b"221")
+    return time.perf_counter() - started
+
+
+def latency() -> None:
+    """SMTP latency idle, and while the filter workers are saturated."""
+    probes = 100 if QUICK else 300
+    load_n = 8000 if QUICK else 20000
+    rows = []
+    for label, config in (
+        ("idle", None),
+        ("filters saturated (2 ms of Python per message)", SATURATED),
+    ):
+        server = start_spamtrap(config=config)
+        try:
+            if config:
+                loader = threading.Thread(target=smtp_source, args=(server.port, 20, load_n))
+                loader.start()
+                time.sleep(2)  # let the backlog build up
+            samples = [_transaction_latency(server.port) for _ in range(probes)]
+            backlog = server.metric("spamtrap_spool_depth")
+            if config:
+                loader.join()
+        finally:
+            server.stop(timeout=600)
+        samples.sort()
+        rows.append(
+            {
+                "state": label,
+                "p50_ms": 1000 * samples[len(samples) // 2],
+                "p99_ms": 1000 * samples[int(len(samples) * 0.99) - 1],
+                "max_ms": 1000 * samples[-1],
+                "spool_depth_during": backlog,
+            }
+        )
+    print(f"\n## SMTP latency of one full transaction ({probes} probes)\n")
+    table(rows)
+    save("latency", {"probes": probes, "rows": rows})
+
+
+def stopped() -> None:
+    """Workers stopped: intake goes on, the spool stays bounded, oldest shed."""
+    n = 3000 if QUICK else 10000
+    servers = [
+        start_spamtrap("workers stopped", config=WORKERS_STOPPED),
+        start_spamtrap("workers on"),
+    ]
+    try:
+        r = rates(servers, 20, n, 1 if QUICK else 3)
+        depth = servers[0].metric("spamtrap_spool_depth")
+        shed = servers[0].metric("spamtrap_spool_shed_total")
+        accepted = servers[0].metric("spamtrap_messages_accepted_total")
+    finally:
+        for s in servers:
+            s.stop()
+    print("\n## workers stopped (spool.max_messages 2000)\n")
+    table([{"server": name, "msg/s (20 sessions)": v} for name, v in r.items()])
+    print(f"\nworkers stopped: accepted {accepted:.0f}, spool depth {depth:.0f}, shed {shed:.0f}")
+    save("stopped", {"rates": r, "accepted": accepted, "depth": depth, "shed": shed})
+
+
+SCENARIOS = {
+    "intake": intake,
+    "multiproc": multiproc,
+    "hold": hold,
+    "latency": latency,
+    "stopped": stopped,
+}
+
+
+def main() -> None:
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(SCENARIOS)
+    print(f"# spamtrap benchmarks, {time.strftime('%Y-%m-%d')}, {machine()}")
+    for name in names:
+        if name == "e2e":
+            import importlib
+
+            importlib.import_module("bench.e2e").main(quick=QUICK)
+            continue
+        SCENARIOS[name]()
+
+
+if __name__ == "__main__":
+    main()
