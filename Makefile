@@ -4,7 +4,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 # Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin.
-DEBS := swaks postfix redis-server
+DEBS := swaks postfix redis-server \
+	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-wheel lintian
 
 .PHONY: run test lint deps venv debs bench clean check-config
 

@@ -1,0 +1,312 @@
+"""The Debian package, for real: build, lintian, install, run, upgrade, remove, purge.
+
+It proves that spamtrap runs on bookworm's own python3-twisted, python3-treq,
+python3-yaml and python3-botocore (``apt-get install ./spamtrap_*.deb`` pulls
+them in), not only on the newest releases in the venv. Systemd does not run
+in CI, so the unit's ExecStart is run by hand as the unit's User=, the way
+systemd would run it.
+
+Needs root and the build tools (Build-Depends in debian/control, lintian,
+swaks). It installs and purges the package ``spamtrap`` on this machine and
+refuses to run where spamtrap is already installed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spamtrap.mbox import read_mbox
+from spamtrap.store import MANIFEST_SUFFIX
+from tests.node import REPO, free_port, require_binary, wait_for_port
+
+PACKAGE = "spamtrap"
+CONFIG = Path("/etc/spamtrap/spamtrap.yaml")
+STATE = Path("/var/lib/spamtrap")
+DIST = "/usr/lib/python3/dist-packages"
+# Debian's tools, never the venv's or pyenv's python3 that may come first on PATH.
+DEBIAN_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
+
+
+def run(args: list[str], timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a tool with Debian's environment; fail with its output if it fails."""
+    kw.setdefault("env", DEBIAN_ENV)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+    assert proc.returncode == 0, (
+        f"{shlex.join(args)} exited {proc.returncode}:\n" + (proc.stdout + proc.stderr)[-6000:]
+    )
+    return proc
+
+
+def dpkg_status() -> str:
+    """'' when dpkg does not know the package, else e.g. 'install ok installed'."""
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", PACKAGE],
+        capture_output=True,
+        text=True,
+        env=DEBIAN_ENV,
+        check=False,
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def require_root_on_a_clean_machine() -> None:
+    problem = ""
+    if os.geteuid() != 0:
+        problem = "needs root: it installs and purges the .deb"
+    elif dpkg_status() or STATE.exists():
+        # Never purge someone's real trap and its data.
+        problem = f"{PACKAGE} is installed here or {STATE} exists; `apt-get purge {PACKAGE}` first"
+    if problem and os.environ.get("CI"):
+        pytest.fail(f"CI must not skip: {problem}")
+    if problem:
+        pytest.skip(f"SKIPPED LOUDLY: {problem}")
+
+
+def source_tree(dest: Path) -> Path:
+    """The repo's files (tracked and new, never ignored ones such as .venv)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        src = REPO / name
+        if src.is_file():  # a tracked file may be deleted in the work tree
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def read_unit(unit: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=False, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    parser.read(unit)
+    return parser
+
+
+def trap_address() -> tuple[str, Path]:
+    """A recipient the packaged config traps, and the config file to run with.
+
+    The packaged /etc file itself when it has a trap domain (it does); else a
+    copy with one added, in the state directory, where the service user can
+    read it and purge removes it.
+    """
+    cfg = yaml.safe_load(CONFIG.read_text())
+    domains = (cfg.get("traps") or {}).get("domains") or []
+    if domains:
+        return f"anything@{domains[0]}", CONFIG
+    cfg.setdefault("traps", {})["domains"] = ["debian-test.trap.example"]
+    override = STATE / "test-override.yaml"
+    override.write_text(yaml.safe_dump(cfg))
+    override.chmod(0o644)
+    return "anything@debian-test.trap.example", override
+
+
+def start_as_unit(
+    service: configparser.SectionProxy, config: Path, smtp: int, http: int, log: Path
+) -> subprocess.Popen[bytes]:
+    """The unit's ExecStart as its User=/Group=, as systemd would start it."""
+    args = shlex.split(service["ExecStart"])
+    assert args[0] == "/usr/bin/twistd3" and "--nodaemon" in args
+    assert args[args.index("--config") + 1] == str(CONFIG)
+    args[args.index("--config") + 1] = str(config)
+    args += ["--smtp", f"tcp:{smtp}:interface=127.0.0.1"]
+    args += ["--http", f"tcp:{http}:interface=127.0.0.1"]
+    user = pwd.getpwnam(service["User"])
+    env = {**DEBIAN_ENV, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
+    # Popen's user= rather than runuser: SIGTERM then reaches twistd itself
+    # (runuser SIGKILLs its child 2 s after a SIGTERM) and its exit status
+    # is the one systemd would see.
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args,
+            cwd="/",
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            user=user.pw_uid,
+            group=grp.getgrnam(service["Group"]).gr_gid,
+            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+        )
+
+
+def http_get(port: int, path: str) -> bytes:
+    url = f"http://127.0.0.1:{port}{path}"
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback only
+        body: bytes = response.read()
+    return body
+
+
+def stored_message(token: str) -> tuple[Path, bytes, dict[str, Any]]:
+    """The bundle in set 'all' holding the message with this token, the message, the manifest."""
+    found = [
+        (path, msg)
+        for path in sorted((STATE / "bundles" / "all").glob("*.mbox.gz"))
+        for _, msg in read_mbox(str(path))
+        if token.encode() in msg
+    ]
+    assert len(found) == 1, f"token in {found} of {list((STATE / 'bundles').rglob('*'))}"
+    path, msg = found[0]
+    manifest = path.with_name(path.name[: -len(".mbox.gz")] + MANIFEST_SUFFIX)
+    return path, msg, json.loads(manifest.read_text())
+
+
+def test_setup_cfg_lists_every_package() -> None:
+    """The wheel, and so the .deb, holds only the packages setup.cfg names."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {
+        ".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "spamtrap").rglob("__init__.py")
+    }
+    assert on_disk - listed == set(), "add these to [options] packages in setup.cfg"
+    assert "twisted.plugins" in listed
+
+
+def build_and_lint(tmp: Path) -> Path:
+    """Build the .deb from a copy of the tree (the .deb lands beside it); lintian it."""
+    src = source_tree(tmp / "build" / PACKAGE)
+    run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, timeout=1200)
+    (deb,) = (tmp / "build").glob(f"{PACKAGE}_*_all.deb")
+    (changes,) = (tmp / "build").glob(f"{PACKAGE}_*.changes")
+    lint = run(["lintian", "--fail-on", "error", str(changes)])
+    assert not [ln for ln in lint.stdout.splitlines() if ln.startswith("E:")], lint.stdout
+    return deb
+
+
+def check_installed_layout() -> configparser.SectionProxy:
+    """Files, conffile, user and state dir; returns the unit's [Service]."""
+    files = run(["dpkg", "-L", PACKAGE]).stdout.split()
+    plugins = f"{DIST}/twisted/plugins"
+    assert f"{plugins}/spamtrap_plugin.py" in files
+    assert f"{plugins}/spamtrap_endpoints.py" in files
+    assert not [f for f in files if f.endswith("dropin.cache")]
+    assert f"{DIST}/twisted/__init__.py" not in files
+    assert f"{plugins}/__init__.py" not in files
+    conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", PACKAGE]).stdout
+    assert str(CONFIG) in conffiles
+    assert user_exists("spamtrap")
+    assert STATE.stat().st_uid == pwd.getpwnam("spamtrap").pw_uid
+
+    (unit,) = [p for p in files if p.endswith("/systemd/system/spamtrap.service")]
+    parsed = read_unit(unit)
+    for doc in parsed["Unit"]["Documentation"].split():
+        assert not doc.startswith("file:") or Path(doc[5:]).is_file(), doc
+    service = parsed["Service"]
+    assert service["User"] == "spamtrap" and service["StateDirectory"] == "spamtrap"
+    if shutil.which("systemd-analyze", path=DEBIAN_ENV["PATH"]):
+        checked = run(["systemd-analyze", "verify", unit])
+        assert "spamtrap.service" not in checked.stdout + checked.stderr
+    return service
+
+
+def check_system_python() -> None:
+    """The service user's python3 is Debian's, with Debian's Twisted."""
+    code = "import spamtrap, twisted; print(spamtrap.__file__, twisted.__version__)"
+    probe = run(["runuser", "-u", "spamtrap", "--", "python3", "-c", code], cwd="/")
+    path, version = probe.stdout.split()
+    assert path == f"{DIST}/spamtrap/__init__.py"
+    debian_twisted = run(["dpkg-query", "-W", "-f=${Version}", "python3-twisted"]).stdout
+    assert debian_twisted.startswith(version + "-"), (version, debian_twisted)
+
+
+def send_with_swaks(port: int, rcpt: str, token: str) -> str:
+    """One message over STARTTLS (bookworm's pyOpenSSL); returns the queue id."""
+    sent = run(
+        ["swaks", "--server", f"127.0.0.1:{port}", "--to", rcpt, "--from", "bot@spam.example"]
+        + ["--helo", "swaks.example", "--tls", "--timeout", "60"]
+        + ["--header", f"Subject: debian {token}", "--body", f"token {token}"]
+    ).stdout
+    queue_id = re.search(r"<~  250 .*queued as (\S+)", sent)
+    assert queue_id, sent
+    return queue_id.group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.needs_debian
+def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) -> None:
+    for tool in ("dpkg-buildpackage", "lintian", "apt-get", "swaks", "git"):
+        require_binary(tool)
+    require_root_on_a_clean_machine()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        deb = build_and_lint(tmp_path)
+        run([*APT, "install", str(deb)])
+        service = check_installed_layout()
+        check_system_python()
+
+        rcpt, config = trap_address()
+        smtp, http, log = free_port(), free_port(), tmp_path / "twistd.log"
+        proc = start_as_unit(service, config, smtp, http, log)
+        try:
+            wait_for_port("127.0.0.1", smtp, proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{log.read_text(errors='replace')}") from None
+        token = uuid.uuid4().hex
+        queue_id = send_with_swaks(smtp, rcpt, token)
+        # HTTP and bookworm's prometheus-client: the 250 was counted.
+        health = json.loads(http_get(http, "/healthz"))
+        assert health["status"] == "ok" and health["node"]
+        metrics = http_get(http, "/metrics")
+        assert re.search(rb"(?m)^spamtrap_messages_accepted_total 1\.0$", metrics), metrics
+        # SIGTERM is `systemctl stop`: drain and store, then twistd re-raises
+        # SIGTERM, which systemd counts as a clean exit.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == -signal.SIGTERM, log.read_text(errors="replace")
+        proc = None
+
+        bundle, message, manifest = stored_message(token)
+        assert bundle.stat().st_uid == pwd.getpwnam("spamtrap").pw_uid
+        assert manifest["set"] == "all" and manifest["size"] == bundle.stat().st_size
+        assert manifest["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
+        assert f"X-Spamtrap-Id: {queue_id}\r\n".encode() in message
+        assert re.search(rb"X-Spamtrap-TLS: TLSv1\.[23] ", message), message[:2000]
+
+        # Upgrade (here: the same version again) and remove keep the data.
+        run(["dpkg", "-i", str(deb)])
+        assert bundle.exists()
+        run([*APT, "remove", PACKAGE])
+        assert dpkg_status() == "deinstall ok config-files"
+        assert bundle.exists() and CONFIG.exists() and user_exists("spamtrap")
+
+        run([*APT, "purge", PACKAGE])
+        assert dpkg_status() == ""
+        assert not STATE.exists() and not CONFIG.exists() and not user_exists("spamtrap")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if dpkg_status():
+            subprocess.run([*APT, "purge", PACKAGE], env=DEBIAN_ENV, capture_output=True)
