@@ -163,7 +163,7 @@ class ClamdConfig:
     socket: str | None = None
     host: str = "127.0.0.1"
     port: int = 3310
-    timeout: float = 30.0
+    timeout: float = 8.0  # below filters.stage_budget
     max_concurrency: int = 4
     # What to do with a message when clamd is down or times out.
     on_error: str = "keep"
@@ -205,7 +205,7 @@ class SpamdConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 783
-    timeout: float = 30.0
+    timeout: float = 8.0  # below filters.stage_budget
     max_concurrency: int = 3
     on_error: str = "keep"
 
@@ -1042,6 +1042,16 @@ def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> N
             _join(path, f"custom.{name}"),
             f"{name!r} is a built-in stage name; pick another",
         )
+    for which in ("clamd", "spamd"):
+        service = getattr(f, which)
+        if service.enabled and service.timeout >= f.stage_budget:
+            found = _entry(node, which)
+            w.error(
+                found[1] if found else node,
+                _join(path, f"{which}.timeout"),
+                f"must be below filters.stage_budget ({f.stage_budget:g}s): a slower answer"
+                " is ignored as over budget",
+            )
     found = _entry(node, "order")
     if found is None:
         f.order = f.order + [c.name for c in f.custom]  # custom stages run last

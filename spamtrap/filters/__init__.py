@@ -5,6 +5,8 @@ returning one of:
 
 - ``None``: no objection, the message goes on to the next stage;
 - :class:`Discard`: the message is dropped, with a reason (counted);
+- :class:`Keep`: no objection, with a reason worth counting (e.g. "kept
+  because clamd was down");
 - :class:`Replace`: the message becomes these messages (rfc822 extraction);
   each goes on through the *later* stages on its own;
 - :class:`Route`: the message goes on, and also lands in these sets (or
@@ -36,6 +38,11 @@ class Discard:
 
 
 @dataclass(frozen=True)
+class Keep:
+    reason: str
+
+
+@dataclass(frozen=True)
 class Replace:
     messages: list[Envelope]
     reason: str = "replaced"
@@ -47,7 +54,7 @@ class Route:
     only: bool = False
 
 
-Verdict = Discard | Replace | Route | None
+Verdict = Discard | Keep | Replace | Route | None
 Stage = Callable[[Envelope], Verdict]
 
 
@@ -106,8 +113,9 @@ def run_stages(
             verdicts.append(StageVerdict(name, "error", "over-budget", took))
             work.insert(0, (msg, i + 1, route))
             continue
-        if result is None:
-            verdicts.append(StageVerdict(name, "pass", "", took))
+        if result is None or isinstance(result, Keep):
+            reason = result.reason if result is not None else ""
+            verdicts.append(StageVerdict(name, "pass", reason, took))
             work.insert(0, (msg, i + 1, route))
         elif isinstance(result, Discard):
             v = StageVerdict(name, "discard", result.reason, took)
