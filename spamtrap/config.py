@@ -679,9 +679,13 @@ def _header_name(value: object) -> str:
     return s
 
 
+_OWN_META_RE = re.compile(r"x_[a-z0-9_]+")
+
+
 def _meta_field(value: object) -> str:
     s = _string(value)
-    if s not in META_FIELDS:
+    # x_ names are added by stages (the operator's own, or feeds' x_stripped).
+    if s not in META_FIELDS and not _OWN_META_RE.fullmatch(s):
         raise ValueError(_unknown("metadata field", s, list(META_FIELDS)))
     return s
 

@@ -15,6 +15,12 @@ from spamtrap.filters import Stage
 # Built-in stage name -> module with a make(config, reactor) function.
 BUILTIN_MODULES = {
     "size": "spamtrap.filters.size",
+    "virus": "spamtrap.filters.virus",
+    "clamd": "spamtrap.filters.clamd",
+    "feeds": "spamtrap.filters.feeds",
+    "lists": "spamtrap.filters.lists",
+    "bounce": "spamtrap.filters.bounce",
+    "spamd": "spamtrap.filters.spamd",
 }
 
 
