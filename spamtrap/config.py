@@ -266,6 +266,20 @@ class RotateConfig:
 
 
 @dataclass
+class WebhookConfig:
+    url: str
+    # HMAC-SHA256 key: the body's signature is sent in X-Spamtrap-Signature.
+    secret: str | None = None
+
+
+@dataclass
+class SetNotifyConfig:
+    # List addresses that get one machine-readable mail per stored bundle.
+    mail: list[str] = field(default_factory=list)
+    webhooks: list[WebhookConfig] = field(default_factory=list)
+
+
+@dataclass
 class SetConfig:
     name: str
     # Every condition must hold (AND). Empty: the set takes everything.
@@ -277,12 +291,58 @@ class SetConfig:
     shards: int = 1
     # Bearer token for listing this set over HTTP (None: listing disabled).
     token: str | None = None
+    # When the previous bundle's upload is still running at the next
+    # rotation: "skip" the new bundle (counted; there is always more spam)
+    # or "queue" it, keeping at most `upload_queue` waiting (oldest shed).
+    upload_policy: str = "skip"
+    upload_queue: int = 10
+    # A private set is never announced on another set's channels, and its
+    # bundles are never listed in other sets' feeds.
+    private: bool = False
+    # Rewrite every trap address (trap domains, addresses, feed addresses and
+    # the message's own RCPT TO) in headers, metadata and decoded text bodies,
+    # keeping length and structure: letters become x, digits 1.
+    redact_trap_addresses: bool = False
+    # Drop exact copies (same body hash, volatile headers ignored) seen in
+    # this set within the window (0 = off). Counted.
+    dedup_window: float = 0.0
+    notify: SetNotifyConfig = field(default_factory=SetNotifyConfig)
 
 
 @dataclass
 class StoreConfig:
     # file:///path or s3://bucket/prefix. None: DATA/bundles.
     url: str | None = None
+    # S3: endpoint of an S3-compatible server (else AWS_ENDPOINT_URL_S3 /
+    # AWS_ENDPOINT_URL, else AWS), region (else AWS_REGION/AWS_DEFAULT_REGION),
+    # and path-style addressing (needed by most S3-compatible servers).
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool = True
+    # Base URL consumers download objects from (public read by key), e.g.
+    # https://traps.example.org/bucket. None: derived from endpoint/bucket.
+    public_url: str | None = None
+    # Uploads: parts of this size above it (multipart), parallel uploads,
+    # and retries with exponential backoff and jitter.
+    multipart_threshold: int = 16 * MIB
+    max_concurrency: int = 2
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+    # Finished bundles waiting for upload (an outage); oldest shed beyond it.
+    backlog_bytes: int = 10 * GIB
+
+
+@dataclass
+class RelayConfig:
+    """The SMTP relay notification mail is sent through."""
+
+    host: str = "localhost"
+    port: int = 25
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    sender: str = "spamtrap@localhost"
+    retry_max: float = 3600.0
 
 
 @dataclass
@@ -297,6 +357,7 @@ class Config:
     filters: FilterConfig = field(default_factory=FilterConfig)
     sets: list[SetConfig] = field(default_factory=list)
     store: StoreConfig = field(default_factory=StoreConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
 
 def default_config() -> Config:
@@ -785,6 +846,26 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (SetConfig, "shards"): _Rule(_integer(1)),
     (SetConfig, "token"): _Rule(_nonempty),
     (StoreConfig, "url"): _Rule(_store_url),
+    (StoreConfig, "endpoint"): _Rule(_http_url),
+    (StoreConfig, "region"): _Rule(_nonempty),
+    (StoreConfig, "public_url"): _Rule(_http_url),
+    (StoreConfig, "multipart_threshold"): _Rule(_size(5 * MIB)),
+    (StoreConfig, "max_concurrency"): _Rule(_integer(1)),
+    (StoreConfig, "retry_initial"): _Rule(_duration(positive=True)),
+    (StoreConfig, "retry_max"): _Rule(_duration(positive=True)),
+    (StoreConfig, "backlog_bytes"): _Rule(_size()),
+    (SetConfig, "upload_policy"): _Rule(_choice("skip", "queue")),
+    (SetConfig, "upload_queue"): _Rule(_integer(1)),
+    (SetConfig, "dedup_window"): _Rule(_duration()),
+    (SetNotifyConfig, "mail"): _Rule(_address),
+    (WebhookConfig, "url"): _Rule(_http_url),
+    (WebhookConfig, "secret"): _Rule(_nonempty),
+    (RelayConfig, "host"): _Rule(_hostname),
+    (RelayConfig, "port"): _Rule(_port),
+    (RelayConfig, "username"): _Rule(_nonempty),
+    (RelayConfig, "password"): _Rule(_nonempty),
+    (RelayConfig, "sender"): _Rule(_address),
+    (RelayConfig, "retry_max"): _Rule(_duration(positive=True)),
     (FeedConfig, "strip_received"): _Rule(_integer(0)),
     (FilterConfig, "order"): _Rule(_name),
     (FilterConfig, "stage_budget"): _Rule(_duration(positive=True)),
