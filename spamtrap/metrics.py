@@ -91,5 +91,21 @@ class Metrics:
             "spamtrap_bundles_open", "Bundles open for writing", ["set"], registry=r
         )
 
+        self.bundles_skipped = Counter(
+            "spamtrap_bundles_skipped",
+            "Bundles dropped because the set's previous upload was still running"
+            " (reason busy) or its upload queue was full (reason queue-full)",
+            ["set", "reason"],
+            registry=r,
+        )
+        # Notifications
+        self.notifications = Counter(
+            "spamtrap_notifications",
+            "Notices of stored bundles to subscribers, by channel (mail|webhook) "
+            "and outcome (sent|retry|failed)",
+            ["channel", "outcome"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

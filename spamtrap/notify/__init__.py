@@ -1,0 +1,351 @@
+"""Notifications: tell each set's subscribers about every stored bundle.
+
+BundleSet calls :meth:`Notifier.published` only after a bundle's object and
+its manifest are both stored, so a notice never names a missing object. The
+notice goes to the bundle's own set's channels only: one mail per list
+address (:mod:`spamtrap.notify.mail`) and one POST per webhook
+(:mod:`spamtrap.notify.webhook`).
+
+Nothing here can slow intake or the store: ``published`` only starts
+deliveries and returns; each delivery runs on its own, is retried with
+exponential backoff and jitter on the injected clock, and ends as sent or
+failed, logged with its set, key and channel and counted in
+``spamtrap_notifications{channel, outcome}``. A delivery gives up once its
+next attempt would start more than GIVE_UP_AFTER after its first. Notices
+live in memory only: a stop or a crash forgets the ones still waiting.
+
+Privacy: a private set's channels may not also be another set's channels
+(a ValueError at construction), so a private set's bundle URLs reach only
+its own subscribers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from spamtrap.config import Config, SetConfig
+from spamtrap.metrics import Metrics
+from spamtrap.notify import mail, webhook
+
+log = Logger()
+
+GIVE_UP_AFTER = 24 * 3600.0
+STOP_DEADLINE = 10.0  # stop() waits this long for sends in flight
+# Deliveries held (in flight or waiting to retry) before the oldest waiting
+# one is dropped: a long outage must not grow memory without bound, and a
+# fresh notice is worth more than a day-old one.
+MAX_PENDING = 10_000
+MAIL_RETRY_FIRST = 10.0  # then doubling up to relay.retry_max
+WEBHOOK_RETRY_FIRST = 2.0
+WEBHOOK_RETRY_MAX = 600.0
+
+
+class _Delivery:
+    """One notice to one channel, through its attempts."""
+
+    def __init__(
+        self,
+        channel: str,
+        set_name: str,
+        key: str,
+        target: str,
+        attempt: Callable[[], Deferred[None]],
+        permanent: Callable[[Failure], bool],
+        describe: Callable[[Failure], str],
+        retry_first: float,
+        retry_max: float,
+    ) -> None:
+        self.channel = channel
+        self.set_name = set_name
+        self.key = key
+        self.target = target  # for logs: the address, or the URL without query
+        self.attempt = attempt
+        self.permanent = permanent
+        self.describe = describe
+        self.retry_first = retry_first
+        self.retry_max = retry_max
+        self.started = 0.0
+        self.attempts = 0
+        self.call: DelayedCall | None = None  # the scheduled retry
+        self.inflight: Deferred[None] | None = None
+
+
+def _never_permanent(failure: Failure) -> bool:
+    # Webhooks retry every failure, 4xx included: a receiver answering 404
+    # or 401 is most often being redeployed, and GIVE_UP_AFTER bounds it.
+    return False
+
+
+def _describe(failure: Failure) -> str:
+    return failure.getErrorMessage() or repr(failure.value)
+
+
+def check_private_channels(sets: Iterable[SetConfig]) -> None:
+    """Refuse a private set whose list address or webhook another set uses:
+    that set's subscribers would learn the private set's bundle URLs."""
+    sets = list(sets)
+    owners: dict[tuple[str, str], set[str]] = {}
+    for s in sets:
+        for address in s.notify.mail:
+            owners.setdefault(("mail", address.lower()), set()).add(s.name)
+        for hook in s.notify.webhooks:
+            owners.setdefault(("webhook", hook.url), set()).add(s.name)
+    for s in sets:
+        if not s.private:
+            continue
+        channels = [("mail", a.lower()) for a in s.notify.mail]
+        channels += [("webhook", h.url) for h in s.notify.webhooks]
+        for channel in channels:
+            others = sorted(owners[channel] - {s.name})
+            if others:
+                raise ValueError(
+                    f"set {s.name!r} is private, but its {channel[0]} channel "
+                    f"{webhook.describe_url(channel[1])} also serves set(s) {', '.join(others)}"
+                )
+
+
+def _bucket_and_prefix(store_url: str | None) -> tuple[str, str]:
+    parts = urlsplit(store_url or "")
+    if parts.scheme == "s3":
+        return parts.netloc, parts.path.strip("/")
+    return "local", ""
+
+
+class Notifier:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        reactor: Any,
+        clock: Any = None,
+        http_client: Any = None,
+        smtp_connect: mail.Connect | None = None,
+        *,
+        client_tls: Callable[[str], Any] | None = None,
+        rng: random.Random | None = None,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        """``http_client`` is treq-like (treq.client.HTTPClient, StubTreq);
+        ``smtp_connect(host, port, factory)`` replaces reactor.connectTCP;
+        ``client_tls(hostname)`` replaces optionsForClientTLS for STARTTLS.
+        Raises ValueError for unsafe relay or privacy settings."""
+        check_private_channels(config.sets)
+        self._clock = clock if clock is not None else reactor
+        self._sets = {s.name: s for s in config.sets}
+        self._relay = config.relay
+        self._mail: mail.MailSender | None = None
+        if any(s.notify.mail for s in config.sets):
+            self._mail = mail.MailSender(
+                config.relay, reactor, self._clock, config.smtp.hostname, smtp_connect, client_tls
+            )
+        self._webhook: webhook.WebhookSender | None = None
+        if any(s.notify.webhooks for s in config.sets):
+            if http_client is None:
+                http_client = _default_http_client(reactor)
+            self._webhook = webhook.WebhookSender(http_client, self._clock)
+        self._bucket, self._prefix = _bucket_and_prefix(config.store.url)
+        # Until metrics.py has the counter, notices are logged only.
+        self._counter = getattr(metrics, "notifications", None)
+        self._rng = rng if rng is not None else random.Random()
+        self._max_pending = max_pending
+        self._active: dict[_Delivery, None] = {}  # insertion order: oldest first
+        self._stopped = False
+        self._stop_timer: DelayedCall | None = None
+        self._stop_waiters: list[Deferred[None]] = []
+
+    # -- starting deliveries -------------------------------------------------
+
+    def published(self, manifest: dict[str, Any]) -> None:
+        """BundleSet's on_published hook: announce one stored bundle. Never
+        raises and never waits; the deliveries go on by themselves."""
+        try:
+            self._announce(manifest)
+        except Exception:  # noqa: BLE001 - a notice must never break the store path
+            known = manifest if isinstance(manifest, dict) else {}
+            log.failure(
+                "notify: cannot announce {key} of set {set}",
+                set=known.get("set"),
+                key=known.get("key"),
+            )
+
+    def _announce(self, manifest: dict[str, Any]) -> None:
+        name, key = manifest["set"], manifest["key"]
+        if self._stopped:
+            log.warn("notify: stopping; {key} of set {set} not announced", set=name, key=key)
+            return
+        set_config = self._sets.get(name)
+        if set_config is None:
+            log.warn("notify: no set {set} configured; {key} not announced", set=name, key=key)
+            return
+        now = self._clock.seconds()
+        # Every body is built before any delivery starts: a bad manifest
+        # fails the whole notice rather than half of it.
+        deliveries = []
+        for address in set_config.notify.mail:
+            assert self._mail is not None  # built whenever a set has addresses
+            message = mail.notice(manifest, self._relay.sender, address, now)
+            deliveries.append(
+                _Delivery(
+                    "mail",
+                    name,
+                    key,
+                    address,
+                    partial(self._mail.send, address, message),
+                    mail.is_permanent,
+                    mail.describe_error,
+                    MAIL_RETRY_FIRST,
+                    self._relay.retry_max,
+                )
+            )
+        for hook in set_config.notify.webhooks:
+            assert self._webhook is not None  # built whenever a set has webhooks
+            object_key = f"{self._prefix}/{key}" if self._prefix else key
+            body = webhook.event(manifest, now, self._bucket, object_key)
+            deliveries.append(
+                _Delivery(
+                    "webhook",
+                    name,
+                    key,
+                    webhook.describe_url(hook.url),
+                    partial(self._webhook.send, hook, body),
+                    _never_permanent,
+                    _describe,
+                    WEBHOOK_RETRY_FIRST,
+                    WEBHOOK_RETRY_MAX,
+                )
+            )
+        for d in deliveries:
+            self._shed()
+            d.started = now
+            self._active[d] = None
+            self._attempt(d)
+
+    def _shed(self) -> None:
+        while len(self._active) >= self._max_pending:
+            waiting = next((d for d in self._active if d.call is not None), None)
+            if waiting is None:
+                return  # all in flight: each ends within its attempt timeout
+            self._give_up(waiting, "dropped for newer notices (too many pending)")
+
+    # -- attempts --------------------------------------------------------------
+
+    def _attempt(self, d: _Delivery) -> None:
+        d.call = None
+        d.attempts += 1
+        # Set before the callbacks: a synchronous failure clears it again.
+        d.inflight = attempt = maybeDeferred(d.attempt)
+        attempt.addCallbacks(self._sent, self._failed, callbackArgs=(d,), errbackArgs=(d,))
+        attempt.addErrback(
+            lambda f: log.failure("notify: handling a {channel} result", f, channel=d.channel)
+        )
+
+    def _sent(self, _: object, d: _Delivery) -> None:
+        d.inflight = None
+        self._count(d.channel, "sent")
+        log.info(
+            "notify: {channel} notice of {key} (set {set}) sent to {target}",
+            channel=d.channel,
+            key=d.key,
+            set=d.set_name,
+            target=d.target,
+        )
+        self._done(d)
+
+    def _failed(self, failure: Failure, d: _Delivery) -> None:
+        d.inflight = None
+        error = d.describe(failure)
+        if self._stopped:
+            self._give_up(d, f"stopped during attempt {d.attempts}: {error}")
+            return
+        if d.permanent(failure):
+            self._give_up(d, f"permanent error: {error}")
+            return
+        base = min(d.retry_max, d.retry_first * 2.0 ** min(d.attempts - 1, 30))
+        # Jitter in [base/2, base]: many nodes do not retry in step.
+        delay = base * (0.5 + 0.5 * self._rng.random())
+        if self._clock.seconds() + delay - d.started > GIVE_UP_AFTER:
+            self._give_up(d, f"gave up after {d.attempts} attempts, last: {error}")
+            return
+        self._count(d.channel, "retry")
+        log.warn(
+            "notify: {channel} notice of {key} (set {set}) to {target} failed "
+            "(attempt {attempt}): {error}; retry in {delay:.0f}s",
+            channel=d.channel,
+            key=d.key,
+            set=d.set_name,
+            target=d.target,
+            attempt=d.attempts,
+            error=error,
+            delay=delay,
+        )
+        d.call = self._clock.callLater(delay, self._attempt, d)
+
+    def _give_up(self, d: _Delivery, why: str) -> None:
+        if d.call is not None:
+            d.call.cancel()
+            d.call = None
+        self._count(d.channel, "failed")
+        log.error(
+            "notify: {channel} notice of {key} (set {set}) to {target} not sent: {why}",
+            channel=d.channel,
+            key=d.key,
+            set=d.set_name,
+            target=d.target,
+            why=why,
+        )
+        self._done(d)
+
+    def _done(self, d: _Delivery) -> None:
+        self._active.pop(d, None)
+        if self._stopped and not self._active:
+            if self._stop_timer is not None and self._stop_timer.active():
+                self._stop_timer.cancel()
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+    def _count(self, channel: str, outcome: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(channel=channel, outcome=outcome).inc()
+
+    # -- stopping --------------------------------------------------------------
+
+    def stop(self) -> Deferred[None]:
+        """Drop the notices waiting to retry, give the sends in flight up to
+        STOP_DEADLINE to finish, then cancel them. Never fails."""
+        if not self._stopped:
+            self._stopped = True
+            for d in [d for d in self._active if d.call is not None]:
+                self._give_up(d, "stopping before the retry")
+            if self._active:
+                self._stop_timer = self._clock.callLater(STOP_DEADLINE, self._cancel_inflight)
+        if not self._active:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        return waiter
+
+    def _cancel_inflight(self) -> None:
+        for d in list(self._active):
+            if d.inflight is not None:
+                d.inflight.cancel()  # -> _failed -> _give_up
+
+
+def _default_http_client(reactor: Any) -> Any:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    # One connection per notice: webhooks are rare, and no idle connection
+    # outlives a stop.
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent: Any = Agent(reactor, pool=pool)  # an IAgent; zope interfaces do not type-check
+    return HTTPClient(agent)
