@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 # Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin.
-DEBS := swaks postfix redis-server clamav-daemon clamav spamassassin spamc spamd npm \
+DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd npm \
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-wheel lintian
 

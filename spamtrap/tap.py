@@ -13,7 +13,9 @@ spool closed -> HTTP closed.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from twisted.application import service
@@ -187,12 +189,27 @@ class SpamtrapService(service.MultiService):
             b.start()
         if self.cfg.filters.workers > 0:
             self.pipeline.start()
+        self._install_hup()
         log.info(
             "spamtrap node {node} started: data in {data}, store {store}",
             node=self.cfg.node,
             data=self.data_dir,
             store=self.store.describe(),
         )
+
+    def _install_hup(self) -> None:
+        # Operators send SIGHUP to reload rules. Without a handler it would
+        # kill the process (no drain, no clean stop); the discard-list stage
+        # chains its own reload in front of this one when it watches files.
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(
+                log.info, "SIGHUP: discard-list files are reloaded; other settings need a restart"
+            )
+
+        signal.signal(signal.SIGHUP, on_hup)
 
     def _listen_failed(self, failure: Any) -> None:
         log.failure("cannot listen; stopping", failure)
