@@ -96,6 +96,30 @@ def add_explain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(run=explain)
 
 
+def pull(args: argparse.Namespace) -> int:
+    """Follow sets: download, verify and optionally unpack their new bundles."""
+    from spamtrap.pull import run
+
+    return run(args)
+
+
+def add_pull(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from spamtrap.pull import add_arguments
+
+    p = commands.add_parser(
+        "pull",
+        help="download a set's new bundles, verify their sha256, resume where it stopped",
+        description="Follow one or more sets through a spamtrap node's HTTP feed (--http), "
+        "the sets' list notices in a maildir or mbox (--mail) or the S3 bucket (--s3). "
+        "Every new bundle is downloaded to DIR/<set>/, resumed if interrupted, checked "
+        "against its manifest's size and sha256, and recorded in a state file. Exit 0 if all "
+        "went well, 1 if a bundle or listing failed (the others are still done), 2 on usage "
+        "errors. See docs/pull.md.",
+    )
+    add_arguments(p)
+    p.set_defaults(run=pull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spamtrap",
@@ -105,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_check_config(commands)
     add_explain(commands)
+    add_pull(commands)
     return parser
 
 

@@ -93,9 +93,16 @@ class Metrics:
 
         self.bundles_skipped = Counter(
             "spamtrap_bundles_skipped",
-            "Bundles dropped because the set's previous upload was still running"
-            " (reason busy) or its upload queue was full (reason queue-full)",
+            "Finished bundles dropped without storing: all the set's uploads were running"
+            " (busy), its upload queue was full (queue-full), or its outage backlog was full"
+            " (backlog-full)",
             ["set", "reason"],
+            registry=r,
+        )
+        self.bundles_waiting = Gauge(
+            "spamtrap_bundles_waiting",
+            "Finished bundles not stored yet (uploading, retrying or waiting)",
+            ["set"],
             registry=r,
         )
         # Notifications

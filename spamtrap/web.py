@@ -1,9 +1,17 @@
-"""The HTTP side: bundle downloads, set listings, ``/metrics`` and ``/healthz``.
+"""The HTTP side: bundle downloads, set listings and feeds, ``/metrics``
+and ``/healthz``.
 
 Bundles are public to whoever knows their unguessable key, so downloads
-need no authentication. Listing a set reveals its keys, so it needs the
-set's bearer token. Keys never change once stored: downloads are cached
-forever, everything else never.
+need no authentication. Listing a set or reading its feed reveals its keys,
+so it needs that set's own bearer token (a private set's bundles are
+therefore only ever listed to holders of its token). Keys never change once
+stored: downloads are cached forever, everything else never.
+
+A feed (``/feeds/<set>``) pages through a set's bundles in key order. A key
+begins with the UTC time its bundle was opened, so key order is time order;
+the cursor of a bundle is its key's name without the set and the suffix,
+e.g. ``2026-11-22T13:05:00.node1.4wHkcYIyIeNMVh2H``. ``since`` may be any
+string: a bare time such as ``2026-11-22T13`` starts at that hour.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +31,7 @@ from twisted.web import resource, server, static
 
 from spamtrap.config import Config, SetConfig
 from spamtrap.metrics import Metrics
+from spamtrap.store import BUNDLE_SUFFIX, KEY_RE
 
 _log = Logger()
 
@@ -33,6 +43,9 @@ METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 TEXT_TYPE = b"text/plain; charset=utf-8"
 JSON_TYPE = b"application/json"
 READ_METHODS = (b"GET", b"HEAD")
+FEED_LIMIT = 100  # bundles per feed page unless the client asks for fewer
+FEED_LIMIT_MAX = 1000
+MAX_CURSOR = 200  # characters; a key's name is far shorter
 
 INDEX = b"""\
 spamtrap: a spam trap's bundle server.
@@ -41,6 +54,8 @@ GET /bundles/<set>/<name>.mbox.gz  a bundle of trapped spam (gzipped mboxrd)
 GET /bundles/<set>/<name>.json     its manifest (size, sha256, messages, period)
 GET /bundles/<set>/                the set's manifests, newest first
                                    (needs Authorization: Bearer <token>)
+GET /feeds/<set>?since=C&limit=N   the set's bundles after cursor C, newest
+                                   first, with the next cursor (same token)
 GET /metrics                       Prometheus metrics
 GET /healthz                       health as JSON; 503 when not ok
 """
@@ -60,6 +75,7 @@ def make_site(
     children: dict[bytes, resource.Resource] = {
         b"": _Index(),
         b"bundles": _Bundles(store, config, reactor, pool),
+        b"feeds": _Feeds(store, config, reactor, pool),
         b"metrics": _Metrics(metrics),
         b"healthz": _Health(health),
     }
@@ -162,8 +178,8 @@ def _segment(raw: bytes) -> str | None:
     return text
 
 
-class _Bundles(_Page):
-    """``/bundles/<set>/<name>`` downloads and ``/bundles/<set>/`` listings."""
+class _SetPages(_Page):
+    """Pages about one set: the store, the sets' tokens and bundle URLs."""
 
     isLeaf = True
 
@@ -174,6 +190,43 @@ class _Bundles(_Page):
         self._public_url = config.http.public_url.rstrip("/")
         self._reactor = reactor
         self._pool = pool
+
+    def _refused(self, request: server.Request, set_name: str) -> bytes | None:
+        """The error page if this request may not list ``set_name``, else None.
+
+        Each set has its own token, so one set's token never opens another
+        set (a private one included)."""
+        set_config = self._sets.get(set_name)
+        if set_config is None:
+            return _error(request, 404, "no such set")
+        if not set_config.token:
+            return _error(request, 403, "listing is disabled for this set")
+        if not _bearer_matches(request.getHeader(b"authorization"), set_config.token):
+            request.setHeader(b"www-authenticate", b'Bearer realm="spamtrap"')
+            return _error(request, 401, "a valid bearer token is required")
+        return None
+
+    def _with_url(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a manifest with the bundle's download URL: the store's
+        own (S3) if it has one, else this server's."""
+        key = str(manifest.get("key", ""))
+        url_for = getattr(self._store, "url", None)
+        url = url_for(key) if url_for is not None else None
+        if url is None:
+            url = f"{self._public_url}/bundles/{key}"
+        return {**manifest, "url": url}
+
+    def _answer_later(self, request: server.Request, what: str, work: Callable[[], bytes]) -> Any:
+        """Run ``work`` (blocking: it lists the store) in the pool and send
+        its JSON body when it is done."""
+        reply = _DelayedReply(request)
+        d = deferToThreadPool(self._reactor, self._pool, work)
+        d.addCallbacks(reply.json, reply.failed, errbackArgs=(what,))
+        return server.NOT_DONE_YET
+
+
+class _Bundles(_SetPages):
+    """``/bundles/<set>/<name>`` downloads and ``/bundles/<set>/`` listings."""
 
     def render_GET(self, request: server.Request) -> Any:
         parts = [_segment(p) for p in request.postpath or []]
@@ -214,23 +267,84 @@ class _Bundles(_Page):
     # Listings
 
     def _listing(self, request: server.Request, set_name: str) -> Any:
-        set_config = self._sets.get(set_name)
-        if set_config is None:
-            return _error(request, 404, "no such set")
-        if not set_config.token:
-            return _error(request, 403, "listing is disabled for this set")
-        if not _bearer_matches(request.getHeader(b"authorization"), set_config.token):
-            request.setHeader(b"www-authenticate", b'Bearer realm="spamtrap"')
-            return _error(request, 401, "a valid bearer token is required")
-        reply = _DelayedReply(request)
-        d = deferToThreadPool(self._reactor, self._pool, self._store.list_manifests, set_name)
-        d.addCallback(self._listing_body, set_name)
-        d.addCallbacks(reply.json, reply.failed, errbackArgs=(f"listing set {set_name}",))
-        return server.NOT_DONE_YET
+        refused = self._refused(request, set_name)
+        if refused is not None:
+            return refused
+        return self._answer_later(
+            request, f"listing set {set_name}", lambda: self._listing_body(set_name)
+        )
 
-    def _listing_body(self, manifests: list[dict[str, Any]], set_name: str) -> bytes:
-        bundles = [{**m, "url": f"{self._public_url}/bundles/{m['key']}"} for m in manifests]
+    def _listing_body(self, set_name: str) -> bytes:
+        bundles = [self._with_url(m) for m in self._store.list_manifests(set_name)]
         return json.dumps({"set": set_name, "bundles": bundles}).encode("utf-8") + b"\n"
+
+
+class _Feeds(_SetPages):
+    """``/feeds/<set>?since=<cursor>&limit=<n>``: the set's bundles strictly
+    after ``since`` in key order, at most ``limit`` of them (the oldest
+    ones, so a client pages forward by passing the returned cursor back),
+    newest first. ``more`` says whether another page follows."""
+
+    def render_GET(self, request: server.Request) -> Any:
+        parts = [_segment(p) for p in request.postpath or []]
+        match parts:
+            case [str(set_name), ""] | [str(set_name)] if set_name:
+                pass
+            case _:
+                return _error(request, 404, "not found")
+        refused = self._refused(request, set_name)
+        if refused is not None:
+            return refused
+        args = request.args or {}
+        since = _query_value(args, b"since", "")
+        limit_text = _query_value(args, b"limit", str(FEED_LIMIT))
+        if since is None or len(since) > MAX_CURSOR or not since.isprintable():
+            return _error(request, 400, "since: expected a cursor from an earlier answer")
+        if limit_text is None or not re.fullmatch(r"[0-9]{1,9}", limit_text) or int(limit_text) < 1:
+            return _error(request, 400, f"limit: expected a number from 1 to {FEED_LIMIT_MAX}")
+        limit = min(int(limit_text), FEED_LIMIT_MAX)
+        return self._answer_later(
+            request, f"feed of set {set_name}", lambda: self._page(set_name, since, limit)
+        )
+
+    def _page(self, set_name: str, since: str, limit: int) -> bytes:
+        newer = []
+        for manifest in self._store.list_manifests(set_name):
+            cursor = _cursor(manifest, set_name)
+            if cursor is not None and cursor > since:
+                newer.append((cursor, manifest))
+        newer.sort(key=lambda pair: pair[0])
+        page = newer[:limit]
+        doc = {
+            "set": set_name,
+            "bundles": [self._with_url(m) for _, m in reversed(page)],
+            "cursor": page[-1][0] if page else since,
+            "more": len(newer) > limit,
+        }
+        return json.dumps(doc).encode("utf-8") + b"\n"
+
+
+def _cursor(manifest: Any, set_name: str) -> str | None:
+    """A manifest's feed cursor: its key's name without suffix; None for a
+    manifest that is not a bundle of this set."""
+    key = manifest.get("key") if isinstance(manifest, dict) else None
+    if not isinstance(key, str) or not key.endswith(BUNDLE_SUFFIX):
+        return None
+    m = KEY_RE.fullmatch(key)
+    if m is None or m.group("set") != set_name:
+        return None
+    return key[len(set_name) + 1 : -len(BUNDLE_SUFFIX)]
+
+
+def _query_value(args: dict[bytes, list[bytes]], name: bytes, default: str) -> str | None:
+    """The last value of a query argument as text; None if not UTF-8."""
+    values = args.get(name)
+    if not values:
+        return default
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _bearer_matches(header: bytes | None, token: str) -> bool:

@@ -106,7 +106,6 @@ def test_open_store_default_and_file_url(tmp_path: Any) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("s3://bucket/prefix", "S3 store is not available yet"),
         ("file://relative/path", "three slashes"),
         ("file:relative", "three slashes"),
         ("http://example.invalid/", "unsupported scheme 'http'"),

@@ -42,6 +42,7 @@ from spamtrap.metrics import Metrics
 from spamtrap.web import make_site
 
 TOKEN = "tok-private-0123456789"
+SHARED_TOKEN = "tok-shared-5555555555"
 PUBLIC_URL = "https://spam.example:8443/"  # trailing slash on purpose
 SECRET = b"SECRET-OUTSIDE-THE-STORE"
 NAME = "2026-01-02T03:04:05.node1.AbCdEfGhIjKlMnOp"
@@ -127,7 +128,11 @@ def private_manifests() -> list[dict[str, Any]]:
 def make_config() -> Config:
     config = Config()
     config.http.public_url = PUBLIC_URL
-    config.sets = [SetConfig(name="all"), SetConfig(name="private", token=TOKEN)]
+    config.sets = [
+        SetConfig(name="all"),
+        SetConfig(name="private", token=TOKEN, private=True),
+        SetConfig(name="shared", token=SHARED_TOKEN),
+    ]
     return config
 
 
@@ -505,6 +510,186 @@ def test_store_without_path_for_answers_404(tmp_path: Path) -> None:
     assert b"data" not in b"".join(request.written)
 
 
+# --- feeds -------------------------------------------------------------------
+
+
+def feed_request(path: bytes, args: dict[bytes, list[bytes]] | None = None) -> DummyRequest:
+    request = DummyRequest([b"feeds", *path.split(b"/")])
+    request.args = args or {}
+    request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {TOKEN}".encode()])
+    return request
+
+
+def feed_page(site: Any, pool: ManualPool, **query: str) -> dict[str, Any]:
+    request = feed_request(b"private", {k.encode(): [v.encode()] for k, v in query.items()})
+    render(site, request)
+    pool.run_all()
+    assert request.responseCode in (None, 200), b"".join(request.written)
+    doc: dict[str, Any] = json.loads(b"".join(request.written))
+    return doc
+
+
+def private_cursor(i: int) -> str:
+    return PRIVATE_NAMES[i]  # a key's name without the set and the suffix
+
+
+@pytest.mark.parametrize("path", ["/feeds/private", "/feeds/private/"])
+@pytest_twisted.ensureDeferred
+async def test_feed_with_the_token(server: Server, path: str) -> None:
+    response, body = await fetch(
+        "GET", server.base + path, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.code == 200
+    assert header(response, "content-type") == "application/json"
+    assert header(response, "cache-control") == "no-store"
+    doc = json.loads(body)
+    expected = private_manifests()
+    for m in expected:
+        m["url"] = f"https://spam.example:8443/bundles/{m['key']}"
+    assert doc == {
+        "set": "private",
+        "bundles": expected,
+        "cursor": private_cursor(0),
+        "more": False,
+    }
+    assert server.store.listed_in_reactor_thread == [False]  # listed in the pool
+
+
+@pytest_twisted.ensureDeferred
+async def test_feed_since_and_limit_page_forward(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{server.base}/feeds/private"
+    # The oldest page first (newest first within it), then onwards from its cursor.
+    response, body = await fetch("GET", f"{url}?limit=2", headers=auth)
+    doc = json.loads(body)
+    assert [b["key"] for b in doc["bundles"]] == [
+        f"private/{PRIVATE_NAMES[1]}.mbox.gz",
+        f"private/{PRIVATE_NAMES[2]}.mbox.gz",
+    ]
+    assert doc["cursor"] == private_cursor(1)
+    assert doc["more"] is True
+    response, body = await fetch("GET", f"{url}?limit=2&since={doc['cursor']}", headers=auth)
+    doc = json.loads(body)
+    assert [b["key"] for b in doc["bundles"]] == [f"private/{PRIVATE_NAMES[0]}.mbox.gz"]
+    assert (doc["cursor"], doc["more"]) == (private_cursor(0), False)
+    # Nothing newer: the cursor stays, so a client can store it blindly.
+    response, body = await fetch("GET", f"{url}?since={doc['cursor']}", headers=auth)
+    assert json.loads(body) == {
+        "set": "private",
+        "bundles": [],
+        "cursor": private_cursor(0),
+        "more": False,
+    }
+    # A bare time is a cursor too: everything from that hour on.
+    response, body = await fetch("GET", f"{url}?since=2026-02-01T00", headers=auth)
+    assert [b["key"] for b in json.loads(body)["bundles"]] == [
+        f"private/{n}.mbox.gz" for n in PRIVATE_NAMES[:2]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "authorization", "code"),
+    [
+        ("/feeds/private", None, 401),
+        ("/feeds/private", f"Bearer {TOKEN}x", 401),
+        ("/feeds/private", f"Bearer {SHARED_TOKEN}", 401),  # another set's token
+        ("/feeds/shared", f"Bearer {TOKEN}", 401),
+        ("/feeds/all", f"Bearer {TOKEN}", 403),  # no token configured: no feed
+        ("/feeds/nosuch", f"Bearer {TOKEN}", 404),
+        ("/feeds/", f"Bearer {TOKEN}", 404),
+        ("/feeds", f"Bearer {TOKEN}", 404),
+        ("/feeds/private/x", f"Bearer {TOKEN}", 404),
+        ("/feeds/..%2fprivate", f"Bearer {TOKEN}", 404),
+        ("/feeds/private?limit=0", f"Bearer {TOKEN}", 400),
+        ("/feeds/private?limit=-1", f"Bearer {TOKEN}", 400),
+        ("/feeds/private?limit=ten", f"Bearer {TOKEN}", 400),
+        ("/feeds/private?limit=%C2%B2", f"Bearer {TOKEN}", 400),  # a superscript two
+        ("/feeds/private?limit=" + "9" * 5000, f"Bearer {TOKEN}", 400),
+        ("/feeds/private?since=%00", f"Bearer {TOKEN}", 400),
+        ("/feeds/private?since=%ff", f"Bearer {TOKEN}", 400),
+        ("/feeds/private?since=" + "x" * 201, f"Bearer {TOKEN}", 400),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_feed_refusals(
+    server: Server, path: str, authorization: str | None, code: int
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response, body = await fetch("GET", server.base + path, headers=headers)
+    assert response.code == code
+    assert header(response, "content-type") == "text/plain; charset=utf-8"
+    assert b"ZZZZ" not in body and b"YYYY" not in body  # no key leaks out
+    if code == 401:
+        assert header(response, "www-authenticate") == 'Bearer realm="spamtrap"'
+    assert server.store.listed_in_reactor_thread == []
+
+
+def test_feed_skips_manifests_that_are_not_this_sets_bundles(tmp_path: Path) -> None:
+    good = private_manifests()
+    junk: list[Any] = [
+        {"key": "shared/2026-04-01T00:00:00.node1.WWWWWWWWWWWWWWWW.mbox.gz"},  # other set
+        {"key": "private/2026-04-01T00:00:00.node1.VVVVVVVVVVVVVVVV.json"},
+        {"key": "private/not-a-key.mbox.gz"},
+        {"size": 3},
+        ["not", "a", "dict"],
+    ]
+    site, pool = manual_site(FakeStore(tmp_path, {"private": junk + good}))
+    doc = feed_page(site, pool)
+    assert [b["key"] for b in doc["bundles"]] == [m["key"] for m in good]
+
+
+def test_feed_uses_the_stores_own_urls(tmp_path: Path) -> None:
+    class S3LikeStore(FakeStore):
+        def url(self, key: str) -> str:
+            return f"https://bucket.example/spam/{key}"
+
+    site, pool = manual_site(S3LikeStore(tmp_path, {"private": private_manifests()}))
+    doc = feed_page(site, pool, limit="1")
+    assert doc["bundles"][0]["url"] == (
+        f"https://bucket.example/spam/private/{PRIVATE_NAMES[2]}.mbox.gz"
+    )
+
+
+def test_feed_answers_only_when_the_pool_is_done(tmp_path: Path) -> None:
+    site, pool = manual_site(FakeStore(tmp_path, {"private": private_manifests()}))
+    request = feed_request(b"private")
+    assert render(site, request) is NOT_DONE_YET
+    assert request.written == []
+    pool.run_all()
+    assert request.finished == 1
+
+
+cursor_names = st.builds(
+    lambda t, node, rnd: f"2026-01-01T00:{t // 60:02d}:{t % 60:02d}.{node}.{rnd}",
+    st.integers(0, 3599),
+    st.sampled_from(["a", "node1", "node2", "z9"]),
+    st.text(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", min_size=16, max_size=17
+    ),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(names=st.sets(cursor_names, max_size=25), limit=st.integers(1, 7))
+def test_feed_paging_yields_every_bundle_once_in_order(names: set[str], limit: int) -> None:
+    manifests = [{"key": f"private/{n}.mbox.gz", "size": 1} for n in names]
+    site, pool = manual_site(FakeStore(Path("/nonexistent"), {"private": manifests}))
+    seen: list[str] = []
+    since = ""
+    for _ in range(len(names) + 2):
+        doc = feed_page(site, pool, since=since, limit=str(limit))
+        page = [b["key"][len("private/") : -len(".mbox.gz")] for b in doc["bundles"]]
+        assert page == sorted(page, reverse=True)  # newest first
+        assert len(page) <= limit
+        seen += reversed(page)
+        if page:
+            assert doc["cursor"] == page[0]
+        since = doc["cursor"]
+        if not doc["more"]:
+            break
+    assert seen == sorted(names)
+
+
 # --- metrics, health, index --------------------------------------------------
 
 
@@ -536,7 +721,8 @@ async def test_index_and_unknown_paths(server: Server) -> None:
     response, body = await fetch("GET", f"{server.base}/")
     assert response.code == 200
     assert header(response, "content-type") == "text/plain; charset=utf-8"
-    for route in (b"/bundles/<set>/<name>.mbox.gz", b"/bundles/<set>/", b"/metrics", b"/healthz"):
+    routes = (b"/bundles/<set>/<name>.mbox.gz", b"/bundles/<set>/", b"/feeds/<set>", b"/metrics")
+    for route in (*routes, b"/healthz"):
         assert route in body
     for path in ("/nope", "/metrics/extra", "/healthz/", "//metrics", "/bundles", "/bundles/"):
         response, body = await fetch("GET", server.base + path)

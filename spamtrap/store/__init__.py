@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.python.threadpool import ThreadPool
 
+    from spamtrap.config import StoreConfig
+
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 SET_NAME_RE = re.compile(NAME_PATTERN)
 BUNDLE_SUFFIX = ".mbox.gz"
@@ -74,8 +76,15 @@ class Store(Protocol):
         ...
 
 
-def open_store(url: str | None, data_dir: str, reactor: Any, pool: ThreadPool) -> Store:
-    """The store for ``--store``/``store.url``: None means DATA/bundles."""
+def open_store(
+    url: str | None,
+    data_dir: str,
+    reactor: Any,
+    pool: ThreadPool,
+    config: StoreConfig | None = None,
+) -> Store:
+    """The store for ``--store``/``store.url``: None means DATA/bundles.
+    ``config`` holds the S3 settings (endpoint, region, uploads)."""
     from spamtrap.store.local import LocalStore
 
     if url is None:
@@ -88,7 +97,9 @@ def open_store(url: str | None, data_dir: str, reactor: Any, pool: ThreadPool) -
             raise StoreConfigError(f"store URL {url!r}: a file URL takes no query or fragment")
         return LocalStore(unquote(parts.path), reactor, pool)
     if parts.scheme == "s3":
-        raise StoreConfigError("S3 store is not available yet")
+        from spamtrap.store.s3 import S3Store
+
+        return S3Store.from_url(url, reactor, pool, config)
     raise StoreConfigError(
         f"store URL {url!r}: unsupported scheme {parts.scheme!r} "
         "(use file:///path or s3://bucket/prefix)"

@@ -1,0 +1,928 @@
+"""``spamtrap pull``: follow sets, download their new bundles, verify, unpack.
+
+A plain blocking program (no reactor): it lists each set at its source,
+downloads every bundle it does not have yet into ``DEST/<set>/``, checks
+size and sha256 against the bundle's manifest, and records it in a state
+file. See docs/pull.md.
+
+Sources (exactly one):
+
+- ``--http URL``: a spamtrap node's feed, ``URL/feeds/<set>``, with the
+  set's bearer token; pages are followed with the returned cursor.
+- ``--mail PATH``: a maildir or mbox holding the set's list notices; each
+  notice's body is ``Header: value`` lines (Set, Key, URL, SHA256, Size...).
+- ``--s3 s3://bucket/prefix``: the bucket itself, listed with credentials
+  (botocore's standard chain), manifests first: a manifest is the commit
+  marker of its bundle.
+
+Bundle keys start with the time the bundle was opened, and a bundle is
+stored up to a rotation period (or an outage) later, so a bundle can appear
+behind a newer one. Listings therefore start ``--overlap`` seconds before
+the newest key seen, and the state file's record of each key makes the
+overlap cost nothing but the listing.
+
+Downloads go to ``DEST/<key>.part`` and resume with a Range request from
+its size; a verified file is renamed into place. Exit status: 0 when all
+went well, 1 when something failed (the rest is still done), 2 on usage
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import contextlib
+import email
+import email.policy
+import fcntl
+import gzip
+import hashlib
+import http.client
+import json
+import mailbox
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, TextIO
+
+from spamtrap import __version__
+from spamtrap.mbox import MboxReader
+from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, MANIFEST_SUFFIX, valid_set_name
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+CHUNK = 64 * 1024
+PAGE = 500  # feed entries asked for per request
+DEFAULT_OVERLAP = 86400.0
+DEFAULT_TIMEOUT = 60.0
+STATE_NAME = ".spamtrap-pull.json"
+STATE_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TIME = "%Y-%m-%dT%H:%M:%S"
+USER_AGENT = f"spamtrap-pull/{__version__}"
+
+
+class PullError(Exception):
+    """A bundle or a listing failed; the message says which and why."""
+
+
+class ResumeRefusedError(PullError):
+    """The source cannot resume from the requested offset."""
+
+
+@dataclass
+class Remote:
+    """A bundle at a source."""
+
+    key: str  # "<set>/<name>.mbox.gz"
+    location: str  # where the source fetches it: a URL or an S3 object key
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def set_name(self) -> str:
+        return self.key.split("/", 1)[0]
+
+    @property
+    def cursor(self) -> str:
+        return self.key.split("/", 1)[1][: -len(BUNDLE_SUFFIX)]
+
+
+class Source(Protocol):
+    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+        """The set's bundles after ``since`` (a cursor), oldest first; a
+        source without cursors may return older ones too."""
+        ...
+
+    def manifest(self, remote: Remote) -> dict[str, Any]:
+        """The bundle's manifest."""
+        ...
+
+    def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
+        """The bundle's bytes from ``offset`` on, as chunks, and the offset
+        they really start at (0 when the source ignored the range)."""
+        ...
+
+
+def bundle_key(text: str) -> str | None:
+    """``<set>/<name>.mbox.gz`` from a key that may carry a store prefix;
+    None if it is not a bundle key (a notice's key is untrusted input that
+    becomes a file name: only exact keys pass)."""
+    tail = "/".join(text.strip().split("/")[-2:])
+    if KEY_RE.fullmatch(tail) is None or not tail.endswith(BUNDLE_SUFFIX):
+        return None
+    return tail
+
+
+def _manifest_name(name: str) -> str:
+    return name[: -len(BUNDLE_SUFFIX)] + MANIFEST_SUFFIX
+
+
+# -- HTTP: feeds, notices' URLs ------------------------------------------------
+
+
+def _http_url(url: str) -> str:
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise PullError(f"not an http(s) URL: {url!r}")
+    return url
+
+
+def _http_get(url: str, timeout: float, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked
+        _http_url(url), headers={"User-Agent": USER_AGENT, **(headers or {})}
+    )
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
+
+
+def _chunks(body: IO[bytes], what: str) -> Generator[bytes, None, None]:
+    with body:
+        try:
+            while chunk := body.read(CHUNK):
+                yield chunk
+        except (OSError, http.client.HTTPException) as e:
+            raise PullError(f"{what}: download interrupted ({e}); the next run resumes it")
+
+
+class _UrlSource:
+    """Bundles fetched by URL, manifests beside them (``.json``)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def manifest(self, remote: Remote) -> dict[str, Any]:
+        url = remote.location
+        if not url.endswith(BUNDLE_SUFFIX):
+            raise PullError(f"{remote.key}: no manifest URL for {url}")
+        return _json(self._get(_manifest_name(url)), f"manifest of {remote.key}")
+
+    def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            response = _http_get(remote.location, self.timeout, headers)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 416:
+                raise ResumeRefusedError(f"{remote.key}: cannot resume at byte {offset}")
+            raise PullError(f"{remote.key}: {remote.location}: HTTP {e.code} {e.reason}")
+        except OSError as e:
+            raise PullError(f"{remote.key}: {remote.location}: {e}")
+        start = 0
+        if response.status == 206:
+            match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+            if match is None:
+                response.close()
+                raise PullError(f"{remote.key}: partial answer without a Content-Range")
+            start = int(match.group(1))
+        return _chunks(response, remote.key), start
+
+    def _get(self, url: str, headers: dict[str, str] | None = None) -> bytes:
+        try:
+            with _http_get(url, self.timeout, headers) as response:
+                data: bytes = response.read()
+                return data
+        except urllib.error.HTTPError as e:
+            e.close()
+            raise PullError(f"{url}: HTTP {e.code} {e.reason}")
+        except OSError as e:
+            raise PullError(f"{url}: {e}")
+
+
+def _json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise PullError(f"{what}: not JSON ({e})")
+    if not isinstance(doc, dict):
+        raise PullError(f"{what}: not a JSON object")
+    return doc
+
+
+def _remote_from(entry: dict[str, Any], set_name: str, location: str | None) -> Remote | None:
+    """A Remote from a feed entry or a notice; None if it is unusable."""
+    key = bundle_key(str(entry.get("key", "")))
+    if key is None or key.split("/", 1)[0] != set_name or not location:
+        return None
+    try:
+        location = _http_url(location)
+    except PullError:
+        return None
+    size = entry.get("size")
+    sha = entry.get("sha256")
+    try:
+        size = int(size) if size is not None else None
+    except (TypeError, ValueError):
+        size = None
+    sha = str(sha).lower() if sha is not None and _SHA256.fullmatch(str(sha).lower()) else None
+    return Remote(key, location, size, sha)
+
+
+class FeedSource(_UrlSource):
+    """A spamtrap node's ``/feeds/<set>``; ``tokens`` maps set -> token."""
+
+    def __init__(self, base_url: str, tokens: dict[str, str], timeout: float) -> None:
+        super().__init__(timeout)
+        self.base = _http_url(base_url).rstrip("/")
+        self.tokens = tokens
+
+    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+        headers = {"Authorization": f"Bearer {self.tokens[set_name]}"}
+        found: dict[str, Remote] = {}
+        cursor = since or ""
+        while True:
+            query = urllib.parse.urlencode({"since": cursor, "limit": PAGE})
+            url = f"{self.base}/feeds/{urllib.parse.quote(set_name)}?{query}"
+            try:
+                page = _json(self._get(url, headers), f"feed of set {set_name}")
+            except PullError as e:
+                raise PullError(f"set {set_name}: {e}")
+            entries = page.get("bundles")
+            if not isinstance(entries, list):
+                raise PullError(f"set {set_name}: feed answer without bundles")
+            for entry in entries:
+                if isinstance(entry, dict):
+                    remote = _remote_from(entry, set_name, entry.get("url"))
+                    if remote is not None:
+                        found[remote.key] = remote
+            next_cursor = page.get("cursor")
+            if not page.get("more") or not isinstance(next_cursor, str) or next_cursor <= cursor:
+                break
+            cursor = next_cursor
+        return sorted(found.values(), key=lambda r: r.key)
+
+
+class MailSource(_UrlSource):
+    """List notices in a maildir or an mbox file."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__(timeout)
+        self.path = path
+        self._notices: list[dict[str, str]] | None = None
+
+    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+        # Every notice, whatever ``since``: mail arrives in no useful order,
+        # and the state file skips what is done.
+        found: dict[str, Remote] = {}
+        for notice in self.notices():
+            if notice.get("set", set_name) != set_name:
+                continue
+            remote = _remote_from(notice, set_name, notice.get("url"))
+            if remote is not None:
+                found[remote.key] = remote
+        return sorted(found.values(), key=lambda r: r.key)
+
+    def notices(self) -> list[dict[str, str]]:
+        if self._notices is None:
+            self._notices = [n for n in map(parse_notice, self._messages()) if n]
+        return self._notices
+
+    def _messages(self) -> Iterator[bytes]:
+        box: mailbox.Mailbox
+        if os.path.isdir(self.path):
+            box = mailbox.Maildir(self.path, factory=None, create=False)
+        elif os.path.isfile(self.path):
+            box = mailbox.mbox(self.path, factory=None, create=False)
+        else:
+            raise PullError(f"{self.path}: no such maildir or mbox")
+        try:
+            for key in box.keys():
+                try:
+                    yield box.get_bytes(key)
+                except (OSError, KeyError):
+                    continue  # read or moved away by a mail client meanwhile
+        finally:
+            box.close()
+
+
+def parse_notice(raw: bytes) -> dict[str, str]:
+    """A list notice's fields (lower-case names), from the ``Header: value``
+    lines of its first text/plain body; {} for any other mail."""
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        part = message.get_body(preferencelist=("plain",))
+        text = part.get_content() if part is not None else None
+        if not isinstance(text, str):
+            return {}
+        fields = email.message_from_string(text.lstrip("\r\n"), policy=email.policy.compat32)
+        notice = {name.lower(): str(value).strip() for name, value in fields.items()}
+    except Exception:  # noqa: BLE001 - a mailbox holds other mail too; none may stop the run
+        return {}
+    return notice if "key" in notice and "url" in notice else {}
+
+
+class S3Source:
+    """``s3://bucket/prefix``: objects ``prefix/<set>/<name>.mbox.gz`` and
+    their manifests, through botocore (its standard credential chain)."""
+
+    def __init__(self, url: str, endpoint: str | None, region: str | None, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+        self.bucket = parts.netloc
+        prefix = parts.path.strip("/")
+        self.prefix = f"{prefix}/" if prefix else ""
+        import botocore.config
+        import botocore.session
+
+        endpoint = (
+            endpoint
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
+        # S3-compatible servers (SeaweedFS, Garage, MinIO) want path-style.
+        style = "path" if endpoint else "auto"
+        config = botocore.config.Config(
+            s3={"addressing_style": style},
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        session = botocore.session.get_session()
+        self.client = session.create_client(
+            "s3", endpoint_url=endpoint, region_name=region, config=config
+        )
+
+    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        folder = f"{self.prefix}{set_name}/"
+        kwargs = {"Bucket": self.bucket, "Prefix": folder}
+        if since:
+            kwargs["StartAfter"] = folder + since
+        found = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(folder) :]
+                    if not name.endswith(MANIFEST_SUFFIX):
+                        continue  # a bundle without its manifest is not complete
+                    key = bundle_key(f"{set_name}/{name[: -len(MANIFEST_SUFFIX)]}{BUNDLE_SUFFIX}")
+                    if key is not None:
+                        found.append(Remote(key, folder + key.split("/", 1)[1]))
+        except (BotoCoreError, ClientError) as e:
+            raise PullError(f"set {set_name}: listing s3://{self.bucket}/{folder}: {e}")
+        return sorted(found, key=lambda r: r.key)
+
+    def manifest(self, remote: Remote) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = _manifest_name(remote.location)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                data = body.read()
+        except (BotoCoreError, ClientError) as e:
+            raise PullError(f"{remote.key}: manifest s3://{self.bucket}/{key}: {e}")
+        return _json(data, f"manifest of {remote.key}")
+
+    def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs = {"Bucket": self.bucket, "Key": remote.location}
+        if offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        try:
+            response = self.client.get_object(**kwargs)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                raise ResumeRefusedError(f"{remote.key}: cannot resume at byte {offset}")
+            raise PullError(f"{remote.key}: s3://{self.bucket}/{remote.location}: {e}")
+        except BotoCoreError as e:
+            raise PullError(f"{remote.key}: s3://{self.bucket}/{remote.location}: {e}")
+        start = 0
+        match = re.match(r"bytes (\d+)-", response.get("ContentRange") or "")
+        if match is not None:
+            start = int(match.group(1))
+        return _s3_chunks(response["Body"], remote.key), start
+
+
+def _s3_chunks(body: Any, what: str) -> Generator[bytes, None, None]:
+    from botocore.exceptions import BotoCoreError
+
+    with contextlib.closing(body):
+        try:
+            yield from body.iter_chunks(CHUNK)
+        except (OSError, BotoCoreError) as e:
+            raise PullError(f"{what}: download interrupted ({e}); the next run resumes it")
+
+
+# -- the state file ----------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class State:
+    """What this destination has: per set the newest cursor seen, per key
+    the verified bundle and whether it is unpacked. Written atomically."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.cursors: dict[str, str] = {}
+        self.bundles: dict[str, dict[str, Any]] = {}
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise PullError(f"state file {path}: {e}")
+        cursors = doc.get("cursors", {}) if isinstance(doc, dict) else None
+        bundles = doc.get("bundles", {}) if isinstance(doc, dict) else None
+        if (
+            doc.get("version") != STATE_VERSION
+            or not isinstance(cursors, dict)
+            or not isinstance(bundles, dict)
+            or not all(isinstance(b, dict) for b in bundles.values())
+        ):
+            raise PullError(f"state file {path}: not a spamtrap pull state (version 1)")
+        self.cursors, self.bundles = cursors, bundles
+
+    def save(self) -> None:
+        doc = {"version": STATE_VERSION, "cursors": self.cursors, "bundles": self.bundles}
+        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        directory = os.path.dirname(os.path.abspath(self.path))
+        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def _locked(state_path: str) -> Iterator[None]:
+    """One pull per state file: cron runs must not overlap."""
+    with open(state_path + ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise PullError(f"another spamtrap pull is using {state_path}")
+        yield
+
+
+def rewind(cursor: str | None, overlap: float) -> str | None:
+    """A cursor ``overlap`` seconds before ``cursor`` (a bare time, which
+    sorts before every key of that second); None to list from the start."""
+    if not cursor:
+        return None
+    try:
+        t = calendar.timegm(time.strptime(cursor[:19], _TIME))
+    except ValueError:
+        return None
+    return time.strftime(_TIME, time.gmtime(max(0, t - overlap)))
+
+
+# -- progress ------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on a terminal; nothing otherwise."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.bundles = self.total_bundles = 0
+        self.bytes = self.total_bytes = 0
+        self._last = 0.0
+        self._shown = False
+
+    def start(self, bundles: int, total_bytes: int) -> None:
+        self.total_bundles, self.total_bytes = bundles, total_bytes
+        self._draw(force=True)
+
+    def advance(self, n: int) -> None:
+        self.bytes += n
+        self._draw()
+
+    def done(self, n: int = 1) -> None:
+        self.bundles += n
+        self._draw(force=True)
+
+    def skip_bytes(self, n: int) -> None:
+        """Bytes that will not come (a bundle failed or was resumed)."""
+        self.total_bytes = max(self.bytes, self.total_bytes - n)
+
+    def error(self, text: str) -> None:
+        """An error line, above the bar."""
+        self._clear()
+        print(f"spamtrap pull: {text}", file=self.stream)
+        self._draw(force=True)
+
+    def finish(self, summary: str) -> None:
+        if self.enabled:
+            self._clear()
+            print(summary, file=self.stream)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.enabled or not self.total_bundles:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        fraction = self.bytes / self.total_bytes if self.total_bytes else 1.0
+        filled = int(self.WIDTH * min(fraction, 1.0))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(
+            f"\r[{bar}] {self.bundles}/{self.total_bundles} bundles "
+            f"{_mb(self.bytes)}/{_mb(self.total_bytes)} MB"
+        )
+        self.stream.flush()
+        self._shown = True
+
+    def _clear(self) -> None:
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self._shown = False
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+# -- downloading ----------------------------------------------------------------
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified(path: str, remote: Remote) -> bool:
+    return os.path.getsize(path) == remote.size and _sha256_of(path) == remote.sha256
+
+
+class Puller:
+    def __init__(
+        self,
+        source: Source,
+        dest: str,
+        state: State,
+        unpack: str | None,
+        progress: Progress,
+        overlap: float,
+    ) -> None:
+        self.source = source
+        self.dest = dest
+        self.state = state
+        self.unpack = unpack
+        self.progress = progress
+        self.overlap = overlap
+        self.failures = 0
+        self.fetched = 0
+        self.fetched_bytes = 0
+
+    def fail(self, text: str) -> None:
+        self.failures += 1
+        self.progress.error(text)
+
+    def run(self, sets: list[str]) -> None:
+        self._finish_unpacking()
+        todo: list[Remote] = []
+        listed: dict[str, list[Remote]] = {}
+        for set_name in sets:
+            try:
+                since = rewind(self.state.cursors.get(set_name), self.overlap)
+                remotes = self.source.listing(set_name, since)
+            except PullError as e:
+                self.fail(str(e))
+                continue
+            listed[set_name] = remotes
+            for remote in remotes:
+                if remote.key in self.state.bundles:
+                    continue
+                if (remote.size is None or remote.sha256 is None) and not self._describe(remote):
+                    continue
+                todo.append(remote)
+        failed: set[str] = set()
+        self.progress.start(len(todo), sum(r.size or 0 for r in todo))
+        for remote in todo:
+            try:
+                self._pull(remote)
+            except PullError as e:
+                failed.add(remote.key)
+                self.fail(str(e))
+            self.progress.done()
+        for set_name, remotes in listed.items():
+            self._advance_cursor(set_name, remotes, failed)
+        self.state.save()
+
+    def _describe(self, remote: Remote) -> bool:
+        """Complete a remote's size and sha256 from its manifest."""
+        try:
+            manifest = self.source.manifest(remote)
+            if bundle_key(str(manifest.get("key", ""))) != remote.key:
+                raise PullError(f"{remote.key}: the manifest is for {manifest.get('key')!r}")
+            size, sha = manifest.get("size"), str(manifest.get("sha256", "")).lower()
+            if not isinstance(size, int) or size < 0 or not _SHA256.fullmatch(sha):
+                raise PullError(f"{remote.key}: the manifest has no valid size and sha256")
+        except PullError as e:
+            self.fail(str(e))
+            return False
+        if remote.size is not None and remote.size != size:
+            self.fail(f"{remote.key}: announced size {remote.size}, manifest says {size}")
+            return False
+        remote.size, remote.sha256 = size, sha
+        return True
+
+    def _advance_cursor(self, set_name: str, remotes: list[Remote], failed: set[str]) -> None:
+        # Up to the first failure only: the next run lists from there again.
+        cursor = self.state.cursors.get(set_name, "")
+        for remote in remotes:  # oldest first
+            if remote.key in failed or remote.key not in self.state.bundles:
+                break
+            cursor = max(cursor, remote.cursor)
+        if cursor:
+            self.state.cursors[set_name] = cursor
+
+    def _paths(self, key: str) -> tuple[str, str]:
+        final = os.path.join(self.dest, key)
+        return final, final + ".part"
+
+    def _pull(self, remote: Remote) -> None:
+        final, part = self._paths(remote.key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.isfile(final) and _verified(final, remote):
+            # Placed by an earlier run that stopped before saving the state.
+            self.progress.skip_bytes(remote.size or 0)
+        else:
+            self._download(remote, part)
+            os.replace(part, final)
+            _fsync_dir(os.path.dirname(final))
+            self.fetched += 1
+            self.fetched_bytes += remote.size or 0
+        entry: dict[str, Any] = {"size": remote.size, "sha256": remote.sha256}
+        if self.unpack:
+            entry["unpack"] = self.unpack
+            entry["unpacked"] = False
+            if self.unpack == "mbox":
+                target = self._mbox_path(remote.set_name)
+                entry["mbox_offset"] = os.path.getsize(target) if os.path.exists(target) else 0
+        self.state.bundles[remote.key] = entry
+        self.state.save()
+        if self.unpack:
+            self._unpack(remote.key, entry)
+
+    def _download(self, remote: Remote, part: str) -> None:
+        size = remote.size or 0
+        offset = os.path.getsize(part) if os.path.exists(part) else 0
+        if offset > size:
+            offset = 0
+        resumed = offset > 0
+        self.progress.skip_bytes(offset)
+        self._fetch_into(remote, part, offset)
+        if _verified(part, remote):
+            return
+        os.unlink(part)
+        if resumed:
+            # The old partial file may be what was wrong: once more, whole.
+            self._fetch_into(remote, part, 0)
+            if _verified(part, remote):
+                return
+            os.unlink(part)
+        raise PullError(
+            f"{remote.key}: size or sha256 does not match the manifest; the download was deleted"
+        )
+
+    def _fetch_into(self, remote: Remote, part: str, offset: int) -> None:
+        size = remote.size or 0
+        if offset and offset == size:
+            return  # complete already; only verification is left
+        try:
+            chunks, start = self.source.fetch(remote, offset)
+        except ResumeRefusedError:
+            chunks, start = self.source.fetch(remote, 0)
+        mode = "r+b" if os.path.exists(part) else "wb"
+        with contextlib.closing(chunks), open(part, mode) as f:
+            f.seek(start)
+            f.truncate()
+            written = start
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk)
+                self.progress.advance(len(chunk))
+                if written > size:
+                    break  # longer than the manifest says: fails verification
+            f.flush()
+            os.fsync(f.fileno())
+        if written < size:
+            # The connection ended early (urllib does not raise for that):
+            # keep what came for the next run to resume.
+            raise PullError(
+                f"{remote.key}: download interrupted at byte {written} of {size}; "
+                "the next run resumes it"
+            )
+
+    # Unpacking
+
+    def _mbox_path(self, set_name: str) -> str:
+        return os.path.join(self.dest, set_name, f"{set_name}.mbox")
+
+    def _finish_unpacking(self) -> None:
+        """Unpack what an interrupted run downloaded but did not unpack."""
+        for key, entry in sorted(self.state.bundles.items()):
+            if entry.get("unpacked") is False:
+                final, _ = self._paths(key)
+                if os.path.isfile(final):
+                    self._unpack(key, entry)
+
+    def _unpack(self, key: str, entry: dict[str, Any]) -> None:
+        final, _ = self._paths(key)
+        set_name = key.split("/", 1)[0]
+        try:
+            if entry["unpack"] == "mbox":
+                _unpack_mbox(final, self._mbox_path(set_name), entry.get("mbox_offset", 0))
+            else:
+                _unpack_maildir(final, os.path.join(self.dest, set_name, "maildir"), key)
+        except (OSError, ValueError, EOFError, zlib.error) as e:
+            self.fail(f"{key}: unpacking: {e}")
+            return
+        entry["unpacked"] = True
+        self.state.save()
+
+
+def _unpack_mbox(bundle: str, target: str, offset: int) -> None:
+    """Append the bundle's mboxrd to ``target``; first cut ``target`` back
+    to ``offset``, where this bundle's earlier, interrupted append began."""
+    with gzip.open(bundle, "rb") as src:
+        head = src.read(5)
+        if head and head != b"From ":
+            raise ValueError("the bundle is not an mbox")
+        with open(target, "ab") as dst:
+            dst.truncate(min(offset, os.fstat(dst.fileno()).st_size))
+            dst.write(head)
+            shutil.copyfileobj(src, dst, CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+
+
+def _unpack_maildir(bundle: str, maildir: str, key: str) -> None:
+    """One file per message in ``maildir/new``. The names are standard
+    (time.unique.host) and derived from the key, so unpacking again after
+    an interruption replaces files instead of adding copies."""
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(maildir, sub), exist_ok=True)
+    m = KEY_RE.fullmatch(key)
+    assert m is not None
+    stamp = calendar.timegm(time.strptime(m.group("time"), _TIME))
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+    with gzip.open(bundle, "rb") as f:
+        for i, (_, message) in enumerate(MboxReader(f)):  # type: ignore[arg-type]
+            name = f"{stamp}.R{m.group('random')}Q{i}.{host}"
+            tmp = os.path.join(maildir, "tmp", name)
+            with open(tmp, "wb") as out:
+                out.write(message)
+            os.replace(tmp, os.path.join(maildir, "new", name))
+
+
+# -- the command -----------------------------------------------------------------
+
+
+def _tokens(values: list[str], sets: list[str]) -> dict[str, str] | str:
+    """set -> token from ``--token TOKEN`` / ``--token SET=TOKEN`` (and
+    SPAMTRAP_TOKEN); an error message if a set has none."""
+    default = os.environ.get("SPAMTRAP_TOKEN")
+    per_set: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and name in sets:
+            per_set[name] = rest
+        else:
+            default = value
+    tokens = {}
+    for set_name in sets:
+        token = per_set.get(set_name, default)
+        if not token:
+            return f"no token for set {set_name} (--token TOKEN or --token {set_name}=TOKEN)"
+        tokens[set_name] = token
+    return tokens
+
+
+def _source(args: argparse.Namespace, err: TextIO) -> Source | None:
+    if args.http:
+        tokens = _tokens(args.token, args.set)
+        if isinstance(tokens, str):
+            print(f"spamtrap pull: {tokens}", file=err)
+            return None
+        try:
+            return FeedSource(args.http, tokens, args.timeout)
+        except PullError as e:
+            print(f"spamtrap pull: --http: {e}", file=err)
+            return None
+    if args.mail:
+        return MailSource(args.mail, args.timeout)
+    try:
+        return S3Source(args.s3, args.endpoint, args.region, args.timeout)
+    except ValueError as e:
+        print(f"spamtrap pull: --s3: {e}", file=err)
+        return None
+
+
+def run(args: argparse.Namespace, err: TextIO | None = None) -> int:
+    """Run ``spamtrap pull`` with parsed arguments; the exit status."""
+    err = err if err is not None else sys.stderr
+    bad = [s for s in args.set if not valid_set_name(s)]
+    if bad:
+        print(f"spamtrap pull: invalid set name {bad[0]!r}", file=err)
+        return EXIT_USAGE
+    if args.overlap < 0 or args.timeout <= 0:
+        print("spamtrap pull: --overlap takes 0 or more seconds, --timeout more than 0", file=err)
+        return EXIT_USAGE
+    source = _source(args, err)
+    if source is None:
+        return EXIT_USAGE
+    dest = os.path.abspath(args.dest)
+    state_path = args.state or os.path.join(dest, STATE_NAME)
+    show = args.progress or (not args.quiet and err.isatty())
+    progress = Progress(err, show)
+    try:
+        os.makedirs(dest, exist_ok=True)
+        with _locked(state_path):
+            puller = Puller(source, dest, State(state_path), args.unpack, progress, args.overlap)
+            try:
+                puller.run(list(dict.fromkeys(args.set)))  # each set once
+            except KeyboardInterrupt:
+                progress.error("interrupted; the next run resumes where this one stopped")
+                return EXIT_FAILED
+    except (PullError, OSError) as e:
+        progress.error(str(e))
+        return EXIT_FAILED
+    progress.finish(
+        f"{puller.fetched} new bundle(s), {_mb(puller.fetched_bytes)} MB"
+        + (f"; {puller.failures} error(s)" if puller.failures else "")
+    )
+    return EXIT_FAILED if puller.failures else EXIT_OK
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        metavar="NAME",
+        action="append",
+        required=True,
+        help="a set to follow (repeatable)",
+    )
+    p.add_argument("--dest", metavar="DIR", required=True, help="where bundles go: DIR/<set>/")
+    p.add_argument("--state", metavar="FILE", help=f"the state file (default: DIR/{STATE_NAME})")
+    p.add_argument(
+        "--unpack",
+        choices=("maildir", "mbox"),
+        help="also write each message to DIR/<set>/maildir or append to DIR/<set>/<set>.mbox",
+    )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="print errors only")
+    shown.add_argument(
+        "--progress", action="store_true", help="show progress even when stderr is no terminal"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--http", metavar="URL", help="a spamtrap node's base URL (its feeds)")
+    source.add_argument("--mail", metavar="PATH", help="a maildir or mbox with the list notices")
+    source.add_argument("--s3", metavar="URL", help="s3://bucket/prefix of the store")
+    p.add_argument(
+        "--token",
+        metavar="[SET=]TOKEN",
+        action="append",
+        default=[],
+        help="bearer token for --http, for every set or one (default: $SPAMTRAP_TOKEN)",
+    )
+    p.add_argument(
+        "--endpoint", metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 or AWS)"
+    )
+    p.add_argument("--region", metavar="NAME", help="S3 region (default: the AWS configuration)")
+    p.add_argument(
+        "--overlap",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_OVERLAP,
+        help="list from this long before the newest bundle seen (default: one day)",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="network timeout (default: 60)",
+    )
