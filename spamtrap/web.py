@@ -241,9 +241,16 @@ class _Bundles(_SetPages):
 
     def _download(self, request: server.Request, key: str) -> Any:
         content_type = next((t for s, t in CONTENT_TYPES.items() if key.endswith(s)), None)
-        path_for = getattr(self._store, "path_for", None)  # an S3 store has none
-        if content_type is None or path_for is None:
+        path_for = getattr(self._store, "path_for", None)
+        if content_type is None:
             return _error(request, 404, "no such bundle")
+        if path_for is None:
+            # An S3 store: objects are public by key there; send the client on.
+            url = self._store.url(key) if KEY_RE.fullmatch(key) else None
+            if url is None:
+                return _error(request, 404, "no such bundle")
+            request.redirect(url.encode("ascii"))
+            return b""
         path = path_for(key)
         if path is None:
             return _error(request, 404, "no such bundle")

@@ -494,20 +494,33 @@ def test_listing_store_failure_is_a_500_without_details(tmp_path: Path) -> None:
     assert b"".join(request.written) == b"listing set private failed\n"
 
 
-def test_store_without_path_for_answers_404(tmp_path: Path) -> None:
-    class S3Like:
-        root = str(tmp_path)
+class S3Like:
+    """A store with public URLs and no local files, like the S3 store."""
 
-        def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
-            return []
+    root = "/nonexistent"
 
-    (tmp_path / "all").mkdir()
-    (tmp_path / "all" / f"{NAME}.mbox.gz").write_bytes(b"data")
+    def url(self, key: str) -> str:
+        return f"http://objects.invalid/traps/{key}"
+
+    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+        return []
+
+
+def test_s3_store_download_redirects_to_the_public_object(tmp_path: Path) -> None:
     site, _ = manual_site(S3Like())
     request = DummyRequest([b"bundles", b"all", f"{NAME}.mbox.gz".encode()])
     render(site, request)
-    assert request.responseCode == 404
-    assert b"data" not in b"".join(request.written)
+    assert request.responseCode == 302
+    location = request.responseHeaders.getRawHeaders(b"location")
+    assert location == [f"http://objects.invalid/traps/all/{NAME}.mbox.gz".encode()]
+
+
+def test_s3_store_unknown_or_bad_keys_are_404(tmp_path: Path) -> None:
+    site, _ = manual_site(S3Like())
+    for path in ([b"bundles", b"all", b"not-a-bundle.mbox.gz"], [b"bundles", b"all", b"x.txt"]):
+        request = DummyRequest(path)
+        render(site, request)
+        assert request.responseCode == 404
 
 
 # --- feeds -------------------------------------------------------------------

@@ -526,6 +526,16 @@ class S3Store:
 
     # -- listing -------------------------------------------------------------------
 
+    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+        """Blocking, for a pool thread (the web listings): the asynchronous
+        listing, run in the reactor and waited for."""
+        from twisted.internet.threads import blockingCallFromThread
+
+        result: list[dict[str, Any]] = blockingCallFromThread(
+            self._reactor, self.list_manifests_async, set_name
+        )
+        return result
+
     def list_manifests_async(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
         """The parsed manifests of a set, newest first (by key), as
         LocalStore.list_manifests gives them. Listing needs the credentials:
