@@ -17,11 +17,30 @@ put the object and then the manifest. Only after that are the messages'
 tokens handed to ``on_stored`` (the caller acknowledges the spool), so a
 crash at any point leaves the messages in the spool to be replayed: leftover
 ``.part`` files are deleted at start. Failed stores are retried with backoff
-until they succeed.
+and jitter (``store.retry_initial`` doubling to ``store.retry_max``) until
+they succeed. Once stored, ``on_published`` gets the manifest and the URL
+(notifications hook in there).
 
-Threads: ``add`` runs in worker threads and takes the lock of the shard it
-writes to. Everything else runs in the reactor; blocking file work goes to
-the pool.
+Uploads of a set run at most ``shards`` at a time. When a finished bundle
+finds them all still running, the set's ``upload_policy`` decides, and it is
+counted: ``skip`` (the default) drops the new bundle, ``queue`` keeps it in
+a FIFO of at most ``upload_queue`` bundles, shedding the oldest waiting one.
+A dropped bundle's messages are acknowledged all the same: they were shed on
+purpose, there is always more spam. A failing store is different: then
+finished bundles wait as a backlog of at most ``store.backlog_bytes``
+(oldest shed, counted) behind the one being retried, and the backlog uploads
+by itself once the store is back. Bundles finalised by ``stop()`` are never
+skipped.
+
+Threads: ``add`` and ``add_many`` run in worker threads and take the lock
+of the shard they write to. Everything else runs in the reactor; blocking
+file work goes to the pool.
+
+``add_many`` compresses a batch's share of a shard in few calls: zlib
+releases the GIL on every call, and a worker that hands the GIL back and
+forth once per message costs the reactor (and itself) a thread switch each
+time. A chunk stops before its raw bytes could fill the bundle, so a bundle
+still rotates at about ``max_bytes``, and exactly at ``max_messages``.
 """
 
 from __future__ import annotations
@@ -33,7 +52,8 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.base import DelayedCall
@@ -44,16 +64,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from spamtrap.config import SetConfig
+from spamtrap.config import SetConfig, StoreConfig
 from spamtrap.metrics import Metrics
 from spamtrap.store import Store, bundle_key, valid_set_name
 
 log = Logger()
 
 AGE_CHECK_INTERVAL = 1.0  # seconds between checks for bundles past max_age
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 300.0
 PART_SUFFIX = ".part"
+CHUNK_BYTES = 256 * 1024  # most raw bytes add_many compresses in one call
 MANIFEST_FORMAT = 1
 
 
@@ -87,6 +106,7 @@ class _Bundle:
         # Reactor-only bookkeeping.
         self.rotating = False
         self.attempts = 0
+        self.doc: dict[str, Any] = {}  # the manifest, built once sealed
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -95,12 +115,19 @@ class _Bundle:
             self.size += len(data)
 
     def write(self, entry: bytes, received_at: float, token: Any) -> None:
-        self._emit(self.compressor.compress(entry))
-        self.messages += 1
-        self.tokens.append(token)
-        # Workers finish out of order: keep the covered period, not the order.
-        self.first_received = min(self.first_received, received_at)
-        self.last_received = max(self.last_received, received_at)
+        self.write_many([(entry, received_at, token)])
+
+    def write_many(self, items: Sequence[tuple[bytes, float, Any]]) -> None:
+        data = items[0][0] if len(items) == 1 else b"".join([e for e, _, _ in items])
+        self._emit(self.compressor.compress(data))
+        self.messages += len(items)
+        for _, received_at, token in items:
+            self.tokens.append(token)
+            # Workers finish out of order: keep the covered period, not the order.
+            if received_at < self.first_received:
+                self.first_received = received_at
+            if received_at > self.last_received:
+                self.last_received = received_at
 
     def seal(self) -> None:
         """Blocking: write the gzip trailer and make the file durable."""
@@ -116,8 +143,8 @@ class _Bundle:
         finally:
             _unlink_quietly(self.part_path)
 
-    def manifest(self, set_name: str, node: str) -> bytes:
-        doc = {
+    def manifest_doc(self, set_name: str, node: str) -> dict[str, Any]:
+        return {
             "format": MANIFEST_FORMAT,
             "set": set_name,
             "key": self.key,
@@ -128,7 +155,10 @@ class _Bundle:
             "last_received": iso_utc(self.last_received),
             "node": node,
         }
-        return (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def manifest_bytes(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class BundleSet:
@@ -144,7 +174,12 @@ class BundleSet:
         on_stored: Callable[[list[Any]], None],
         clock: Any = None,
         rng: random.Random | None = None,
+        store_config: StoreConfig | None = None,
+        on_published: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
+        """``on_published`` is called in the reactor with the manifest plus
+        ``"url"`` (``store.url(key)``) once object and manifest are stored;
+        its errors (raised or in a returned Deferred) are logged only."""
         for what, value in (("set", set_config.name), ("node", node)):
             if not valid_set_name(value):
                 raise ValueError(f"invalid {what} name {value!r} (bundle keys need [A-Za-z0-9_.-])")
@@ -156,6 +191,7 @@ class BundleSet:
         self._reactor = reactor
         self._pool = pool
         self._on_stored = on_stored
+        self._on_published = on_published
         self._clock = clock if clock is not None else reactor
         self._rng = rng if rng is not None else random.Random()
         shards = max(1, set_config.shards)
@@ -167,6 +203,18 @@ class BundleSet:
         self._pending = 0
         self._detaching = 0  # reactor only: detach tasks queued in the pool
         self._retries: dict[_Bundle, DelayedCall] = {}
+        # Storing (reactor only): bundles holding an upload slot (an attempt
+        # running or a retry scheduled), and finished ones waiting for a slot.
+        self._slots = shards
+        self._uploading: set[_Bundle] = set()
+        self._waiting: deque[_Bundle] = deque()
+        self._outage = False  # a store failed and the backlog is not caught up
+        self._policy = set_config.upload_policy
+        self._queue_limit = max(0, set_config.upload_queue)
+        store_config = store_config if store_config is not None else StoreConfig()
+        self._retry_initial = store_config.retry_initial
+        self._retry_max = store_config.retry_max
+        self._backlog_bytes = store_config.backlog_bytes
         self._stopped = False
         self._abandoned = False
         self._stop_waiters: list[Deferred[None]] = []
@@ -177,6 +225,10 @@ class BundleSet:
         self._m_bytes = metrics.bundle_bytes.labels(set=self.name)
         self._m_errors = metrics.store_errors.labels(set=self.name)
         self._m_open = metrics.bundles_open.labels(set=self.name)
+        # Until metrics.py has them, skips are counted in the log only.
+        self._m_skipped = getattr(metrics, "bundles_skipped", None)
+        waiting = getattr(metrics, "bundles_waiting", None)
+        self._m_waiting = waiting.labels(set=self.name) if waiting is not None else None
 
     # -- start -------------------------------------------------------------
 
@@ -201,38 +253,84 @@ class BundleSet:
 
     def add(self, entry: bytes, received_at: float, token: Any) -> None:
         """Thread-safe; call from a worker thread, never the reactor (it
-        writes, and may fsync, a file). ``entry`` is an mbox.entry()."""
+        writes, and may fsync, a file). ``entry`` is an mbox.entry().
+        Raises if the write fails (the bundle is then dropped)."""
         shard = self._rng.randrange(len(self._open))
         with self._locks[shard]:
-            if self._stopped:
-                raise RuntimeError(f"set {self.name}: add() after stop()")
-            bundle = self._open[shard]
-            if bundle is None:
-                bundle = self._open[shard] = self._new_bundle()
-                self._m_open.inc()
-            try:
-                bundle.write(entry, received_at, token)
-            except Exception:
-                # The gzip stream is now broken: drop the whole bundle. None
-                # of its messages was acknowledged, so the spool replays them.
-                self._open[shard] = None
-                self._m_open.dec()
-                log.error(
-                    "set {set}: dropped bundle {key} after a write error; "
-                    "its {n} earlier message(s) will be replayed from the spool",
-                    set=self.name,
-                    key=bundle.key,
-                    n=bundle.messages,
-                )
-                bundle.discard()
-                raise
-            self._m_messages.inc()
-            rc = self._rotate_config
-            if bundle.size < rc.max_bytes and bundle.messages < rc.max_messages:
-                return
-            self._detach_locked(shard)
+            full = self._write_locked(shard, [(entry, received_at, token)])
         # Detached: no other thread touches it now, so seal outside the lock.
-        self._seal_and_hand_over(bundle)
+        for bundle in full:
+            self._seal_and_hand_over(bundle)
+
+    def add_many(self, items: Sequence[tuple[bytes, float, Any]]) -> list[Any]:
+        """add() for a batch of (entry, received_at, token), each to a random
+        shard as add() does. Returns the tokens that could not be written
+        (their bundle was dropped; the spool keeps those messages)."""
+        groups: dict[int, list[tuple[bytes, float, Any]]] = {}
+        for item in items:
+            groups.setdefault(self._rng.randrange(len(self._open)), []).append(item)
+        failed: list[Any] = []
+        for shard, rest in groups.items():
+            full: list[_Bundle] = []
+            with self._locks[shard]:
+                while rest:
+                    n = self._chunk_length(shard, rest)
+                    chunk, rest = rest[:n], rest[n:]
+                    try:
+                        full += self._write_locked(shard, chunk)
+                    except Exception:  # noqa: BLE001 - logged; those messages stay spooled
+                        failed += [token for _, _, token in chunk]
+            for bundle in full:
+                self._seal_and_hand_over(bundle)
+        return failed
+
+    def _chunk_length(self, shard: int, items: list[tuple[bytes, float, Any]]) -> int:
+        """With the shard's lock held: how many of ``items`` to compress in
+        one call. The chunk ends where the shard's bundle may be due to
+        rotate: raw bytes bound the compressed growth, give or take
+        deflate's hold-back."""
+        rc = self._rotate_config
+        bundle = self._open[shard]
+        room = rc.max_messages - (bundle.messages if bundle is not None else 0)
+        budget = min(rc.max_bytes - (bundle.size if bundle is not None else 0), CHUNK_BYTES)
+        raw = 0
+        for n, (entry, _, _) in enumerate(items, 1):
+            raw += len(entry)
+            if n >= room or raw >= budget:
+                return n
+        return len(items)
+
+    def _write_locked(self, shard: int, items: list[tuple[bytes, float, Any]]) -> list[_Bundle]:
+        """With the shard's lock held: write the items to the shard's bundle;
+        returns it if it is now due to rotate (detached: seal it)."""
+        if self._stopped:
+            raise RuntimeError(f"set {self.name}: add() after stop()")
+        bundle = self._open[shard]
+        if bundle is None:
+            bundle = self._open[shard] = self._new_bundle()
+            self._m_open.inc()
+        try:
+            bundle.write_many(items)
+        except Exception:
+            # The gzip stream is now broken: drop the whole bundle. None
+            # of its messages was acknowledged, so the spool replays them.
+            self._open[shard] = None
+            self._m_open.dec()
+            log.error(
+                "set {set}: dropped bundle {key} after a write error; "
+                "its {n} earlier message(s) will be replayed from the spool",
+                set=self.name,
+                key=bundle.key,
+                n=bundle.messages,
+            )
+            bundle.discard()
+            raise
+        self._m_messages.inc(len(items))
+        rc = self._rotate_config
+        if bundle.size < rc.max_bytes and bundle.messages < rc.max_messages:
+            return []
+        self._detach_locked(shard)
+        return [bundle]
 
     def _new_bundle(self) -> _Bundle:
         opened_at = self._clock.seconds()
@@ -255,7 +353,7 @@ class BundleSet:
         except Exception:  # noqa: BLE001 - _drop logs it; it must not strand the bundle
             self._reactor.callFromThread(self._drop, bundle, Failure())
         else:
-            self._reactor.callFromThread(self._put, bundle)
+            self._reactor.callFromThread(self._ready, bundle)
 
     # -- rotation (reactor) --------------------------------------------------
 
@@ -302,9 +400,33 @@ class BundleSet:
 
     # -- storing (reactor) ---------------------------------------------------
 
+    def _ready(self, bundle: _Bundle) -> None:
+        """A sealed bundle wants storing: start it, let it wait, or skip it."""
+        if self._abandoned:
+            self._forget(bundle)  # as _abandon does: the spool replays it
+            return
+        bundle.doc = bundle.manifest_doc(self.name, self._node)
+        if len(self._uploading) < self._slots and not self._waiting:
+            self._start(bundle)
+        elif self._outage or self._stopped:
+            # The store is failing (or we are stopping): wait, bounded.
+            self._waiting.append(bundle)
+            self._shed_backlog()
+        elif self._policy == "queue":
+            self._waiting.append(bundle)
+            while len(self._waiting) > self._queue_limit:
+                self._skip(self._waiting.popleft(), "queue-full")
+        else:
+            self._skip(bundle, "busy")
+        self._show_waiting()
+
+    def _start(self, bundle: _Bundle) -> None:
+        self._uploading.add(bundle)
+        self._put(bundle)
+
     def _put(self, bundle: _Bundle) -> None:
         self._retries.pop(bundle, None)
-        manifest = bundle.manifest(self.name, self._node)
+        manifest = manifest_bytes(bundle.doc)
         d = maybeDeferred(self._store.put, bundle.key, bundle.part_path, manifest)
         d.addCallbacks(lambda _: self._stored(bundle), lambda f: self._put_failed(bundle, f))
         d.addErrback(
@@ -326,11 +448,64 @@ class BundleSet:
             n=bundle.messages,
             size=bundle.size,
         )
+        self._acknowledge(bundle)
+        if self._on_published is not None:
+            self._publish(bundle, self._on_published)
+        self._remove_part(bundle)
+        self._uploading.discard(bundle)
+        self._next()
+
+    def _acknowledge(self, bundle: _Bundle) -> None:
         try:
             self._on_stored(bundle.tokens)
         except Exception:  # noqa: BLE001 - logged; the bundle is stored regardless
             log.failure("set {set}: on_stored failed for {key}", set=self.name, key=bundle.key)
+
+    def _publish(self, bundle: _Bundle, on_published: Callable[[dict[str, Any]], Any]) -> None:
+        try:
+            notice = {**bundle.doc, "url": self._store.url(bundle.key)}
+        except Exception:  # noqa: BLE001 - a notice must never break the set
+            log.failure("set {set}: no URL for {key}", set=self.name, key=bundle.key)
+            return
+        d = maybeDeferred(on_published, notice)
+        d.addErrback(
+            lambda f: log.failure(
+                "set {set}: on_published failed for {key}", f, set=self.name, key=bundle.key
+            )
+        )
+
+    def _next(self) -> None:
+        """A slot is free: start the oldest waiting bundles."""
+        while self._waiting and len(self._uploading) < self._slots:
+            self._start(self._waiting.popleft())
+        if not self._waiting and not self._retries:
+            self._outage = False  # the backlog is caught up
+        self._show_waiting()
+
+    def _skip(self, bundle: _Bundle, reason: str) -> None:
+        """Drop a finished bundle on purpose: acknowledged, deleted, counted."""
+        log.warn(
+            "set {set}: skipped bundle {key} ({n} messages, {reason})",
+            set=self.name,
+            key=bundle.key,
+            n=bundle.messages,
+            reason=reason,
+        )
+        if self._m_skipped is not None:
+            self._m_skipped.labels(set=self.name, reason=reason).inc()
+        self._acknowledge(bundle)
         self._remove_part(bundle)
+
+    def _shed_backlog(self) -> None:
+        total = sum(b.size for b in self._waiting)
+        while self._waiting and total > self._backlog_bytes:
+            oldest = self._waiting.popleft()
+            total -= oldest.size
+            self._skip(oldest, "backlog-full")
+
+    def _show_waiting(self) -> None:
+        if self._m_waiting is not None:
+            self._m_waiting.set(len(self._waiting) + len(self._uploading))
 
     def _put_failed(self, bundle: _Bundle, failure: Failure) -> None:
         self._m_errors.inc()
@@ -343,8 +518,10 @@ class BundleSet:
                 key=bundle.key,
                 error=failure.getErrorMessage(),
             )
+            self._uploading.discard(bundle)
             self._forget(bundle)
             return
+        self._outage = True
         delay = self._backoff(bundle.attempts)
         log.error(
             "set {set}: storing {key} failed (attempt {attempt}): {error}; retry in {delay:.1f}s",
@@ -354,12 +531,15 @@ class BundleSet:
             error=failure.getErrorMessage(),
             delay=delay,
         )
+        # The bundle keeps its slot: during an outage only the slot holders
+        # retry, the rest wait in order behind them.
         self._retries[bundle] = self._clock.callLater(delay, self._put, bundle)
 
     def _backoff(self, attempts: int) -> float:
-        """1 s doubling to 300 s, with jitter in [base/2, base] so that many
-        sets (and nodes) do not retry against a recovering store in step."""
-        base = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** min(attempts - 1, 30))
+        """retry_initial doubling to retry_max, with jitter in [base/2, base]
+        so that many sets (and nodes) do not retry against a recovering
+        store in step."""
+        base = min(self._retry_max, self._retry_initial * 2.0 ** min(attempts - 1, 30))
         return base * (0.5 + 0.5 * self._rng.random())
 
     def _drop(self, bundle: _Bundle, failure: Failure) -> None:
@@ -411,15 +591,19 @@ class BundleSet:
         if d in self._stop_waiters:
             self._stop_waiters.remove(d)
         retries, self._retries = self._retries, {}
+        waiting, self._waiting = list(self._waiting), deque()
         for bundle, call in retries.items():
             call.cancel()
-            self._forget(bundle)
+            self._uploading.discard(bundle)
         log.warn(
             "set {set}: stop cancelled; {n} bundle(s) not stored, "
             "their messages will be replayed from the spool",
             set=self.name,
-            n=len(retries) + self._pending,
+            n=self._pending,
         )
+        for bundle in [*retries, *waiting]:
+            self._forget(bundle)
+        self._show_waiting()
 
     def _check_idle(self) -> None:
         if not self._stopped or self._detaching or self._pending:

@@ -34,7 +34,7 @@ from zope.interface import provider
 from spamtrap import mime
 from spamtrap.collate import Collator
 from spamtrap.config import Config, ConfigError, default_config, load_config
-from spamtrap.filters import Outcome, Route, Stage, StageVerdict
+from spamtrap.filters import Stage, StageVerdict
 from spamtrap.message import META_FIELDS, Envelope, iso_time
 from spamtrap.pipeline import evaluate
 
@@ -97,29 +97,6 @@ def envelope_from_bytes(data: bytes, msg_id: str, options: Options, now: float) 
 # -- the decision, in a worker thread -----------------------------------------
 
 
-def survivor_sets(collator: Collator, outcome: Outcome) -> list[tuple[Envelope, list[str]]]:
-    """Each message that goes on, with the sets it lands in: the set rules'
-    choice, plus the sets stages routed it to (only those, with only=True).
-    Sets that are not configured are left out.
-
-    Proposed to move into spamtrap.pipeline (evaluate's ``deliveries``).
-    """
-    known = [s.name for s in collator.sets]
-    out = []
-    for env, route in outcome.survivors:
-        chosen = _route_sets(collator.sets_for(env), route)
-        out.append((env, [name for name in known if name in chosen]))
-    return out
-
-
-def _route_sets(by_rules: list[str], route: Route | None) -> set[str]:
-    if route is None:
-        return set(by_rules)
-    if route.only:
-        return set(route.sets)
-    return {*by_rules, *route.sets}
-
-
 def _observed(stages: Sequence[tuple[str, Stage]], seen: list[Envelope]) -> list[tuple[str, Stage]]:
     # run_stages appends exactly one verdict per stage call, in call order:
     # noting the message of each call pairs every verdict with its message.
@@ -152,9 +129,7 @@ def explain_envelope(
     seen: list[Envelope] = []
     result = evaluate(_observed(stages, seen), collator, env)
     outcome = result.outcome
-    deliveries = getattr(result, "deliveries", None)
-    if deliveries is None:
-        deliveries = survivor_sets(collator, outcome)
+    deliveries = result.deliveries
     sets_of = {id(m): sets for m, sets in deliveries}
     by_message: dict[int, list[StageVerdict]] = {}
     messages: list[Envelope] = [env]

@@ -84,6 +84,10 @@ def new_message_id(node: str, now: float | None = None) -> str:
     return f"{int(t * 1000):x}.{_PROCESS_PREFIX}{_base62(next(_counter))}.{node}"
 
 
+# Built once: json.dumps() with non-default arguments builds one per call.
+_RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _clean(value: str) -> str:
     # A header value must not break the header block: no CR, LF or NUL.
     return value.replace("\r", " ").replace("\n", " ").replace("\0", " ")
@@ -112,6 +116,11 @@ class Envelope:
         for name, header in META_FIELDS.items():
             for value in self.meta.get(name, []):
                 lines.append(f"{header}: {_clean(value)}\r\n")
+        # Stages' own fields (x_name -> X-Spamtrap-X-Name), after ours.
+        for name, values in self.meta.items():
+            if name.startswith("x_"):
+                header = "X-Spamtrap-" + "-".join(p.capitalize() for p in name.split("_"))
+                lines.extend(f"{header}: {_clean(v)}\r\n" for v in values)
         if self.received_line:
             lines.append(f"Received: {self.received_line}\r\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
@@ -122,7 +131,7 @@ class Envelope:
 
     # Spool serialisation: "<len of JSON>\n" + JSON + message bytes.
     def to_record(self) -> bytes:
-        head = json.dumps(
+        head = _RECORD_JSON.encode(
             {
                 "v": 1,
                 "id": self.msg_id,
@@ -132,8 +141,7 @@ class Envelope:
                 "feed": self.feed,
                 "meta": self.meta,
                 "received": self.received_line,
-            },
-            separators=(",", ":"),
+            }
         ).encode("utf-8", "surrogateescape")
         return b"%d\n" % len(head) + head + self.data
 

@@ -78,6 +78,12 @@ class Metrics:
         self.set_messages = Counter(
             "spamtrap_set_messages", "Messages written to a set", ["set"], registry=r
         )
+        self.set_duplicates = Counter(
+            "spamtrap_set_duplicates",
+            "Exact copies left out of a set by its dedup window",
+            ["set"],
+            registry=r,
+        )
         self.bundles = Counter(
             "spamtrap_bundles", "Bundles finalised and stored", ["set"], registry=r
         )

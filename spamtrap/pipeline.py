@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, task
@@ -19,10 +19,13 @@ from twisted.logger import Logger
 
 from spamtrap import mbox
 from spamtrap.collate import Collator
+from spamtrap.config import Config
+from spamtrap.dedup import Deduper
 from spamtrap.filters import Outcome, Stage, run_stages
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
-from spamtrap.spool import SpoolError
+from spamtrap.redact import EnvelopeRedactor
+from spamtrap.spool import SpoolError, read_entries
 
 log = Logger()
 
@@ -34,26 +37,61 @@ BATCH = 256
 BATCH_WAIT = 0.05
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
-    """A spooled message waiting for the bundles that hold it to be stored."""
+    """A spooled message in several sets, waiting for the bundles that hold
+    it to be stored."""
 
-    entry: Any
+    key: tuple[int, int]  # SpoolEntry.key
     remaining: int
+
+
+# What a bundle holds for each message, to hand back once it is stored: the
+# message's spool key when it went to one set (the usual case), or a Pending
+# shared by its sets. Keys are tuples of ints, which the garbage collector
+# stops tracking; open bundles hold many thousands of them for an hour.
+Token = tuple[int, int] | Pending
 
 
 @dataclass
 class Result:
     env: Envelope
     outcome: Outcome
-    sets: list[str]
+    sets: list[str]  # every set anything of this message lands in
+    # What is stored: each surviving message (the original, or what a stage
+    # such as rfc822 extraction replaced it with) with the sets it lands in.
+    deliveries: list[tuple[Envelope, list[str]]] = field(default_factory=list)
 
 
-def evaluate(stages: Sequence[tuple[str, Stage]], collator: Collator, env: Envelope) -> Result:
+def survivor_sets(collator: Collator, outcome: Outcome) -> list[tuple[Envelope, list[str]]]:
+    """Each message that goes on, with the sets it lands in: the set rules'
+    choice, plus the sets stages routed it to (only those, with only=True).
+    Sets that are not configured are left out."""
+    known = [s.name for s in collator.sets]
+    out = []
+    for env, route in outcome.survivors:
+        by_rules = collator.sets_for(env)
+        if route is None:
+            chosen = set(by_rules)
+        elif route.only:
+            chosen = set(route.sets)
+        else:
+            chosen = {*by_rules, *route.sets}
+        out.append((env, [name for name in known if name in chosen]))
+    return out
+
+
+def evaluate(
+    stages: Sequence[tuple[str, Stage]],
+    collator: Collator,
+    env: Envelope,
+    budget: float = float("inf"),
+) -> Result:
     """The decision for one message; shared by the daemon and ``spamtrap explain``."""
-    outcome = run_stages(stages, env)
-    sets = collator.sets_for(env) if outcome.keep else []
-    return Result(env, outcome, sets)
+    outcome = run_stages(stages, env, budget)
+    deliveries = survivor_sets(collator, outcome) if outcome.keep else []
+    sets = [s.name for s in collator.sets if any(s.name in d for _, d in deliveries)]
+    return Result(env, outcome, sets, deliveries)
 
 
 class Pipeline:
@@ -67,6 +105,7 @@ class Pipeline:
         reactor: Any,
         pool: Any,
         workers: int,
+        config: Config | None = None,
     ) -> None:
         self.spool = spool
         self.stages = list(stages)
@@ -80,13 +119,26 @@ class Pipeline:
         self._loops: list[defer.Deferred[None]] = []
         self._gets: set[defer.Deferred[Any]] = set()
         self._busy = 0
+        # Per-set copies: redaction of trap addresses and dedup windows.
+        cfg = config or Config()
+        self.budget = cfg.filters.stage_budget
+        self.redactor = EnvelopeRedactor(cfg.traps, cfg.feeds)
+        self.redacting = {s.name for s in cfg.sets if s.redact_trap_addresses}
+        self.dedupers = {
+            s.name: Deduper(s.dedup_window, reactor) for s in cfg.sets if s.dedup_window > 0
+        }
 
     # BundleSet's on_stored callback: runs in the reactor thread.
-    def stored(self, tokens: list[Pending]) -> None:
-        for p in tokens:
-            p.remaining -= 1
-            if p.remaining == 0:
-                self.spool.ack(p.entry)
+    def stored(self, tokens: list[Token]) -> None:
+        done = []
+        for token in tokens:
+            if not isinstance(token, Pending):
+                done.append(token)
+                continue
+            token.remaining -= 1
+            if token.remaining == 0:
+                done.append(token.key)
+        self.spool.ack_keys(done)
 
     def start(self) -> None:
         self.running = True
@@ -117,42 +169,99 @@ class Pipeline:
                 self._busy -= len(batch)
 
     async def _process(self, batch: list[Any]) -> None:
-        tokens = [Pending(e, 0) for e in batch]
-        results = await deferToThreadPool(self.reactor, self.pool, self._work_batch, tokens)
+        results = await deferToThreadPool(self.reactor, self.pool, self._work_batch, batch)
+        # Counted and acked once per batch: the reactor's share stays small.
         verdicts: Counter[tuple[str, str, str]] = Counter()
-        for token, result in zip(tokens, results, strict=True):
+        unrouted = []
+        errors = 0
+        for entry, result in zip(batch, results, strict=True):
             if result is None:
-                self.metrics.processing_errors.inc()
+                errors += 1
                 continue  # logged; the message stays in the spool
-            self.metrics.messages_processed.inc()
             for v in result.outcome.verdicts:
                 verdicts[(v.stage, v.verdict, v.reason)] += 1
             if not result.sets:
-                self.spool.ack(token.entry)
+                unrouted.append(entry.key)
+        self.spool.ack_keys(unrouted)
+        if errors:
+            self.metrics.processing_errors.inc(errors)
+        self.metrics.messages_processed.inc(len(batch) - errors)
         for (stage, verdict, reason), n in verdicts.items():
             self.metrics.filter_verdicts.labels(stage=stage, verdict=verdict, reason=reason).inc(n)
 
-    def _work_batch(self, tokens: list[Pending]) -> list[Result | None]:
-        out: list[Result | None] = []
-        for token in tokens:
+    def _work_batch(self, batch: list[Any]) -> list[Result | None]:
+        """In a pool thread: read, decide, and write into the sets' bundles.
+
+        Each step runs for the whole batch: one read (see read_entries), the
+        decisions, then one add_many per set. Every system call and every
+        zlib call lets the GIL go, and a worker that gives it up and takes
+        it back per message makes the reactor wait for it each time."""
+        records = read_entries(batch)
+        results: list[Result | None] = []
+        tokens: list[Token | None] = []
+        adds: dict[str, list[tuple[bytes, float, Token]]] = {}
+        for entry, record in zip(batch, records, strict=True):
+            token: Token | None = None
             try:
-                out.append(self._work(token))
+                if isinstance(record, SpoolError):
+                    raise record
+                result, token = self._decide(entry, record, adds)
             except Exception:  # noqa: BLE001 - one bad record must not stop the batch
                 log.failure("processing spooled message failed; it stays spooled")
-                out.append(None)
-        return out
+                result = None
+            results.append(result)
+            tokens.append(token)
+        failed: set[Token] = set()
+        for name, items in adds.items():
+            lost = self.bundles[name].add_many(items)
+            if lost:
+                log.error(
+                    "set {set}: {n} message(s) could not be written; they stay spooled",
+                    set=name,
+                    n=len(lost),
+                )
+                failed.update(lost)
+        if failed:
+            return [None if t in failed else r for t, r in zip(tokens, results, strict=True)]
+        return results
 
-    def _work(self, token: Pending) -> Result:
-        """In a pool thread: read, decide, and write into the sets' bundles."""
-        env = Envelope.from_record(token.entry.read())
-        result = evaluate(self.stages, self.collator, env)
-        if result.sets:
-            data = mbox.entry(env.mail_from, env.received_at, env.full_bytes())
-            # Set before any add(): a bundle may be stored before the last add.
-            token.remaining = len(result.sets)
-            for name in result.sets:
-                self.bundles[name].add(data, env.received_at, token)
-        return result
+    def _decide(
+        self, entry: Any, record: bytes, adds: dict[str, list[tuple[bytes, float, Token]]]
+    ) -> tuple[Result, Token | None]:
+        """The decision for one message; its bundle entries go to ``adds``."""
+        env = Envelope.from_record(record)
+        result = evaluate(self.stages, self.collator, env, self.budget)
+        writes: list[tuple[str, bytes, float]] = []
+        for msg, sets in result.deliveries:
+            plain: bytes | None = None
+            redacted: bytes | None = None
+            redacted_env: Envelope | None = None
+            for name in sets:
+                copy = msg
+                if name in self.redacting:
+                    redacted_env = redacted_env or self.redactor(msg)
+                    copy = redacted_env
+                dedup = self.dedupers.get(name)
+                # Redact first: copies that differ only in a trap address collapse.
+                if dedup is not None and dedup.seen(copy):
+                    self.metrics.set_duplicates.labels(set=name).inc()
+                    continue
+                if copy is msg:
+                    plain = plain or mbox.entry(msg.mail_from, msg.received_at, msg.full_bytes())
+                    writes.append((name, plain, msg.received_at))
+                else:
+                    redacted = redacted or mbox.entry(
+                        copy.mail_from, copy.received_at, copy.full_bytes()
+                    )
+                    writes.append((name, redacted, msg.received_at))
+        if not writes:
+            result.sets = []  # discarded, unrouted or all duplicates: acked at once
+            return result, None
+        # One count per bundle entry: the spool entry is acked when all are stored.
+        token: Token = entry.key if len(writes) == 1 else Pending(entry.key, len(writes))
+        for name, data, received_at in writes:
+            adds.setdefault(name, []).append((data, received_at, token))
+        return result, token
 
     @property
     def idle(self) -> bool:

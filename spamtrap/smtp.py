@@ -18,7 +18,9 @@ parent has defects a trap cannot live with (each override says which):
 - one IMessage per recipient meant the body was written once per recipient;
   here each transaction is written once;
 - SMTPFactory.timeout never reached the protocol; here timeouts come from
-  the config, plus a cap on the whole session.
+  the config, plus a cap on the whole session. One DelayedCall per session
+  serves both (TimeoutMixin's is re-armed on every read and every mode
+  change; ours only moves when a deadline comes earlier).
 
 The 250 after DATA is sent only once ``submit`` (the durable spool) has the
 message: see architecture "Durability at 250".
@@ -27,6 +29,7 @@ message: see architecture "Durability at 250".
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +55,21 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def _reply(code: int, message: bytes) -> bytes:
+    if b"\n" not in message and b"\r" not in message:
+        return b"%d %s\r\n" % (code, message)
+    lines = message.splitlines() or [b""]
+    last = lines.pop()
+    return b"".join([b"%d-%s\r\n" % (code, line) for line in lines]) + b"%d %s\r\n" % (code, last)
+
+
+def _path_field(address: str, params: tuple[bytes, ...]) -> str:
+    """A MAIL FROM or RCPT TO as recorded: ``<address> PARAM=1 ...``."""
+    if not params:
+        return f"<{address}>"
+    return " ".join([f"<{address}>", *map(_text, params)])
+
+
 def _host_port(address: Any) -> tuple[str, int]:
     return str(getattr(address, "host", address)), int(getattr(address, "port", 0) or 0)
 
@@ -59,10 +77,10 @@ def _host_port(address: Any) -> tuple[str, int]:
 class Transaction:
     """One MAIL ... DATA transaction."""
 
-    def __init__(self, mail_from: bytes, params: list[bytes]) -> None:
+    def __init__(self, mail_from: bytes, params: tuple[bytes, ...]) -> None:
         self.mail_from = mail_from
         self.params = params
-        self.rcpts: list[tuple[bytes, list[bytes]]] = []
+        self.rcpts: list[tuple[bytes, tuple[bytes, ...]]] = []
         self.feed: str | None = None
 
 
@@ -72,27 +90,32 @@ class TrapSMTP(smtp.ESMTP):
     def __init__(self, factory: TrapSMTPFactory) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=factory.tls_context)
         self.factory = factory
-        cfg = factory.config.smtp
-        self.host = cfg.hostname.encode("idna") if cfg.hostname.isascii() else b"localhost"
-        self.timeout = cfg.timeouts.command  # type: ignore[assignment]
-        self.callLater = factory.clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
+        self.clock = factory.clock
+        self.host = factory.host
+        self.timeout = factory.config.smtp.timeouts.command  # type: ignore[assignment]
         self._buf = bytearray()
         self._data = bytearray()
         self._data_overflow = False
         self._state = COMMAND
         self._greeted = False
         self._waiting = False  # a reply is pending on the spool: hold input
+        self._paused = False  # input arrived meanwhile: the transport is paused
         self._txn: Transaction | None = None
         self._helo_verb = b""
         self._helo_arg: bytes | None = None
-        self._timers: list[Any] = []
+        # The session's one timer, and the deadlines it serves.
+        self._timer: Any = None
+        self._greet_timer: Any = None
+        self._session_deadline = math.inf
+        self._idle_period: float | None = None  # None: no idle timeout
+        self._idle_since = 0.0
         self.dialect = Dialect()
         self.session_id = new_session_id()
         self.connected_at = factory.clock.seconds()
         self.first_command_at: float | None = None
         self.data_started_at = 0.0
         self.peer: tuple[str, int] = ("", 0)
-        self.local: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] | None = None  # looked up when first needed
         self.proxied_by: tuple[str, int] | None = None
         self.rdns: str | None = None
 
@@ -102,8 +125,7 @@ class TrapSMTP(smtp.ESMTP):
         # Not the parent's: it greets at once and reads the peer as a string.
         f = self.factory
         self.peer = _host_port(self.transport.getPeer())
-        self.local = _host_port(self.transport.getHost())
-        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
+        self.canStartTLS = self.ctx is not None and ITLSTransport.providedBy(self.transport)
         refusal = f.admit(self)
         if refusal:
             f.metrics.connections_refused.labels(reason=refusal).inc()
@@ -112,10 +134,10 @@ class TrapSMTP(smtp.ESMTP):
             self.transport.loseConnection()
             return
         f.metrics.connections.inc()
-        self.setTimeout(self.timeout)
         cap = f.config.smtp.timeouts.session
         if cap > 0:
-            self._timers.append(f.clock.callLater(cap, self._expire, b"4.4.2 Session too long"))
+            self._session_deadline = self.connected_at + cap
+        self._set_idle(self.timeout)
         if f.trusts_proxy(self.peer[0]):
             self._state = PROXY
             return
@@ -128,7 +150,7 @@ class TrapSMTP(smtp.ESMTP):
             d.addCallbacks(self._got_rdns, lambda _: None)
         delay = f.config.smtp.timeouts.greeting_delay
         if delay > 0:
-            self._timers.append(f.clock.callLater(delay, self._greet))
+            self._greet_timer = f.clock.callLater(delay, self._greet)
         else:
             self._greet()
 
@@ -143,28 +165,58 @@ class TrapSMTP(smtp.ESMTP):
         self._pump()
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
-        # The parent splits every reply into lines; nearly all are one line.
-        if b"\n" in message:
-            smtp.ESMTP.sendCode(self, code, message)
-        else:
-            self.transport.write(b"%d %s\r\n" % (code, message))
+        # One write per reply; the parent writes every line of it separately.
+        self.transport.write(_reply(code, message))
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP spamtrap"
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self._state = CLOSED
-        for t in self._timers:
-            if t.active():
+        for t in (self._timer, self._greet_timer):
+            if t is not None and t.active():
                 t.cancel()
-        self.setTimeout(None)
+        self._timer = None
         self.factory.release(self)
 
-    def timeoutConnection(self) -> None:
-        self._abort(421, b"4.4.2 Timeout, closing connection")
+    # -- timeouts -------------------------------------------------------------
 
-    def _expire(self, why: bytes) -> None:
-        self._abort(421, why)
+    def _set_idle(self, period: float | None) -> None:
+        """Restart the idle clock: close after ``period`` seconds of silence
+        (None: never, e.g. while the spool has the message)."""
+        now = self.clock.seconds()
+        self._idle_since = now
+        self._idle_period = period
+        if period is not None:
+            self._arm(now, now + period)
+
+    def _arm(self, now: float, deadline: float) -> None:
+        # Only an earlier deadline moves the timer; a later one is noticed
+        # when the timer fires, which then re-arms for it.
+        deadline = min(deadline, self._session_deadline)
+        t = self._timer
+        if t is None:
+            if deadline < math.inf:
+                self._timer = self.clock.callLater(deadline - now, self._timer_fired)
+        elif deadline < t.getTime():
+            t.reset(deadline - now)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._state is CLOSED:
+            return
+        now = self.clock.seconds()
+        if now >= self._session_deadline:
+            self._abort(421, b"4.4.2 Session too long")
+            return
+        if self._idle_period is None:
+            self._arm(now, math.inf)
+            return
+        idle_deadline = self._idle_since + self._idle_period
+        if now >= idle_deadline:
+            self._abort(421, b"4.4.2 Timeout, closing connection")
+            return
+        self._arm(now, idle_deadline)
 
     def _abort(self, code: int, message: bytes) -> None:
         if self._state is CLOSED:
@@ -183,10 +235,18 @@ class TrapSMTP(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._state is CLOSED:
             return
-        self.resetTimeout()
+        self._idle_since = self.clock.seconds()
         if not self._greeted and self._state is not PROXY:
             self.dialect.flags.add("early-talk")
         self._buf += data
+        if self._waiting:
+            # Hold further input until the reply is sent. Pausing only when
+            # input actually comes (bots wait for the 250) saves two epoll
+            # calls per message.
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            return
         self._pump()
 
     def _pump(self) -> None:
@@ -201,16 +261,13 @@ class TrapSMTP(smtp.ESMTP):
                     return
             elif not self._command_line():
                 return
-        if self._state is not CLOSED and len(self._buf) > self._buffer_cap():
+        if self._state is not CLOSED and len(self._buf) > self.factory.buffer_cap:
             self._abort(421, b"4.7.0 Too much input without a line end")
-
-    def _buffer_cap(self) -> int:
-        return max(self.factory.config.smtp.max_command_line, 512)
 
     def _command_line(self) -> bool:
         nl = self._buf.find(b"\n")
         if nl < 0:
-            if len(self._buf) > self._buffer_cap():
+            if len(self._buf) > self.factory.buffer_cap:
                 self._abort(421, b"4.7.0 Line too long")
             return False
         line = bytes(self._buf[:nl])
@@ -277,7 +334,14 @@ class TrapSMTP(smtp.ESMTP):
 
     def do_EHLO(self, rest: bytes) -> None:
         self._set_helo(b"EHLO", rest)
-        self.sendCode(250, self.host + b"\n" + self.listExtensions())
+        # The reply depends only on the config and on whether STARTTLS is
+        # offered: render it once per factory.
+        offer_tls = bool(self.canStartTLS and not self.startedTLS)
+        replies = self.factory.ehlo_replies
+        reply = replies.get(offer_tls)
+        if reply is None:
+            reply = replies[offer_tls] = _reply(250, self.host + b"\n" + self.listExtensions())
+        self.transport.write(reply)
 
     def do_MAIL(self, rest: bytes) -> None:
         if self._txn is not None:
@@ -330,7 +394,7 @@ class TrapSMTP(smtp.ESMTP):
         self._data = bytearray(_SENTINEL)
         self._data_overflow = False
         self.data_started_at = self.factory.clock.seconds()
-        self.setTimeout(self.factory.config.smtp.timeouts.data)
+        self._set_idle(self.factory.config.smtp.timeouts.data)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
     def do_BDAT(self, rest: bytes) -> None:
@@ -396,7 +460,7 @@ class TrapSMTP(smtp.ESMTP):
             return False
         self._buf += data[end + 5 :]
         self._state = COMMAND
-        self.setTimeout(self.timeout)
+        self._set_idle(self.timeout)
         if self._data_overflow or end > limit + len(_SENTINEL):
             self._txn = None
             self._data = bytearray()
@@ -415,8 +479,7 @@ class TrapSMTP(smtp.ESMTP):
         self._txn = None
         env = self._envelope(txn, content)
         self._waiting = True
-        self.setTimeout(None)  # the spool's pace is not the client's fault
-        self.transport.pauseProducing()
+        self._idle_period = None  # the spool's pace is not the client's fault
         d = defer.maybeDeferred(self.factory.submit, env)
         d.addCallbacks(
             self._delivered, self._not_delivered, callbackArgs=(env,), errbackArgs=(env,)
@@ -438,8 +501,10 @@ class TrapSMTP(smtp.ESMTP):
         if self._state is CLOSED:
             return
         self.sendCode(code, message)
-        self.setTimeout(self.timeout)
-        self.transport.resumeProducing()
+        self._set_idle(self.timeout)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         if self.factory.stopping:
             self._abort(421, b"4.3.2 Service shutting down")
             return
@@ -472,6 +537,12 @@ class TrapSMTP(smtp.ESMTP):
 
     # -- metadata -------------------------------------------------------------
 
+    def _local(self) -> tuple[str, int]:
+        # A getsockname() call: only sessions that deliver need it.
+        if self.local is None:
+            self.local = _host_port(self.transport.getHost())
+        return self.local
+
     def _tls_facts(self) -> str | None:
         if not self.startedTLS:
             return None
@@ -484,17 +555,20 @@ class TrapSMTP(smtp.ESMTP):
     def _envelope(self, txn: Transaction, content: bytes) -> Envelope:
         f = self.factory
         now = f.clock.seconds()
-        msg_id = new_message_id(f.config.node, now)
+        node = f.config.node
+        msg_id = new_message_id(node, now)
         mail_from = _text(txn.mail_from)
         rcpts = [_text(a) for a, _ in txn.rcpts]
         tls = self._tls_facts()
         helo = _text(self._helo_arg) if self._helo_arg is not None else None
+        peer_host, peer_port = self.peer
+        local_host, local_port = self._local()
         meta: dict[str, list[str]] = {
             "id": [msg_id],
-            "node": [f.config.node],
+            "node": [node],
             "session": [self.session_id],
-            "peer": [f"{self.peer[0]} {self.peer[1]}"],
-            "local": [f"{self.local[0]} {self.local[1]}"],
+            "peer": [f"{peer_host} {peer_port}"],
+            "local": [f"{local_host} {local_port}"],
         }
         if self.proxied_by:
             meta["proxy"] = [f"{self.proxied_by[0]} {self.proxied_by[1]}"]
@@ -504,8 +578,8 @@ class TrapSMTP(smtp.ESMTP):
             meta["helo"] = [helo]
         if tls:
             meta["tls"] = [tls]
-        meta["mail_from"] = [" ".join([f"<{mail_from}>", *map(_text, txn.params)])]
-        meta["rcpt"] = [" ".join([f"<{_text(a)}>", *map(_text, p)]) for a, p in txn.rcpts]
+        meta["mail_from"] = [_path_field(mail_from, txn.params)]
+        meta["rcpt"] = [_path_field(r, p) for r, (_, p) in zip(rcpts, txn.rcpts, strict=True)]
         domains = dict.fromkeys(r.rpartition("@")[2].lower() for r in rcpts if "@" in r)
         if domains:
             meta["domain"] = list(domains)
@@ -520,12 +594,12 @@ class TrapSMTP(smtp.ESMTP):
             f"first-cmd={bucket(first)} data={bucket(now - self.data_started_at)} "
             f"session={bucket(now - self.connected_at)}"
         ]
-        with_ = b"ESMTP" if self._helo_verb == b"EHLO" else b"SMTP"
+        with_ = "ESMTP" if self._helo_verb == b"EHLO" else "SMTP"
         if self.startedTLS:
-            with_ += b"S"
+            with_ += "S"
         received = (
-            f"from {helo or 'unknown'} ({self.rdns or 'unknown'} [{self.peer[0]}])\r\n"
-            f"\tby {self.host.decode()} (spamtrap) with {with_.decode()} id {msg_id}\r\n"
+            f"from {helo or 'unknown'} ({self.rdns or 'unknown'} [{peer_host}])\r\n"
+            f"\tby {f.host_text} (spamtrap) with {with_} id {msg_id}\r\n"
             f"\t(envelope-from <{mail_from}>)\r\n"
             f"\tfor <{rcpts[0]}>; {rfc2822_date(now)}"
         )
@@ -557,12 +631,19 @@ class TrapSMTPFactory(protocol.ServerFactory):
         self.submit = submit
         self.metrics = metrics
         self.clock = clock
+        name = config.smtp.hostname
+        self.host = name.encode("idna") if name.isascii() else b"localhost"
+        self.host_text = self.host.decode("ascii")
+        self.ehlo_replies: dict[bool, bytes] = {}  # by whether STARTTLS is offered
+        # Input held without a line end before the session is cut off.
+        self.buffer_cap = max(config.smtp.max_command_line, 512)
         self.tls_context = tls_context
         self.resolve_ptr = resolve_ptr
         self.traps = TrapMatcher(config.traps, config.feeds)
         networks = config.smtp.proxy_protocol.trusted_networks
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in networks]
         self.sessions: set[TrapSMTP] = set()
+        metrics.connections_open.set_function(lambda: len(self.sessions))  # read at scrape time
         self.per_ip: dict[str, int] = {}
         self.stopping = False
         self._idle: defer.Deferred[None] | None = None
@@ -589,7 +670,6 @@ class TrapSMTPFactory(protocol.ServerFactory):
             return "max_connections_per_ip"
         self.sessions.add(session)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        self.metrics.connections_open.set(len(self.sessions))
         return None
 
     def release(self, session: TrapSMTP) -> None:
@@ -602,7 +682,6 @@ class TrapSMTPFactory(protocol.ServerFactory):
             self.per_ip[ip] = n
         else:
             self.per_ip.pop(ip, None)
-        self.metrics.connections_open.set(len(self.sessions))
         if not self.sessions and self._idle is not None:
             d, self._idle = self._idle, None
             d.callback(None)

@@ -6,20 +6,28 @@ than returning None: spammers send anything, and a trap records it.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
-_KEYWORD = {b"MAIL": b"FROM", b"RCPT": b"TO"}
+_KEYWORD = {
+    verb: re.compile(rb"[ \t]*(" + keyword + rb")[ \t]*:[ \t]*", re.I)
+    for verb, keyword in ((b"MAIL", b"FROM"), (b"RCPT", b"TO"))
+}
 _WS = re.compile(rb"[ \t]+")
+_IP_LIKE = re.compile(rb"[0-9.]+")
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Path:
     address: bytes  # without brackets or source route; b"" for the null path
-    params: list[bytes]  # ESMTP parameters as sent, e.g. [b"SIZE=1234", b"BODY=8BITMIME"]
+    params: tuple[bytes, ...]  # ESMTP parameters as sent, e.g. (b"SIZE=1234", b"BODY=8BITMIME")
     shape: bytes  # how the argument was spelled, for the fingerprint, e.g. b"FROM:<"
 
 
+# Each MAIL and RCPT argument is parsed twice (for the dialect fingerprint,
+# then for the command), and bots repeat theirs: keep recent results.
+@functools.lru_cache(maxsize=64)
 def parse_path(verb: bytes, arg: bytes) -> Path | None:
     """Parse a MAIL FROM / RCPT TO argument leniently.
 
@@ -28,8 +36,7 @@ def parse_path(verb: bytes, arg: bytes) -> Path | None:
     them all (architecture: "missing angle brackets") and records the
     spelling in the dialect fingerprint.
     """
-    keyword = _KEYWORD[verb.upper()]
-    m = re.match(rb"[ \t]*(" + keyword + rb")[ \t]*:[ \t]*", arg, re.I)
+    m = _KEYWORD[verb.upper()].match(arg)
     if not m:
         return None
     rest = arg[m.end() :]
@@ -49,10 +56,10 @@ def parse_path(verb: bytes, arg: bytes) -> Path | None:
     # RFC 5321 4.1.2: a source route "@a,@b:user@host" is to be ignored.
     if address.startswith(b"@") and b":" in address:
         address = address.split(b":", 1)[1]
-    return Path(address, [p for p in _WS.split(tail.strip()) if p], shape)
+    return Path(address, tuple(p for p in _WS.split(tail.strip()) if p), shape)
 
 
-def param_value(params: list[bytes], name: bytes) -> bytes | None:
+def param_value(params: tuple[bytes, ...], name: bytes) -> bytes | None:
     for p in params:
         key, _, value = p.partition(b"=")
         if key.upper() == name:
@@ -67,7 +74,7 @@ def helo_shape(arg: bytes) -> str:
         return "none"
     if a.startswith(b"["):
         return "literal"
-    if re.fullmatch(rb"[0-9.]+", a):
+    if _IP_LIKE.fullmatch(a):
         return "ip"
     if b" " in a:
         return "words"
@@ -84,12 +91,13 @@ def bucket(seconds: float) -> str:
     return ">=10s"
 
 
+# Spaces become "_" (their presence is the point); commas and bytes that
+# are not printable ASCII become "?", keeping the field one clean token.
+_PRINTABLE = bytes(95 if c == 32 else c if 33 <= c < 127 and c != 44 else 63 for c in range(256))
+
+
 def _printable(b: bytes) -> str:
-    # Spaces become "_" (their presence is the point); commas and bytes that
-    # are not printable ASCII become "?", keeping the field one clean token.
-    return "".join(
-        "_" if c == 32 else chr(c) if 33 <= c < 127 and c != 44 else "?" for c in b
-    )
+    return b.translate(_PRINTABLE).decode("ascii")
 
 
 @dataclass
@@ -110,9 +118,9 @@ class Dialect:
                 token += ":?"
             else:
                 token += ":" + _printable(path.shape)
-                keys = sorted({_printable(p.partition(b"=")[0].upper()) for p in path.params})
-                if keys:
-                    token += "+" + "+".join(keys)
+                if path.params:
+                    keys = {_printable(p.partition(b"=")[0].upper()) for p in path.params}
+                    token += "+" + "+".join(sorted(keys))
         if len(self.tokens) < 64:  # bounded: a session can send millions of NOOPs
             self.tokens.append(token)
 

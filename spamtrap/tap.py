@@ -31,6 +31,7 @@ from spamtrap.config import Config, ConfigError, default_config, load_config
 from spamtrap.endpoints import DEFAULT_BACKLOG
 from spamtrap.filters.registry import build_stages
 from spamtrap.metrics import Metrics
+from spamtrap.notify import Notifier
 from spamtrap.pipeline import Pipeline
 from spamtrap.smtp import TrapSMTPFactory
 from spamtrap.spool import Spool, SpoolError
@@ -109,7 +110,12 @@ class SpamtrapService(service.MultiService):
         # Spool and open bundles are per node name, so several processes (one
         # per core, each with its own --node) can share one data directory.
         self.spool = Spool(os.path.join(data, "spool", cfg.node), cfg.spool, self.metrics, reactor)
-        self.store = open_store(cfg.store.url, data, reactor, self.pool)
+        # Uploads get their own small pool: saturated filters must not delay
+        # signing and file reads for the store (that would cause "busy" skips).
+        self.store_pool = ThreadPool(minthreads=1, maxthreads=4, name="spamtrap-store")
+        self.store = open_store(cfg.store.url, data, reactor, self.store_pool, config=cfg.store)
+        # Built before the bundle sets: each announces its stored bundles through it.
+        self.notifier = Notifier(cfg, self.metrics, reactor)
         self.pipeline = Pipeline(
             self.spool,
             build_stages(cfg, reactor),
@@ -119,6 +125,7 @@ class SpamtrapService(service.MultiService):
             reactor,
             self.pool,
             cfg.filters.workers,
+            cfg,
         )
         self.bundles = {
             s.name: BundleSet(
@@ -130,6 +137,8 @@ class SpamtrapService(service.MultiService):
                 reactor,
                 self.pool,
                 self.pipeline.stored,
+                store_config=cfg.store,
+                on_published=self.notifier.published,
             )
             for s in cfg.sets
         }
@@ -179,6 +188,7 @@ class SpamtrapService(service.MultiService):
             self._listening = self._listen()
         self._listening.addErrback(self._listen_failed)
         self.pool.start()
+        self.store_pool.start()
         try:
             self.spool.start()
         except (SpoolError, OSError) as e:
@@ -225,9 +235,15 @@ class SpamtrapService(service.MultiService):
         if self.pipeline.running:
             yield defer.ensureDeferred(self.pipeline.drain())
         yield defer.DeferredList([b.stop() for b in self.bundles.values()])
+        # The last bundles' notices are in flight now; they get up to 10 s.
+        yield self.notifier.stop()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            yield close()
         yield self.spool.stop()
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.http_ports])
         self.pool.stop()
+        self.store_pool.stop()
         log.info("spamtrap node {node} stopped cleanly", node=self.cfg.node)
 
 

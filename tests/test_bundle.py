@@ -14,12 +14,13 @@ import threading
 from typing import Any, cast
 
 import pytest
+from prometheus_client import Counter, Gauge
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from spamtrap.bundle import BundleSet
-from spamtrap.config import RotateConfig, SetConfig
+from spamtrap.config import RotateConfig, SetConfig, StoreConfig
 from spamtrap.mbox import MboxReader, entry, read_mbox
 from spamtrap.metrics import Metrics
 from spamtrap.store import KEY_RE, manifest_key
@@ -101,6 +102,28 @@ class RecordingStore:
         return "recording"
 
 
+class UploadMetrics(Metrics):
+    """Metrics with the upload metrics bundle.py looks for, added here
+    while metrics.py does not have them yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not hasattr(self, "bundles_skipped"):
+            self.bundles_skipped = Counter(
+                "spamtrap_bundles_skipped",
+                "Finished bundles dropped without storing",
+                ["set", "reason"],
+                registry=self.registry,
+            )
+        if not hasattr(self, "bundles_waiting"):
+            self.bundles_waiting = Gauge(
+                "spamtrap_bundles_waiting",
+                "Finished bundles not stored yet",
+                ["set"],
+                registry=self.registry,
+            )
+
+
 class Harness:
     def __init__(
         self,
@@ -108,18 +131,23 @@ class Harness:
         store: Any = None,
         shards: int = 1,
         seed: int = 1,
+        set_options: dict[str, Any] | None = None,
+        store_config: StoreConfig | None = None,
+        on_published: Any = None,
         **rotate: Any,
     ) -> None:
         self.reactor = FakeReactor()
         self.reactor.advance(T)
         self.pool = cast(Any, SyncPool())
-        self.metrics = Metrics()
+        self.metrics = UploadMetrics()
         self.work = str(tmp_path / "work")
         self.store = store if store is not None else RecordingStore()
         if isinstance(self.store, RecordingStore):
             self.store.clock = self.reactor
         self.acked: list[list[Any]] = []
-        cfg = SetConfig(name="all", rotate=RotateConfig(**rotate), shards=shards)
+        cfg = SetConfig(
+            name="all", rotate=RotateConfig(**rotate), shards=shards, **(set_options or {})
+        )
         self.bundles = BundleSet(
             cfg,
             "node1",
@@ -131,12 +159,18 @@ class Harness:
             self.acked.append,
             clock=self.reactor,
             rng=random.Random(seed),
+            store_config=store_config,
+            on_published=on_published,
         )
 
     def add(self, i: int, message: bytes | None = None, received: float | None = None) -> None:
         msg = message if message is not None else b"Subject: %d\r\n\r\nbody\r\n" % i
         at = received if received is not None else self.reactor.seconds()
         self.bundles.add(entry(f"s{i}@x", at, msg), at, i)
+
+    def add_many(self, items: list[tuple[int, bytes]]) -> list[Any]:
+        at = self.reactor.seconds()
+        return self.bundles.add_many([(entry(f"s{i}@x", at, m), at, i) for i, m in items])
 
     def metric(self, name: str) -> float | None:
         return self.metrics.registry.get_sample_value(name, {"set": "all"})
@@ -259,6 +293,53 @@ def test_rotation_by_max_bytes(tmp_path: Any) -> None:
     assert h.acked == [[0, 1], [2, 3]]
     assert unpack(h.store.stored[0][1]) == blobs[:2]
     assert all(doc["size"] >= 150_000 for _, _, doc in h.store.stored)
+
+
+def test_add_many_rotates_exactly_at_max_messages(tmp_path: Any) -> None:
+    h = Harness(tmp_path, max_messages=3)
+    messages = [(i, b"Subject: %d\r\n\r\nFrom here\r\n" % i) for i in range(8)]
+    assert h.add_many(messages[:2]) == []
+    assert h.add_many(messages[2:]) == []
+    assert h.acked == [[0, 1, 2], [3, 4, 5]]
+    h.bundles.rotate()
+    assert h.acked == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    got = [m for _, data, _ in h.store.stored for m in unpack(data)]
+    assert got == [m for _, m in messages]
+    assert [doc["messages"] for _, _, doc in h.store.stored] == [3, 3, 2]
+    assert h.metric("spamtrap_set_messages_total") == 8
+
+
+def test_add_many_rotates_at_max_bytes_like_add(tmp_path: Any) -> None:
+    h = Harness(tmp_path, max_bytes=150_000)
+    rnd = random.Random(7)
+    blobs = [rnd.randbytes(100_000) + b"\n" for _ in range(5)]
+    assert h.add_many(list(enumerate(blobs))) == []
+    # As with add(): each message adds ~100 kB, so two fill a bundle.
+    assert h.acked == [[0, 1], [2, 3]]
+    assert unpack(h.store.stored[1][1]) == blobs[2:4]
+
+
+def test_add_many_write_error_returns_the_lost_tokens(tmp_path: Any) -> None:
+    h = Harness(tmp_path)
+    h.add(0)
+    bundle = h.bundles._open[0]
+    assert bundle is not None
+    real = bundle.file
+
+    class Broken:
+        def write(self, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            real.close()
+
+    bundle.file = Broken()  # type: ignore[assignment]
+    lost = h.add_many([(1, os.urandom(200_000) + b"\n"), (2, b"x\n")])
+    assert lost == [1, 2]  # one chunk: both were in the failed write
+    assert h.parts() == [] and h.metric("spamtrap_bundles_open") == 0
+    assert h.add_many([(3, b"y\n")]) == []
+    h.bundles.rotate()
+    assert h.acked == [[3]]  # 0 went down with its bundle: the spool replays it
 
 
 def test_rotation_by_age_with_clock(tmp_path: Any) -> None:
@@ -484,3 +565,224 @@ def test_seal_failure_drops_bundle_and_stop_still_finishes(
     assert fired(h.bundles.stop())
     assert h.store.attempts == [] and h.acked == []
     assert h.parts() == []
+
+
+# -- deadline skipping, outages, publishing -------------------------------------
+
+
+class ControlledStore:
+    """A store whose every put waits for the test to fire it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], defer.Deferred[None]]] = []
+
+    def put(self, key: str, path: str, manifest: bytes) -> defer.Deferred[None]:
+        assert os.path.isfile(path)  # the .part file lives until stored
+        d: defer.Deferred[None] = defer.Deferred()
+        self.calls.append((key, json.loads(manifest), d))
+        return d
+
+    def url(self, key: str) -> str | None:
+        return f"https://cdn.example/{key}"
+
+    def describe(self) -> str:
+        return "controlled"
+
+    def keys(self) -> list[str]:
+        return [key for key, _, _ in self.calls]
+
+    def succeed(self, n: int) -> None:
+        self.calls[n][2].callback(None)
+
+    def fail(self, n: int) -> None:
+        self.calls[n][2].errback(OSError("store is down"))
+
+
+def bundle_of(h: Harness, *tokens: int) -> None:
+    """Write one bundle holding ``tokens`` and rotate it."""
+    for i in tokens:
+        h.add(i)
+    h.bundles.rotate()
+
+
+def skipped(h: Harness, reason: str) -> float | None:
+    return h.metrics.registry.get_sample_value(
+        "spamtrap_bundles_skipped_total", {"set": "all", "reason": reason}
+    )
+
+
+def test_skip_policy_drops_a_bundle_that_finds_the_upload_busy(tmp_path: Any) -> None:
+    store = ControlledStore()
+    h = Harness(tmp_path, store=store)
+    bundle_of(h, 0, 1)
+    bundle_of(h, 2)
+    # The second bundle is dropped at once: acked (shed on purpose), deleted.
+    assert len(store.calls) == 1
+    assert h.acked == [[2]]
+    assert skipped(h, "busy") == 1
+    assert len(h.parts()) == 1  # only the bundle being stored
+    assert h.metric("spamtrap_bundles_waiting") == 1
+    store.succeed(0)
+    assert h.acked == [[2], [0, 1]]
+    assert h.parts() == [] and h.metric("spamtrap_bundles_waiting") == 0
+    # Not busy any more: the next bundle is stored.
+    bundle_of(h, 3)
+    assert len(store.calls) == 2 and store.calls[1][1]["messages"] == 1
+    store.succeed(1)
+    assert h.acked == [[2], [0, 1], [3]]
+    assert skipped(h, "busy") == 1
+    assert h.metric("spamtrap_bundles_total") == 2
+
+
+def test_queue_policy_keeps_a_bounded_fifo_and_sheds_the_oldest(tmp_path: Any) -> None:
+    store = ControlledStore()
+    h = Harness(tmp_path, store=store, set_options={"upload_policy": "queue", "upload_queue": 2})
+    for token in range(4):
+        bundle_of(h, token)
+    # Bundle 0 uploads; 1, 2, 3 queue, and the queue holds 2: 1 is shed.
+    assert len(store.calls) == 1
+    assert h.acked == [[1]]
+    assert skipped(h, "queue-full") == 1
+    assert len(h.parts()) == 3
+    assert h.metric("spamtrap_bundles_waiting") == 3
+    store.succeed(0)
+    assert len(store.calls) == 2  # the oldest waiting one starts
+    store.succeed(1)
+    store.succeed(2)
+    assert [doc["key"] for _, doc, _ in store.calls] == store.keys()
+    assert h.acked == [[1], [0], [2], [3]]  # first in, first out
+    assert h.parts() == [] and skipped(h, "busy") is None
+
+
+def test_a_set_uploads_one_bundle_per_shard_at_a_time(tmp_path: Any) -> None:
+    store = ControlledStore()
+    h = Harness(tmp_path, store=store, shards=3, seed=5)
+    for i in range(30):
+        h.add(i)
+    h.bundles.rotate()
+    # One rotation of three shards: three uploads at once, none skipped.
+    assert len(store.calls) == 3 and skipped(h, "busy") is None
+    bundle_of(h, 99)
+    assert len(store.calls) == 3 and skipped(h, "busy") == 1
+    for n in range(3):
+        store.succeed(n)
+    assert sorted(t for tokens in h.acked for t in tokens) == [*range(30), 99]
+
+
+def test_outage_builds_a_backlog_that_uploads_by_itself_in_order(tmp_path: Any) -> None:
+    store = ControlledStore()
+    h = Harness(tmp_path, store=store, store_config=StoreConfig(retry_initial=2, retry_max=8))
+    bundle_of(h, 0)
+    store.fail(0)  # the store is down
+    # While it is down, new bundles wait (skip policy or not): nothing is lost.
+    bundle_of(h, 1)
+    bundle_of(h, 2)
+    assert skipped(h, "busy") is None and h.acked == []
+    assert len(h.parts()) == 3
+    h.reactor.advance(2)
+    assert len(store.calls) == 2  # only the first bundle is retried
+    store.fail(1)
+    h.reactor.advance(4)
+    assert store.keys()[2] == store.keys()[0]
+    store.succeed(2)  # back
+    assert h.acked == [[0]]
+    store.succeed(3)
+    store.succeed(4)
+    assert h.acked == [[0], [1], [2]]
+    assert len(set(store.keys())) == 3 and h.parts() == []
+    # Caught up: busy means skip again.
+    bundle_of(h, 3)
+    bundle_of(h, 4)
+    assert h.acked == [[0], [1], [2], [4]] and skipped(h, "busy") == 1
+
+
+def test_outage_backlog_is_bounded_by_bytes_oldest_shed(tmp_path: Any) -> None:
+    store = ControlledStore()
+    rnd = random.Random(3)
+    h = Harness(tmp_path, store=store, store_config=StoreConfig(backlog_bytes=25_000))
+    bundle_of(h, 0)
+    store.fail(0)
+    for token in (1, 2, 3):
+        h.add(token, rnd.randbytes(10_000) + b"\n")  # ~10 kB compressed each
+        h.bundles.rotate()
+    # Three 10 kB bundles do not fit in 25 kB: the oldest waiting one goes.
+    assert h.acked == [[1]]
+    assert skipped(h, "backlog-full") == 1
+    h.reactor.advance(1)
+    store.succeed(1)
+    store.succeed(2)
+    store.succeed(3)
+    assert h.acked == [[1], [0], [2], [3]]
+
+
+def test_retry_delays_come_from_the_store_config(tmp_path: Any) -> None:
+    store = RecordingStore(failures=5)
+    h = Harness(tmp_path, store=store, store_config=StoreConfig(retry_initial=10, retry_max=30))
+    h.add(0)
+    h.bundles.rotate()
+    while len(store.attempts) < 6:
+        h.reactor.advance(0.5)
+    gaps = [b[1] - a[1] for a, b in zip(store.attempts, store.attempts[1:], strict=False)]
+    for gap, base in zip(gaps, [10, 20, 30, 30, 30], strict=True):
+        assert base / 2 <= gap <= base + 0.5
+    assert h.acked == [[0]]
+
+
+def test_on_published_gets_manifest_and_url_after_the_store(tmp_path: Any) -> None:
+    store = ControlledStore()
+    published: list[dict[str, Any]] = []
+    h = Harness(tmp_path, store=store, on_published=published.append)
+    bundle_of(h, 0, 1)
+    bundle_of(h, 2)  # skipped: never announced
+    assert published == []
+    store.succeed(0)
+    key, doc, _ = store.calls[0]
+    assert published == [{**doc, "url": f"https://cdn.example/{key}"}]
+    assert doc["messages"] == 2 and doc["key"] == key
+
+
+@pytest.mark.parametrize("how", ["raise", "deferred"])
+def test_a_failing_on_published_never_breaks_the_set(tmp_path: Any, how: str) -> None:
+    calls = []
+
+    def broken(notice: dict[str, Any]) -> defer.Deferred[None]:
+        calls.append(notice["key"])
+        if how == "raise":
+            raise RuntimeError("relay is on fire")
+        return defer.fail(RuntimeError("relay is on fire"))
+
+    h = Harness(tmp_path, on_published=broken)
+    bundle_of(h, 0)
+    bundle_of(h, 1)
+    assert h.acked == [[0], [1]] and len(calls) == 2
+    assert h.parts() == [] and h.metric("spamtrap_bundles_total") == 2
+    assert fired(h.bundles.stop())
+
+
+def test_stop_never_skips_its_final_bundles(tmp_path: Any) -> None:
+    store = ControlledStore()
+    h = Harness(tmp_path, store=store)
+    h.bundles.start()
+    bundle_of(h, 0)
+    h.add(1)
+    d = h.bundles.stop()
+    assert len(store.calls) == 1 and skipped(h, "busy") is None
+    store.succeed(0)
+    assert not fired(d)
+    store.succeed(1)  # the final bundle, stored after the one before it
+    assert fired(d)
+    assert h.acked == [[0], [1]]
+
+
+def test_cancelled_stop_forgets_waiting_bundles_without_acking(tmp_path: Any) -> None:
+    store = ControlledStore()
+    h = Harness(tmp_path, store=store, set_options={"upload_policy": "queue"})
+    bundle_of(h, 0)
+    store.fail(0)
+    bundle_of(h, 1)
+    d = h.bundles.stop()
+    d.addErrback(lambda f: f.trap(defer.CancelledError))
+    d.cancel()
+    h.reactor.advance(1000)
+    assert len(store.calls) == 1 and h.acked == []
+    assert len(h.parts()) == 2  # left for the next start; the spool still has them

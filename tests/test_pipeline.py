@@ -159,6 +159,37 @@ async def test_a_message_in_two_sets_is_acked_after_both_are_stored(tmp_path: Pa
     assert w.stored_ids("a") == w.stored_ids("b") == ["m1"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_messages_a_bundle_could_not_take_stay_spooled(tmp_path: Path) -> None:
+    w = World(tmp_path, [SetConfig("all")])
+    bundles = w.pipeline.bundles["all"]
+    real_add_many = bundles.add_many
+
+    def odd(data: bytes) -> bool:
+        return data.split(b"\nSubject: ", 1)[1][:1] in b"13579"
+
+    def lose_odd_ones(items: list[tuple[bytes, float, Any]]) -> list[Any]:
+        real_add_many([item for item in items if not odd(item[0])])
+        return [token for data, _, token in items if odd(data)]
+
+    bundles.add_many = lose_odd_ones  # type: ignore[method-assign]
+    w.pipeline.start()
+    await defer.gatherResults([w.spool.append(envelope(i).to_record(), 1.0) for i in range(6)])
+    while w.pipeline._busy or w.spool.depth:
+        await deferLater(0.01)
+    assert sample(w.metrics, "spamtrap_processing_errors_total") == 3
+    assert sample(w.metrics, "spamtrap_messages_processed_total") == 3
+    bundles.rotate()
+    for _ in range(500):  # the store and the acks take a few reactor turns
+        if w.spool.in_flight == 3:
+            break
+        await deferLater(0.01)
+    await w.stop()
+    # Stored and acked: the even ones; still in the spool: the odd ones.
+    assert sorted(w.stored_ids("all")) == ["m0", "m2", "m4"]
+    assert w.spool.in_flight == 3
+
+
 def deferLater(seconds: float) -> Any:
     from twisted.internet import task
 

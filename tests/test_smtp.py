@@ -223,6 +223,73 @@ def test_data_timeout_is_longer_than_command_timeout() -> None:
     assert len(h.submitted) == 1
 
 
+def test_command_timeout_restarts_after_the_250() -> None:
+    h = Harness()
+    h.replies()
+    h.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<v@trap.example>\r\nDATA\r\n")
+    h.clock.advance(550)  # inside the data timeout
+    h.send(b"x\r\n.\r\n")
+    h.clock.advance(299)
+    assert not h.transport.disconnecting
+    h.clock.advance(2)  # 301 s of silence after the 250: the command timeout
+    assert h.replies()[-1] == b"421 4.4.2 Timeout, closing connection"
+    assert h.transport.disconnecting
+
+
+def test_waiting_for_the_spool_is_no_idle_time_but_the_cap_holds() -> None:
+    h = Harness(auto_ack=False)
+    h.replies()
+    h.transaction(b"x\r\n")
+    h.clock.advance(1000)  # the spool is slow: not the client's fault
+    assert not h.transport.disconnecting
+    h.clock.advance(800)  # but the session cap (30 min) still applies
+    assert h.replies()[-1] == b"421 4.4.2 Session too long"
+    assert h.transport.disconnecting
+
+
+def test_one_timer_serves_a_session() -> None:
+    h = Harness()
+    assert len(h.clock.getDelayedCalls()) == 1
+    h.send(b"EHLO x\r\n")
+    h.transaction(b"x\r\n")
+    assert len(h.clock.getDelayedCalls()) == 1
+    h.proto.connectionLost(None)
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_input_is_paused_only_when_it_arrives_during_the_spool_wait() -> None:
+    h = Harness(auto_ack=False)
+    h.replies()
+    h.transaction(b"x\r\n")
+    assert h.transport.producerState == "producing"  # nothing to hold back yet
+    h.send(b"NOOP\r\n")
+    assert h.transport.producerState == "paused"
+    assert h.codes() == [250, 250, 354]
+    h.pending[0].callback(None)
+    assert h.transport.producerState == "producing"
+    assert h.codes() == [250, 250]
+
+
+def test_ehlo_reply_follows_the_tls_state() -> None:
+    h = Harness(tls=True)
+    h.replies()
+    h.send(b"EHLO x\r\n")
+    assert b"250 STARTTLS" in h.replies()
+    h.send(b"STARTTLS\r\n")
+    assert h.codes() == [220]
+    h.send(b"EHLO x\r\n")
+    lines = h.replies()
+    assert lines[0] == b"250-trap.test" and lines[-1] == b"250 ENHANCEDSTATUSCODES"
+    assert not any(b"STARTTLS" in line for line in lines)
+    # The factory's other sessions still get STARTTLS offered.
+    from tests.smtp_helpers import TLSStringTransport
+
+    p2 = h.factory.buildProtocol(None)
+    p2.makeConnection(TLSStringTransport())
+    p2.dataReceived(b"EHLO y\r\n")
+    assert b"250 STARTTLS\r\n" in p2.transport.value()
+
+
 def test_connection_limit_refuses_with_421() -> None:
     cfg = Config(node="n")
     cfg.traps.catch_all = True

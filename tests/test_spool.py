@@ -27,7 +27,7 @@ import spamtrap
 from spamtrap import spool as spool_module
 from spamtrap.config import SpoolConfig
 from spamtrap.metrics import Metrics
-from spamtrap.spool import HEADER, Spool, SpoolEntry, SpoolError
+from spamtrap.spool import ACK_DELAY, HEADER, Spool, SpoolEntry, SpoolError, read_entries
 
 
 def config(**overrides: Any) -> SpoolConfig:
@@ -128,6 +128,33 @@ async def test_round_trip_keeps_bytes_exactly(tmp_path: Path, make_spool: Any) -
         assert entry.read() == payload
     assert spool.depth == 0
     assert spool.in_flight == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_entries_reads_a_batch_and_reports_bad_records_alone(
+    tmp_path: Path, make_spool: Any
+) -> None:
+    # Records of 20 + 40 bytes, two to a segment: runs break at segment ends.
+    spool = make_spool(tmp_path, config(segment_bytes=120))
+    payloads = [b"%02d" % i * 20 for i in range(7)]
+    entries = [await spool.append(p, 1.0) for p in payloads]
+    assert len({e.seq for e in entries}) == 4
+    order = [3, 4, 5, 0, 1, 6, 2]  # out of order, and not back to back
+    assert read_entries([entries[i] for i in order]) == [payloads[i] for i in order]
+
+    # A flipped payload byte fails that record's CRC and no other.
+    with open(entries[2].path, "r+b") as f:
+        f.seek(entries[2].offset + HEADER.size)
+        f.write(b"X")
+    os.unlink(entries[5].path)  # entries 4 and 5 lose their segment
+    got = read_entries(entries)
+    assert [g for i, g in enumerate(got) if i not in (2, 4, 5)] == [
+        payloads[i] for i in (0, 1, 3, 6)
+    ]
+    assert isinstance(got[2], SpoolError) and "CRC" in str(got[2])
+    assert isinstance(got[4], SpoolError) and isinstance(got[5], SpoolError)
+    with pytest.raises(SpoolError, match="CRC"):
+        entries[2].read()
 
 
 @pytest_twisted.ensureDeferred
@@ -278,6 +305,39 @@ async def test_ack_deletes_finished_segments(tmp_path: Path, make_spool: Any) ->
     await spool.stop()
     # Everything acked: even the last segment goes once it is sealed at stop.
     assert segment_files(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_acks_reach_the_file_without_an_append(tmp_path: Path, make_spool: Any) -> None:
+    # Acks wait for an append to share the writer's wake-up with, but not
+    # for longer than ACK_DELAY.
+    from twisted.internet import reactor
+
+    spool = make_spool(tmp_path)
+    first = await spool.append(b"a", 1.0)
+    await spool.append(b"b", 1.0)
+    await spool.get()
+    spool.ack(first)
+    ack_file = tmp_path / os.path.basename(first.path).replace(".log", ".ack")
+    for _ in range(100):
+        if ack_file.exists() and ack_file.read_bytes():
+            break
+        await deferLater(reactor, ACK_DELAY / 4, lambda: None)
+    assert ack_file.read_bytes() == b"%d\n" % first.offset
+
+
+@pytest_twisted.ensureDeferred
+async def test_ack_keys_acks_queued_and_handed_out_entries(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    a, b, c = [await spool.append(p, 1.0) for p in (b"a", b"b", b"c")]
+    handed = await spool.get()
+    assert handed.key == a.key
+    spool.ack_keys([a.key, c.key, (999, 0), c.key])  # c never handed out; 999 unknown
+    assert spool.in_flight == 0 and spool.depth == 1
+    assert (await spool.get()).read() == b"b"
+    await spool.stop()
+    _, recovered = recover(tmp_path)
+    assert [e.key for e in recovered] == [b.key]
 
 
 @pytest_twisted.ensureDeferred

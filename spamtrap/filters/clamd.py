@@ -199,7 +199,7 @@ class ClamdStage:
         self._logged_at: float | None = None
         self._unlogged = 0
 
-    def __call__(self, env: Envelope) -> Discard | None:
+    def __call__(self, env: Envelope) -> Discard | Keep | None:
         # Runs in a filter worker thread, never in the reactor.
         try:
             name: str | None = threads.blockingCallFromThread(

@@ -237,7 +237,7 @@ class SpamdStage:
         self._last_log = float("-inf")
         self._unlogged = 0
 
-    def __call__(self, env: Envelope) -> Discard | None:
+    def __call__(self, env: Envelope) -> Discard | Keep | None:
         if len(env.data) > MAX_MESSAGE:
             return None
         try:
