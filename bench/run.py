@@ -293,12 +293,70 @@ def stopped() -> None:
     save("stopped", {"rates": r, "accepted": accepted, "depth": depth, "shed": shed})
 
 
+def _stalled_server() -> tuple[int, threading.Event]:
+    """A fake clamd that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.settimeout(0.5)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+        for c in held:
+            c.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], stop
+
+
+def stalled_clamd() -> None:
+    """Intake and SMTP latency with clamd stalled (every scan times out)."""
+    n, rounds = (2000, 1) if QUICK else (5000, 3)
+    port, stop = _stalled_server()
+    stalled = f"""
+traps: {{catch_all: true}}
+filters:
+  clamd: {{enabled: true, host: 127.0.0.1, port: {port}, timeout: 2s, on_error: keep}}
+"""
+    servers = [start_spamtrap("clamd stalled", config=stalled), start_spamtrap("clamd off")]
+    try:
+        r = rates(servers, 20, n, rounds)
+        probes = {s.name: sorted(_transaction_latency(s.port) for _ in range(50)) for s in servers}
+        backlog = servers[0].metric("spamtrap_spool_depth")
+    finally:
+        for s in servers:
+            s.stop(timeout=30)  # the stalled one keeps its backlog spooled for the next start
+        stop.set()
+    rows = [
+        {
+            "server": name,
+            "msg/s (20 sessions)": v,
+            "p50 ms": 1000 * probes[name][25],
+            "max ms": 1000 * probes[name][-1],
+        }
+        for name, v in r.items()
+    ]
+    print("\n## stalled clamd (every scan waits for its 2 s timeout)\n")
+    table(rows)
+    print(f"\nspool depth with clamd stalled: {backlog:.0f}")
+    save("stalled_clamd", {"rows": rows, "spool_depth": backlog})
+
+
 SCENARIOS = {
     "intake": intake,
     "multiproc": multiproc,
     "hold": hold,
     "latency": latency,
     "stopped": stopped,
+    "stalled_clamd": stalled_clamd,
 }
 
 
