@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 # Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin.
-DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd npm \
+DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd \
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-wheel lintian
 
@@ -21,6 +21,7 @@ venv: $(VENV)/.stamp
 # Installs the Debian packages the test suite needs (root or sudo).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "installing Debian packages:$$missing"; \
