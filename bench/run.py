@@ -79,11 +79,11 @@ def table(rows: list[dict[str, Any]]) -> None:
             return f"{v:.2f}" if v < 10 else f"{v:.0f}"
         return str(v)
 
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(cell(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(cell(r[c]) if c in r else "" for c in cols) + " |")
 
 
 def rates(servers: list[Server], sessions: int, messages: int, rounds: int) -> dict[str, float]:
@@ -350,6 +350,16 @@ filters:
     save("stalled_clamd", {"rows": rows, "spool_depth": backlog})
 
 
+def s3() -> None:
+    """SMTP to objects in SeaweedFS; intake with the S3 server stopped."""
+    from bench.s3_intake import main as s3_main
+
+    rows = s3_main(quick=QUICK)
+    print("\n## S3 store: SMTP to objects, and intake with S3 stopped\n")
+    table(rows)
+    save("s3", {"rows": rows})
+
+
 SCENARIOS = {
     "intake": intake,
     "multiproc": multiproc,
@@ -357,6 +367,7 @@ SCENARIOS = {
     "latency": latency,
     "stopped": stopped,
     "stalled_clamd": stalled_clamd,
+    "s3": s3,
 }
 
 

@@ -83,8 +83,10 @@ class Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _popen(args: list[str], **kw: object) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _popen(
+    args: list[str], extra_env: dict[str, str] | None = None, **kw: object
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(extra_env or {}))
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
         args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw
     )
@@ -95,6 +97,7 @@ def start_spamtrap(
     processes: int = 1,
     config: str | None = None,
     data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
     """N twistd processes; with N > 1 they share the port with SO_REUSEPORT."""
     port = free_port()
@@ -130,7 +133,7 @@ def start_spamtrap(
         ]
         if cfg_path:
             args += ["--config", str(cfg_path)]
-        server.procs.append(_popen(args))
+        server.procs.append(_popen(args, env))
         server.http_ports.append(http)
         wait_for_port("127.0.0.1", port, server.procs[-1])
     time.sleep(0.5)  # let the last process finish starting its workers
