@@ -13,6 +13,7 @@ messages in the bundles.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
@@ -88,9 +89,10 @@ def run(processes: int, messages: list[tuple[bytes, bytes]]) -> dict[str, object
         asyncio.run(_send_all(server.port, messages))
         sent = time.perf_counter()
     finally:
-        server.stop(timeout=900)
+        server.stop(timeout=900, cleanup=False)
     done = time.perf_counter()
     stored = stored_messages(server.workdir / "data" / "bundles")
+    shutil.rmtree(server.workdir, ignore_errors=True)
     return {
         "processes": processes,
         "messages": len(messages),

@@ -69,7 +69,7 @@ class Server:
                         total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def stop(self, timeout: float = 300) -> None:
+    def stop(self, timeout: float = 300, cleanup: bool = True) -> None:
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -79,7 +79,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if self.workdir:
+        if self.workdir and cleanup:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 

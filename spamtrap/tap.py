@@ -183,6 +183,10 @@ class SpamtrapService(service.MultiService):
             log.info("SMTP listening on {addr}", addr=port.getHost())
 
     def startService(self) -> None:
+        # Filter stages hold the GIL in worker threads; the reactor must get
+        # it back quickly after each of its system calls, or SMTP latency
+        # grows with filter load (CPython's default wait is 5 ms).
+        sys.setswitchinterval(0.001)
         service.MultiService.startService(self)
         if not hasattr(self, "_listening"):
             self._listening = self._listen()
