@@ -25,6 +25,7 @@ from spamtrap.mbox import MboxReader, entry, read_mbox
 from spamtrap.metrics import Metrics
 from spamtrap.store import KEY_RE, manifest_key
 from spamtrap.store.local import LocalStore
+from tests.doubles import SyncPool
 
 T = calendar.timegm((2026, 11, 22, 13, 31, 15))
 MESSAGES = [
@@ -32,18 +33,6 @@ MESSAGES = [
     b"Subject: two \xe9\xff\r\n\r\nbare\nlf and \r cr\r\n",
     b"Subject: three\n\n>>From x\nFrom y\n",
 ]
-
-
-class SyncPool:
-    """Twisted's ThreadPool contract, run at once in the calling thread."""
-
-    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
-        try:
-            result = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 class FakeReactor(Clock):
@@ -319,9 +308,8 @@ def test_add_many_rotates_at_max_bytes_like_add(tmp_path: Any) -> None:
     assert unpack(h.store.stored[1][1]) == blobs[2:4]
 
 
-def test_add_many_write_error_returns_the_lost_tokens(tmp_path: Any) -> None:
-    h = Harness(tmp_path)
-    h.add(0)
+def fill_the_disk(h: Any) -> None:
+    """Make the open bundle's file fail every write, as a full disk would."""
     bundle = h.bundles._open[0]
     assert bundle is not None
     real = bundle.file
@@ -334,6 +322,12 @@ def test_add_many_write_error_returns_the_lost_tokens(tmp_path: Any) -> None:
             real.close()
 
     bundle.file = Broken()  # type: ignore[assignment]
+
+
+def test_add_many_write_error_returns_the_lost_tokens(tmp_path: Any) -> None:
+    h = Harness(tmp_path)
+    h.add(0)
+    fill_the_disk(h)
     lost = h.add_many([(1, os.urandom(200_000) + b"\n"), (2, b"x\n")])
     assert lost == [1, 2]  # one chunk: both were in the failed write
     assert h.parts() == [] and h.metric("spamtrap_bundles_open") == 0
@@ -500,18 +494,7 @@ def test_cancelled_stop_abandons_retries(tmp_path: Any) -> None:
 def test_write_error_drops_bundle_without_acking(tmp_path: Any) -> None:
     h = Harness(tmp_path)
     h.add(0)
-    bundle = h.bundles._open[0]
-    assert bundle is not None
-    real = bundle.file
-
-    class Broken:
-        def write(self, data: bytes) -> None:
-            raise OSError(28, "No space left on device")
-
-        def close(self) -> None:
-            real.close()
-
-    bundle.file = Broken()  # type: ignore[assignment]
+    fill_the_disk(h)
     with pytest.raises(OSError, match="No space"):
         h.add(1, os.urandom(200_000) + b"\n")  # enough to force output
     assert h.parts() == [] and h.metric("spamtrap_bundles_open") == 0

@@ -18,24 +18,13 @@ from spamtrap.store import (
     open_store,
 )
 from spamtrap.store.local import LocalStore
+from tests.doubles import SyncPool
 
 T = calendar.timegm((2026, 11, 22, 13, 31, 15))
 # The documented name: <set>/<UTC ISO-8601 to seconds>.<node>.<base62 16>.mbox.gz
 DOCUMENTED = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]*/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.[^./]+\.[0-9A-Za-z]{16}\.mbox\.gz$"
 )
-
-
-class SyncPool:
-    """Runs the work at once, as Twisted's ThreadPool would in a thread."""
-
-    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
-        try:
-            result = f(*a, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 class FakeReactor(Clock):
