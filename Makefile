@@ -3,8 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
-# Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin.
-DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd \
+# Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin, HAProxy.
+DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd haproxy \
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-wheel lintian
 

@@ -31,6 +31,9 @@ KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
 
+# What one process does (Config.role, twistd spamtrap --role).
+ROLES = ("all", "listener", "worker")
+
 
 @dataclass
 class TLSConfig:
@@ -346,6 +349,51 @@ class RelayConfig:
 
 
 @dataclass
+class QueueConfig:
+    """The shared Redis Streams work queue (scaled out: listeners and
+    workers on different processes or machines). See docs/scaling.md."""
+
+    # redis://[user:password@]host:port/db, or rediss://... for TLS.
+    # None: no queue; the node's own spool feeds its own filter workers.
+    url: str | None = None
+    # ACL user and password (they override any in the URL). password_file
+    # keeps the secret out of the config; its first line is the password.
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    # rediss:// only: CA bundle that signed the server's certificate (else
+    # the system's), and a client certificate if Redis asks for one.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # The stream and its one consumer group, shared by every node.
+    stream: str = "spamtrap"
+    group: str = "spamtrap"
+    # The stream holds at most about this many unprocessed messages; beyond
+    # it the oldest are trimmed (MAXLEN ~) and counted as shed. 0 = unbounded.
+    maxlen: int = 1_000_000
+    # A listener that cannot reach Redis: "spool" keeps answering 250 from
+    # its own durable spool and forwards the backlog once Redis is back;
+    # "tempfail" answers 451 so senders retry (another MX, or later).
+    on_unreachable: str = "spool"
+    # Seconds a Redis call may take before Redis counts as unreachable.
+    timeout: float = 5.0
+    # Seconds between attempts to reach Redis again while it is down.
+    retry_interval: float = 1.0
+    # A message a worker took and has not finished for this long is taken
+    # over by another worker (XAUTOCLAIM): how long a dead worker's messages
+    # wait. Live workers refresh the messages they hold well before it.
+    claim_idle: float = 60.0
+    # Messages per XADD pipeline, per XREADGROUP, per claim.
+    batch: int = 256
+    # Before answering 250, wait until this many replicas have the message
+    # too (Redis WAIT). 0 = Redis's own acknowledgement is enough.
+    replicas: int = 0
+    # Redis connections (and the threads that use them) per process.
+    connections: int = 4
+
+
+@dataclass
 class Config:
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     data_dir: str = "./spamtrap-data"
@@ -358,6 +406,11 @@ class Config:
     sets: list[SetConfig] = field(default_factory=list)
     store: StoreConfig = field(default_factory=StoreConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    # What this process does: "all" (SMTP intake and filter workers),
+    # "listener" (intake only, into the queue) or "worker" (filters only,
+    # from the queue). listener and worker need queue.url.
+    role: str = "all"
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
 
 def default_config() -> Config:
@@ -721,6 +774,21 @@ def _http_url(value: object) -> str:
     return s
 
 
+def parse_redis_url(value: object) -> str:
+    text = _nonempty(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"expected redis://host[:port][/db] or rediss://..., got {text!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database in {text!r} must be a number")
+    return text
+
+
 def _store_url(value: object) -> str:
     s = _string(value)
     parts = urlsplit(s)
@@ -888,6 +956,24 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (ListRule, "meta"): _Rule(_meta_field),
     (ListsConfig, "reload_interval"): _Rule(_duration(positive=True)),
     (CustomStageConfig, "callable"): _Rule(_callable_path),
+    (Config, "role"): _Rule(_choice(*ROLES)),
+    (QueueConfig, "url"): _Rule(parse_redis_url),
+    (QueueConfig, "username"): _Rule(_nonempty),
+    (QueueConfig, "password"): _Rule(_nonempty),
+    (QueueConfig, "password_file"): _Rule(_nonempty),
+    (QueueConfig, "ca_file"): _Rule(_nonempty),
+    (QueueConfig, "cert_file"): _Rule(_nonempty),
+    (QueueConfig, "key_file"): _Rule(_nonempty),
+    (QueueConfig, "stream"): _Rule(_nonempty),
+    (QueueConfig, "group"): _Rule(_nonempty),
+    (QueueConfig, "maxlen"): _Rule(_integer(0)),
+    (QueueConfig, "on_unreachable"): _Rule(_choice("spool", "tempfail")),
+    (QueueConfig, "timeout"): _Rule(_duration(positive=True)),
+    (QueueConfig, "retry_interval"): _Rule(_duration(positive=True)),
+    (QueueConfig, "claim_idle"): _Rule(_duration(positive=True)),
+    (QueueConfig, "batch"): _Rule(_integer(1)),
+    (QueueConfig, "replicas"): _Rule(_integer(0)),
+    (QueueConfig, "connections"): _Rule(_integer(2)),
 }
 
 _NO_RULE = _Rule()
@@ -1158,6 +1244,17 @@ def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
 
 
 def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
+    if cfg.role != "all" and cfg.queue.url is None and w.clean("role") and w.clean("queue"):
+        found = _entry(node, "role")
+        w.error(
+            found[1] if found else node,
+            "role",
+            f"role {cfg.role!r} needs queue.url (the Redis the other role reads or writes)",
+        )
+    q = cfg.queue
+    if q.password is not None and q.password_file is not None and w.clean("queue"):
+        found = _entry(node, "queue")
+        w.error(found[1] if found else node, "queue", "give password or password_file, not both")
     if _entry(node, "sets") is None:
         cfg.sets = [SetConfig(name="all")]
     for attr in ("id", "address"):

@@ -119,6 +119,63 @@ class Metrics:
             ["channel", "outcome"],
             registry=r,
         )
+        # The Redis Streams work queue (scaled out)
+        self.queue_up = Gauge(
+            "spamtrap_queue_up", "1 while Redis answers, 0 while it is unreachable", registry=r
+        )
+        self.queue_added = Counter(
+            "spamtrap_queue_added",
+            "Messages added to the Redis stream (XADD acknowledged)",
+            registry=r,
+        )
+        self.queue_unreachable = Counter(
+            "spamtrap_queue_unreachable",
+            "Messages that could not be added because Redis was unreachable, by what was"
+            " done instead: spooled (kept in the local spool) or tempfail (answered 451)",
+            ["action"],
+            registry=r,
+        )
+        self.queue_forwarded = Counter(
+            "spamtrap_queue_forwarded",
+            "Messages moved from the local spool into the Redis stream after an outage",
+            registry=r,
+        )
+        self.queue_shed = Counter(
+            "spamtrap_queue_shed",
+            "Oldest unprocessed messages trimmed from the stream by this node (MAXLEN ~)",
+            registry=r,
+        )
+        self.queue_shed_cluster = Gauge(
+            "spamtrap_queue_shed_cluster",
+            "Messages trimmed from the stream by every node together (a Redis counter)",
+            registry=r,
+        )
+        self.queue_read = Counter(
+            "spamtrap_queue_read",
+            "Messages read from the stream by this worker: new, own (its pending entries"
+            " after a restart) or claimed (taken over from a worker that stopped answering)",
+            ["how"],
+            registry=r,
+        )
+        self.queue_acked = Counter(
+            "spamtrap_queue_acked", "Messages acknowledged and deleted from the stream", registry=r
+        )
+        self.queue_held = Gauge(
+            "spamtrap_queue_held",
+            "Messages this worker has read and not acknowledged (in filters or open bundles)",
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "spamtrap_queue_length", "Messages in the stream (unread and pending)", registry=r
+        )
+        self.queue_pending = Gauge(
+            "spamtrap_queue_pending",
+            "Messages read by some worker and not yet acknowledged (the group's PEL)",
+            registry=r,
+        )
+        self.queue_errors = Counter(
+            "spamtrap_queue_errors", "Failed Redis calls, by operation", ["op"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

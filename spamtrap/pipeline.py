@@ -25,7 +25,7 @@ from spamtrap.filters import Outcome, Stage, run_stages
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
 from spamtrap.redact import EnvelopeRedactor
-from spamtrap.spool import SpoolError, read_entries
+from spamtrap.spool import SpoolError
 
 log = Logger()
 
@@ -196,7 +196,7 @@ class Pipeline:
         decisions, then one add_many per set. Every system call and every
         zlib call lets the GIL go, and a worker that gives it up and takes
         it back per message makes the reactor wait for it each time."""
-        records = read_entries(batch)
+        records = self.spool.read_entries(batch)
         results: list[Result | None] = []
         tokens: list[Token | None] = []
         adds: dict[str, list[tuple[bytes, float, Token]]] = {}

@@ -42,6 +42,7 @@ from spamtrap import proxy
 from spamtrap.config import Config
 from spamtrap.message import Envelope, iso_time, new_message_id, new_session_id, rfc2822_date
 from spamtrap.metrics import Metrics
+from spamtrap.queue import QueueUnavailableError
 from spamtrap.smtp_parse import Dialect, bucket, param_value, parse_path
 from spamtrap.traps import TrapMatcher
 
@@ -492,6 +493,11 @@ class TrapSMTP(smtp.ESMTP):
         self._resume(250, b"2.0.0 Ok: queued as " + env.msg_id.encode())
 
     def _not_delivered(self, failure: Any, env: Envelope) -> None:
+        if failure.check(QueueUnavailableError):
+            # queue.on_unreachable: tempfail. Counted, logged once per outage.
+            self.factory.metrics.messages_rejected.labels(reason="queue").inc()
+            self._resume(451, b"4.3.0 Queue unavailable, try again later")
+            return
         log.failure("spool append failed for {msg_id}", failure, msg_id=env.msg_id)
         self.factory.metrics.messages_rejected.labels(reason="spool").inc()
         self._resume(451, b"4.3.0 Error: queue file write error, try again")

@@ -751,6 +751,11 @@ class Spool:
                 continue  # cancelled: its entry stays at the head
             d.callback(self._hand_out())
 
+    @staticmethod
+    def read_entries(entries: Sequence[SpoolEntry]) -> list[bytes | SpoolError]:
+        """The records of handed-out entries (see read_entries; any thread)."""
+        return read_entries(entries)
+
     def ack(self, entry: SpoolEntry) -> None:
         """Mark an entry done (stored in a bundle, or discarded)."""
         self.ack_keys((entry.key,))

@@ -8,6 +8,10 @@ start: spool recovery -> bundle sets -> filter pool and workers -> HTTP -> SMTP
 stop (SIGTERM): SMTP stops listening and finishes replies in progress ->
 workers drain the spool -> every open bundle is finalised and stored ->
 spool closed -> HTTP closed.
+
+With a Redis queue (--queue), a process has a role: a listener's intake goes
+into the stream (its spool only holds what came while Redis was down), a
+worker's pipeline reads from the stream, and "all" does both.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from twisted.python.threadpool import ThreadPool
 from spamtrap import rdns, tls
 from spamtrap.bundle import BundleSet
 from spamtrap.collate import Collator
-from spamtrap.config import Config, ConfigError, default_config, load_config
+from spamtrap.config import ROLES, Config, ConfigError, default_config, load_config, parse_redis_url
 from spamtrap.endpoints import DEFAULT_BACKLOG
 from spamtrap.filters.registry import build_stages
 from spamtrap.metrics import Metrics
 from spamtrap.notify import Notifier
 from spamtrap.pipeline import Pipeline
+from spamtrap.queue import Forwarder, QueueIntake, QueueLink, QueueSource, QueueWriter, describe
 from spamtrap.smtp import TrapSMTPFactory
 from spamtrap.spool import Spool, SpoolError
 from spamtrap.store import StoreConfigError, open_store
@@ -56,6 +61,13 @@ class Options(usage.Options):
         ["data-dir", "d", None, "data directory: spool, open bundles, local store"],
         ["store", None, None, "bundle store URL: file:///path or s3://bucket/prefix"],
         ["node", None, None, "node name used in bundle keys and metadata"],
+        ["role", None, None, "listener (SMTP into the queue), worker (filters from it) or all"],
+        [
+            "queue",
+            None,
+            None,
+            "Redis work queue URL: redis://[user:pass@]host:port/db or rediss://",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -78,6 +90,17 @@ class Options(usage.Options):
             if not all(c.isalnum() or c in "-_" for c in self["node"]):
                 raise usage.UsageError("--node takes letters, digits, '-' and '_' only")
             cfg.node = self["node"]
+        if self["queue"]:
+            try:
+                cfg.queue.url = parse_redis_url(self["queue"])
+            except ValueError as e:
+                raise usage.UsageError(f"--queue: {e}")
+        if self["role"]:
+            if self["role"] not in ROLES:
+                raise usage.UsageError(f"--role takes one of {', '.join(ROLES)}")
+            cfg.role = self["role"]
+        if cfg.role != "all" and cfg.queue.url is None:
+            raise usage.UsageError(f"role {cfg.role} needs a queue: --queue redis://HOST:PORT")
         self.config = cfg
 
 
@@ -107,9 +130,26 @@ class SpamtrapService(service.MultiService):
         self.pool = ThreadPool(
             minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2, name="spamtrap-workers"
         )
+        self.takes_mail = cfg.role in ("all", "listener")
+        self.filters = cfg.role in ("all", "worker")
         # Spool and open bundles are per node name, so several processes (one
         # per core, each with its own --node) can share one data directory.
         self.spool = Spool(os.path.join(data, "spool", cfg.node), cfg.spool, self.metrics, reactor)
+        self.link: QueueLink | None = None
+        self.forwarder: Forwarder | None = None
+        self.source: QueueSource | None = None
+        self._submit_to = self._spool_submit
+        if cfg.queue.url is not None:
+            self.link = QueueLink(cfg.queue, self.metrics, reactor)
+            if self.takes_mail:
+                writer = QueueWriter(self.link, self.metrics)
+                intake = QueueIntake(writer, self.spool, cfg.queue.on_unreachable, self.metrics)
+                self._submit_to = intake.submit
+                self.forwarder = Forwarder(self.spool, writer, self.metrics, reactor, self.pool)
+            if self.filters:
+                # The consumer name is the node name: a restarted worker
+                # finds the messages it held before, in its pending list.
+                self.source = QueueSource(self.link, cfg.node, self.metrics)
         # Uploads get their own small pool: saturated filters must not delay
         # signing and file reads for the store (that would cause "busy" skips).
         self.store_pool = ThreadPool(minthreads=1, maxthreads=4, name="spamtrap-store")
@@ -117,7 +157,7 @@ class SpamtrapService(service.MultiService):
         # Built before the bundle sets: each announces its stored bundles through it.
         self.notifier = Notifier(cfg, self.metrics, reactor)
         self.pipeline = Pipeline(
-            self.spool,
+            self.source if self.source is not None else self.spool,
             build_stages(cfg, reactor),
             Collator(cfg.sets),
             {},
@@ -156,15 +196,22 @@ class SpamtrapService(service.MultiService):
         self.http_ports: list[Any] = []
 
     def _submit(self, env: Any) -> defer.Deferred[Any]:
+        return self._submit_to(env)
+
+    def _spool_submit(self, env: Any) -> defer.Deferred[Any]:
         return self.spool.append(env.to_record(), env.received_at)
 
     def health(self) -> dict[str, Any]:
-        return {
+        out = {
             "status": "ok" if self.running else "stopping",
             "node": self.cfg.node,
+            "role": self.cfg.role,
             "spool_depth": self.spool.depth,
             "smtp_sessions": len(self.smtp_factory.sessions),
         }
+        if self.link is not None:
+            out["queue"] = "up" if self.link.up else "unreachable"
+        return out
 
     def privilegedStartService(self) -> None:
         # Listen before twistd drops privileges, so port 25 works for root.
@@ -176,7 +223,7 @@ class SpamtrapService(service.MultiService):
         for desc in self.cfg.http.listen:
             ep = endpoints.serverFromString(self.reactor, with_backlog(desc))
             self.http_ports.append((yield ep.listen(self.site)))
-        for desc in self.cfg.smtp.listen:
+        for desc in self.cfg.smtp.listen if self.takes_mail else []:
             ep = endpoints.serverFromString(self.reactor, with_backlog(desc))
             port = yield ep.listen(self.smtp_factory)
             self.smtp_ports.append(port)
@@ -193,22 +240,32 @@ class SpamtrapService(service.MultiService):
         self._listening.addErrback(self._listen_failed)
         self.pool.start()
         self.store_pool.start()
-        try:
-            self.spool.start()
-        except (SpoolError, OSError) as e:
-            log.critical("cannot open the spool: {err}", err=e)
-            self.reactor.callLater(0, self.reactor.stop)
-            return
-        for b in self.bundles.values():
-            b.start()
-        if self.cfg.filters.workers > 0:
-            self.pipeline.start()
+        if self.takes_mail:
+            try:
+                self.spool.start()
+            except (SpoolError, OSError) as e:
+                log.critical("cannot open the spool: {err}", err=e)
+                self._exit_non_zero()
+                return
+        if self.link is not None:
+            self.link.start()
+        if self.forwarder is not None:
+            self.forwarder.start()
+        if self.filters:
+            for b in self.bundles.values():
+                b.start()
+            if self.source is not None:
+                self.source.start()
+            if self.cfg.filters.workers > 0:
+                self.pipeline.start()
         self._install_hup()
         log.info(
-            "spamtrap node {node} started: data in {data}, store {store}",
+            "spamtrap node {node} started as {role}: data in {data}, store {store}{queue}",
             node=self.cfg.node,
+            role=self.cfg.role,
             data=self.data_dir,
             store=self.store.describe(),
+            queue=f", queue {describe(self.cfg.queue.url)}" if self.cfg.queue.url else "",
         )
 
     def _install_hup(self) -> None:
@@ -228,23 +285,47 @@ class SpamtrapService(service.MultiService):
     def _listen_failed(self, failure: Any) -> None:
         log.failure("cannot listen; stopping", failure)
         # The endpoint error is the operator's to fix: exit non-zero.
+        self._exit_non_zero()
+
+    def _exit_non_zero(self) -> None:
+        """Stop, then exit 1: twistd itself would exit 0, and systemd's
+        Restart=on-failure would never see the failure."""
+
+        def leave() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", leave)
         self.reactor.callLater(0, self.reactor.stop)
-        self.exit_code = 1
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         service.MultiService.stopService(self)
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
         yield self.smtp_factory.shutdown()
+        if self.forwarder is not None:
+            # What the spool holds goes to Redis if it answers; else it stays
+            # spooled and is forwarded at the next start.
+            yield defer.ensureDeferred(self.forwarder.drain())
+        if self.source is not None:
+            # Read no more; what was read is processed below.
+            yield defer.ensureDeferred(self.source.stop_reading())
         if self.pipeline.running:
             yield defer.ensureDeferred(self.pipeline.drain())
-        yield defer.DeferredList([b.stop() for b in self.bundles.values()])
+        if self.filters:
+            yield defer.DeferredList([b.stop() for b in self.bundles.values()])
+        if self.source is not None:
+            # The last bundles are stored: acknowledge their messages.
+            yield defer.ensureDeferred(self.source.stop())
         # The last bundles' notices are in flight now; they get up to 10 s.
         yield self.notifier.stop()
         close = getattr(self.store, "close", None)
         if close is not None:
             yield close()
         yield self.spool.stop()
+        if self.link is not None:
+            self.link.stop()
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.http_ports])
         self.pool.stop()
         self.store_pool.stop()

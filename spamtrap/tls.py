@@ -8,6 +8,7 @@ DATA/tls/ so restarts present the same key.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 from typing import Any
 
@@ -34,9 +35,17 @@ def self_signed(directory: str, hostname: str) -> tuple[str, str]:
     """Return (cert, key) paths, generating them on first use."""
     cert_path = os.path.join(directory, "selfsigned.pem")
     key_path = os.path.join(directory, "selfsigned.key")
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        return cert_path, key_path
     os.makedirs(directory, exist_ok=True)
+    # Processes sharing one data directory (spamtrap@N) start at once: one
+    # generates the pair, the others wait for it and use it.
+    with open(os.path.join(directory, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+            _generate(cert_path, key_path, hostname)
+    return cert_path, key_path
+
+
+def _generate(cert_path: str, key_path: str, hostname: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "spamtrap")])
     now = datetime.datetime.now(datetime.UTC)
@@ -60,7 +69,6 @@ def self_signed(directory: str, hostname: str) -> tuple[str, str]:
         ),
     )
     _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
 
 
 def context_factory(tls: TLSConfig, data_dir: str, hostname: str) -> Any | None:

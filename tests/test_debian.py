@@ -232,6 +232,28 @@ def check_installed_layout() -> configparser.SectionProxy:
     return service
 
 
+def check_template_unit() -> None:
+    """spamtrap@.service is shipped as is, and no instance is enabled or started:
+    the operator chooses them (docs/debian.md, "Several processes per machine")."""
+    files = run(["dpkg", "-L", PACKAGE]).stdout.split()
+    (template,) = [p for p in files if p.endswith("/systemd/system/spamtrap@.service")]
+    assert Path(template).read_bytes() == (REPO / "debian" / "spamtrap@.service").read_bytes()
+    # deb-systemd-helper enables the single service even where systemd does
+    # not run; the same mechanism must leave every instance alone.
+    wants = Path("/etc/systemd/system")
+    assert (wants / "multi-user.target.wants" / "spamtrap.service").is_symlink()
+    assert not list(wants.rglob("spamtrap@*")), list(wants.rglob("spamtrap@*"))
+    # Nor do the maintainer scripts ever enable, start or stop one.
+    for script in ("preinst", "postinst", "prerm", "postrm"):
+        path = Path(f"/var/lib/dpkg/info/{PACKAGE}.{script}")
+        lines = path.read_text().splitlines() if path.exists() else []
+        assert not [ln for ln in lines if "deb-systemd-" in ln and "spamtrap@" in ln], path
+    if shutil.which("systemd-analyze", path=DEBIAN_ENV["PATH"]):
+        instance = str(Path(template).with_name("spamtrap@1.service"))
+        checked = run(["systemd-analyze", "verify", instance])
+        assert "spamtrap" not in checked.stdout + checked.stderr
+
+
 def check_system_python() -> None:
     """The service user's python3 is Debian's, with Debian's Twisted."""
     code = "import spamtrap, twisted; print(spamtrap.__file__, twisted.__version__)"
@@ -265,6 +287,7 @@ def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) 
         deb = build_and_lint(tmp_path)
         run([*APT, "install", str(deb)])
         service = check_installed_layout()
+        check_template_unit()
         check_system_python()
 
         rcpt, config = trap_address()
