@@ -81,8 +81,32 @@ class Node:
         self.proc = subprocess.Popen(
             args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        wait_for_port(self.host, self.smtp_port, self.proc)
+        if self.takes_mail:
+            wait_for_port(self.host, self.smtp_port, self.proc)
+        else:
+            self.wait_for_http()
         return self
+
+    @property
+    def takes_mail(self) -> bool:
+        """False for a ``--role worker`` node: it has no SMTP port to wait for."""
+        role = self.extra[self.extra.index("--role") + 1] if "--role" in self.extra else "all"
+        return role != "worker"
+
+    def wait_for_http(self, deadline: float = 30) -> None:
+        # Polls a real process's HTTP port: no clock to inject across a fork.
+        assert self.proc is not None
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.http_get("/healthz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"no HTTP on {self.host}:{self.http_port}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         assert self.proc is not None
