@@ -49,6 +49,10 @@ class Server:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
+    def metric_each(self, name: str) -> list[float]:
+        """One metric from each process's own /metrics, in process order."""
+        return [Server(self.name, 0, http_ports=[p]).metric(name) for p in self.http_ports]
+
     def rss_kib(self) -> int:
         total = 0
         for pid in self.pids:
@@ -81,6 +85,22 @@ class Server:
                 p.wait()
         if self.workdir and cleanup:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User plus system CPU seconds of one live process (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy (not idle or iowait) since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]
+    # guest time is already counted in user and nice
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _popen(

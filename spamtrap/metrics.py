@@ -119,6 +119,12 @@ class Metrics:
             ["channel", "outcome"],
             registry=r,
         )
+        self.node_info = Gauge(
+            "spamtrap_node_info",
+            "Always 1: the node's name, role (all|listener|worker) and queue (redis|none)",
+            ["node", "role", "queue"],
+            registry=r,
+        )
         # The Redis Streams work queue (scaled out)
         self.queue_up = Gauge(
             "spamtrap_queue_up", "1 while Redis answers, 0 while it is unreachable", registry=r

@@ -263,11 +263,20 @@ class QueueLink:
         return d
 
     def _probe_failed(self, failure: Failure) -> None:
-        self._settle()
         if failure.check(QueueUnavailableError, *self._errors) is None:
             log.failure("Redis probe failed", failure)
+        elif not self.settled:
+            # At start nothing was logged yet: a wrong password or address
+            # must show up at once, not as silence.
+            log.warn(
+                "Redis {url} unreachable at start ({err}); retrying every {n:g}s",
+                url=describe(self.cfg.url or ""),
+                err=failure.value,
+                n=self.cfg.retry_interval,
+            )
         else:
             log.debug("Redis still unreachable: {err}", err=failure.value)
+        self._settle()
 
     def _ensure_group(self, client: Any) -> None:
         """(In a pool thread.) Create the stream and the group, starting

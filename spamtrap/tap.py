@@ -130,6 +130,9 @@ class SpamtrapService(service.MultiService):
         self.pool = ThreadPool(
             minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2, name="spamtrap-workers"
         )
+        self.metrics.node_info.labels(
+            node=cfg.node, role=cfg.role, queue="redis" if cfg.queue.url else "none"
+        ).set(1)
         self.takes_mail = cfg.role in ("all", "listener")
         self.filters = cfg.role in ("all", "worker")
         # Spool and open bundles are per node name, so several processes (one

@@ -330,3 +330,50 @@ def poll(check: Any, timeout: float = 10.0) -> Any:
         if reactor.seconds() > deadline:
             raise AssertionError("condition not reached")
         yield task.deferLater(reactor, 0.02, lambda: None)
+
+
+def documented_acl() -> list[str]:
+    text = (Path(__file__).parent.parent / "docs" / "scaling.md").read_text()
+    line = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith("ACL SETUSER"))
+    return line.replace(">PASSWORD", ">s3cret").split()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_documented_acl_user_is_enough(
+    make_link: Any,
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+) -> Any:
+    assert redis_server.command(*documented_acl()) == b"OK"
+    secret = tmp_path / "redis.pass"
+    secret.write_text("s3cret\n")
+    link = make_link(username="spamtrap", password_file=str(secret), batch=4)
+    yield started(link)
+    yield QueueWriter(link, link.metrics).add_many([envelope(i).to_record() for i in range(6)])
+    source = QueueSource(link, "w1", link.metrics)
+    source.start()
+    try:
+        yield poll(lambda: source.depth == 4)
+        source.ack_keys(e.key for e in source.take(4))
+        link.clock.advance(ACK_DELAY)
+        yield poll(lambda: link.metrics.queue_acked._value.get() == 4)
+        yield source._refresh_held()
+        yield source._claim_idle()
+        link.clock.advance(5.0)  # the stats poll
+        yield poll(lambda: link.metrics.queue_length._value.get() == 2)
+        errors = [s for s in link.metrics.queue_errors.collect()[0].samples if s.value]
+        assert errors == []
+    finally:
+        yield defer.ensureDeferred(source.stop())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_wrong_password_counts_as_unreachable(
+    make_link: Any,
+    redis_server: RedisServer,  # noqa: F811
+) -> Any:
+    redis_server.command(*documented_acl())
+    link = make_link(username="spamtrap", password="wrong")
+    link.start()
+    yield link.first_answer()
+    assert not link.up and link.metrics.queue_up._value.get() == 0

@@ -111,6 +111,7 @@ def test_listener_and_worker_through_redis(
         assert int(redis_server.command("XLEN", "spamtrap")) == 20
         assert listener.metric("spamtrap_spool_depth") == 0
         assert listener.metric("spamtrap_queue_added_total") == 20
+        assert listener.metric('spamtrap_node_info{node="L",queue="redis",role="listener"}') == 1
         worker = Node(data, cfg, extra=["--node", "W", "--role", "worker", *q]).start()
         assert worker.http_get("/healthz")[1].count(b'"role": "worker"') == 1
         # A worker listens for no SMTP.
