@@ -1,6 +1,6 @@
 """spamtrap's benchmarks, side by side with the reference servers in one run.
 
-    python -m bench.run [intake] [multiproc] [hold] [latency] [e2e] [--quick]
+    python -m bench.run [intake] [multiproc] [hold] [latency] [e2e] [redis_workers] [--quick]
 
 With no scenario names, all run. Results print as Markdown and are saved to
 bench/out/<scenario>.json. Every load is bounded in count and time, and only
@@ -472,6 +472,17 @@ def s3() -> None:
     save("s3", {"rows": rows})
 
 
+def redis_workers() -> None:
+    """Filter throughput with 1 and 2 worker processes behind one listener
+    through Redis, against one process on its own spool."""
+    from bench.redis_bench import main as redis_main
+
+    rows = redis_main(quick=QUICK)
+    print("\n## Redis work queue: a preloaded stream drained by 1 and 2 workers\n")
+    table(rows)
+    save("redis_workers", {"appendfsync": "always", "rows": rows})
+
+
 SCENARIOS = {
     "intake": intake,
     "multiproc": multiproc,
@@ -480,6 +491,7 @@ SCENARIOS = {
     "stopped": stopped,
     "stalled_clamd": stalled_clamd,
     "s3": s3,
+    "redis_workers": redis_workers,
 }
 
 

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -35,6 +36,7 @@ import yaml
 from spamtrap.mbox import read_mbox
 from spamtrap.store import MANIFEST_SUFFIX
 from tests.node import REPO, free_port, require_binary, wait_for_port
+from tests.redis_server import RedisServer
 
 PACKAGE = "spamtrap"
 CONFIG = Path("/etc/spamtrap/spamtrap.yaml")
@@ -135,7 +137,12 @@ def trap_address() -> tuple[str, Path]:
 
 
 def start_as_unit(
-    service: configparser.SectionProxy, config: Path, smtp: int, http: int, log: Path
+    service: configparser.SectionProxy,
+    config: Path,
+    smtp: int,
+    http: int,
+    log: Path,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """The unit's ExecStart as its User=/Group=, as systemd would start it."""
     args = shlex.split(service["ExecStart"])
@@ -143,7 +150,7 @@ def start_as_unit(
     assert args[args.index("--config") + 1] == str(CONFIG)
     args[args.index("--config") + 1] = str(config)
     args += ["--smtp", f"tcp:{smtp}:interface=127.0.0.1"]
-    args += ["--http", f"tcp:{http}:interface=127.0.0.1"]
+    args += ["--http", f"tcp:{http}:interface=127.0.0.1", *extra]
     user = pwd.getpwnam(service["User"])
     env = {**DEBIAN_ENV, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
     # Popen's user= rather than runuser: SIGTERM then reaches twistd itself
@@ -254,6 +261,63 @@ def check_template_unit() -> None:
         assert "spamtrap" not in checked.stdout + checked.stderr
 
 
+def check_queue_roles(
+    service: configparser.SectionProxy, config: Path, rcpt: str, tmp: Path
+) -> None:
+    """A listener and a worker through a real Redis, on bookworm's
+    python3-redis (the oldest redis-py the package accepts)."""
+    redis = RedisServer(tmp / "redis").start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        smtp, logs = free_port(), [tmp / "listener.log", tmp / "worker.log"]
+        http = [free_port(), free_port()]
+        queue = ("--queue", redis.url)
+        procs.append(
+            start_as_unit(
+                service,
+                config,
+                smtp,
+                http[0],
+                logs[0],
+                ("--role", "listener", "--node", "deb-l", *queue),
+            )
+        )
+        procs.append(start_as_unit(service, config, free_port(), http[1], logs[1],
+                                   ("--role", "worker", "--node", "deb-w", *queue)))  # fmt: skip
+        try:
+            wait_for_port("127.0.0.1", smtp, procs[0])
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{logs[0].read_text(errors='replace')}") from None
+        token = uuid.uuid4().hex
+        queue_id = send_with_swaks(smtp, rcpt, token)
+        assert re.search(rb"(?m)^spamtrap_queue_added_total 1\.0$", http_get(http[0], "/metrics"))
+        deadline = time.monotonic() + 60
+        while not re.search(rb"(?m)^spamtrap_queue_read_total\{how=\"new\"\} 1\.0$",
+                            http_get_or_empty(http[1], "/metrics")):  # fmt: skip
+            assert time.monotonic() < deadline, logs[1].read_text(errors="replace")
+            time.sleep(0.1)
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == -signal.SIGTERM
+        bundle, message, _ = stored_message(token)
+        assert ".deb-w." in bundle.name
+        assert f"X-Spamtrap-Id: {queue_id}\r\n".encode() in message
+        assert int(redis.command("XLEN", "spamtrap")) == 0  # acked and deleted
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        redis.stop()
+
+
+def http_get_or_empty(port: int, path: str) -> bytes:
+    try:
+        return http_get(port, path)
+    except OSError:
+        return b""  # not listening yet
+
+
 def check_system_python() -> None:
     """The service user's python3 is Debian's, with Debian's Twisted."""
     code = "import spamtrap, twisted; print(spamtrap.__file__, twisted.__version__)"
@@ -316,6 +380,8 @@ def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) 
         assert manifest["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
         assert f"X-Spamtrap-Id: {queue_id}\r\n".encode() in message
         assert re.search(rb"X-Spamtrap-TLS: TLSv1\.[23] ", message), message[:2000]
+
+        check_queue_roles(service, config, rcpt, tmp_path)
 
         # Upgrade (here: the same version again) and remove keep the data.
         run(["dpkg", "-i", str(deb)])
