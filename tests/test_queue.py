@@ -31,6 +31,7 @@ from spamtrap.queue import (
     parse_id,
 )
 from spamtrap.spool import Spool
+from tests.node import free_port
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("redis_server")
@@ -377,3 +378,93 @@ def test_a_wrong_password_counts_as_unreachable(
     link.start()
     yield link.first_answer()
     assert not link.up and link.metrics.queue_up._value.get() == 0
+
+
+def make_pki(directory: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - Python 3.11 too
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(cn: str, key: Any, issuer: Any, issuer_key: Any, ca: bool = False) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    out: dict[str, str] = {}
+
+    def write(label: str, cert: Any, key: Any) -> None:
+        (directory / f"{label}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{label}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        out[label] = str(directory / f"{label}.pem")
+        out[label + "_key"] = str(directory / f"{label}.key")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix in ("", "other_"):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = issue(f"{prefix}test CA", ca_key, name(f"{prefix}test CA"), ca_key, ca=True)
+        write(prefix + "ca", ca, ca_key)
+        if not prefix:
+            for label in ("server", "client"):
+                key = ec.generate_private_key(ec.SECP256R1())
+                write(label, issue(label, key, ca.subject, ca_key), key)
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_rediss_with_a_ca_and_a_client_certificate(tmp_path: Path) -> Any:
+    pki = make_pki(tmp_path / "pki")
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "redis",
+        extra=(
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", pki["server"], "--tls-key-file", pki["server_key"],
+            "--tls-ca-cert-file", pki["ca"], "--tls-auth-clients", "yes",
+        ),
+    ).start()  # fmt: skip
+    links = []
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0"
+        good = QueueConfig(url=url, ca_file=pki["ca"], cert_file=pki["client"],
+                           key_file=pki["client_key"], timeout=2.0)  # fmt: skip
+        no_client_cert = QueueConfig(url=url, ca_file=pki["ca"], timeout=2.0)
+        wrong_ca = QueueConfig(url=url, ca_file=pki["other_ca"], cert_file=pki["client"],
+                               key_file=pki["client_key"], timeout=2.0)  # fmt: skip
+        for cfg in (good, no_client_cert, wrong_ca):
+            links.append(QueueLink(cfg, Metrics(), reactor, clock=task.Clock()))
+            links[-1].start()
+            yield links[-1].first_answer()
+        assert [link.up for link in links] == [True, False, False]
+        yield QueueWriter(links[0], links[0].metrics).add(envelope(1).to_record())
+        assert len(server.command("XRANGE", "spamtrap", "-", "+")) == 1
+    finally:
+        for link in links:
+            link.stop()
+        server.stop()
