@@ -225,6 +225,13 @@ def multiproc() -> None:
                         "server cores": med(sum(p["cores"] for p in r["procs"]) for r in runs),
                         "smtp-source cores": med(r["source_cores"] for r in runs),
                         "machine busy cores": med(r["busy_cores"] for r in runs),
+                        # Anything else on the machine: other jobs disturbing the run.
+                        "other cores": med(
+                            r["busy_cores"]
+                            - r["source_cores"]
+                            - sum(p["cores"] for p in r["procs"])
+                            for r in runs
+                        ),
                         "filter catch-up s": med(r["drain_s"] for r in runs),
                     }
                 )
