@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from spamtrap.mbox import MboxReader
+from spamtrap.message import Envelope
+from spamtrap.queue import format_id, parse_id
 from tests.faultproxy import FaultProxy
 from tests.node import Node, RawSMTP, SMTPError, free_port
 from tests.redis_server import RedisServer
@@ -56,7 +58,7 @@ GROUP = "spamtrap"
 CLEAN_EXIT = (0, -signal.SIGTERM)  # twistd re-raises SIGTERM after a clean stop
 ROLES_WITH_SMTP = ("listener", "all")
 _ID_HEADER = re.compile(rb"^X-Spamtrap-Id: (\S+)\r?$", re.M)
-_LOAD_MESSAGE_ID = re.compile(rb"^Message-Id: <([A-Za-z0-9]+)\.(\d+)@load\.spamtrap\.test>", re.M)
+_LOAD_MESSAGE_ID = re.compile(rb"^Message-Id: <([A-Za-z0-9]+\.\d+)@load\.spamtrap\.test>", re.M)
 
 
 @dataclass
@@ -68,7 +70,17 @@ class Settings:
     retry_interval: float = 0.5
     rotate_age: float = 2.0
     batch: int = 256
+    connections: int = 4
     filter_workers: int = 2
+
+
+@dataclass
+class Held:
+    """A worker's pending entries in Redis."""
+
+    entries: int
+    min_idle: float | None  # seconds since the freshest was delivered or refreshed
+    message_ids: set[str]  # their X-Spamtrap-Ids
 
 
 @dataclass
@@ -99,6 +111,7 @@ queue:
   timeout: {settings.timeout}s
   retry_interval: {settings.retry_interval}s
   batch: {settings.batch}
+  connections: {settings.connections}
 """
 
 
@@ -269,6 +282,9 @@ class Cluster:
             if self.specs[name].role in ROLES_WITH_SMTP
         ]
 
+    def listeners_at_start(self) -> list[str]:
+        return [n for n, spec in self.specs.items() if spec.role in ROLES_WITH_SMTP]
+
     def listeners(self) -> list[str]:
         """The running nodes that take mail."""
         return [
@@ -293,10 +309,23 @@ class Cluster:
         reply = self.redis.command("XPENDING", STREAM, GROUP)
         return {c.decode(): int(n) for c, n in (reply[3] or [])}
 
-    def pending_idle_ms(self, consumer: str, count: int = 100_000) -> list[int]:
-        """The idle time of every entry ``consumer`` holds (XPENDING's extended form)."""
+    def held(self, consumer: str, count: int = 100_000) -> Held:
+        """What ``consumer`` has pending: XPENDING's extended form, and the
+        X-Spamtrap-Id of each entry (read from the stream with XRANGE)."""
         rows = self.redis.command("XPENDING", STREAM, GROUP, "-", "+", count, consumer)
-        return [int(r[2]) for r in rows]
+        if not rows:
+            return Held(0, None, set())
+        wanted = {r[0] for r in rows}
+        keys = sorted(parse_id(i) for i in wanted)
+        entries = self.redis.command(
+            "XRANGE", STREAM, format_id(keys[0]), format_id(keys[-1])
+        )  # fmt: skip
+        ids = {
+            Envelope.from_record(fields[1]).msg_id
+            for entry_id, fields in entries
+            if entry_id in wanted and fields
+        }
+        return Held(len(rows), min(int(r[2]) for r in rows) / 1000, ids)
 
     def stream_length(self) -> int:
         return int(self.redis.command("XLEN", STREAM))
@@ -327,6 +356,27 @@ class Cluster:
             key=lambda n: self.specs[n].role != "listener",
         )
         return {name: self.stop_node(name) for name in order}
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """The queue's fault counters of every running node."""
+        wanted = {
+            "spooled": 'spamtrap_queue_unreachable_total{action="spooled"}',
+            "tempfail": 'spamtrap_queue_unreachable_total{action="tempfail"}',
+            "forwarded": "spamtrap_queue_forwarded_total",
+            "added": "spamtrap_queue_added_total",
+            "claimed": 'spamtrap_queue_read_total{how="claimed"}',
+            "acked": "spamtrap_queue_acked_total",
+        }
+        out: dict[str, dict[str, float]] = {}
+        for name in self.nodes:
+            if self.alive(name):
+                m = self.metrics(name)
+                row = {k: m.get(metric, 0.0) for k, metric in wanted.items()}
+                row["skipped_bundles"] = sum(
+                    v for k, v in m.items() if k.startswith("spamtrap_bundles_skipped_total")
+                )
+                out[name] = row
+        return out
 
     def stored(self) -> StoreContents:
         return read_store(self.s3, self.prefix)
@@ -373,7 +423,7 @@ class LoadGenerator:
     deadline: float = 600.0
     pause: float = 0.0  # between messages, per client: a gentler stream
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
-    accepted: dict[str, int] = field(default_factory=dict)  # queue id -> message number
+    accepted: dict[str, str] = field(default_factory=dict)  # queue id -> "tag.number"
     tempfails: int = 0  # 4xx replies
     permanent: int = 0  # 5xx replies: never retried, never accepted
     errors: int = 0  # broken connections
@@ -387,6 +437,7 @@ class LoadGenerator:
         self._lock = threading.Lock()
         self._numbers = iter(range(self.count))
         self._stop = threading.Event()
+        self._abort = threading.Event()
         self._workers: list[threading.Thread] = []
         self._target_turn = itertools.count()
 
@@ -400,6 +451,11 @@ class LoadGenerator:
 
     def stop(self) -> None:
         """Send no new message; the ones in progress finish."""
+        self._stop.set()
+
+    def abort(self) -> None:
+        """Send no new message and retry none (the cluster is going away)."""
+        self._abort.set()
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -497,7 +553,7 @@ class LoadGenerator:
         if code == 250:
             msg_id = text.rsplit(b" ", 1)[1].decode()
             with self._lock:
-                self.accepted[msg_id] = n
+                self.accepted[msg_id] = f"{self.tag}.{n}"
                 self.last_accept = time.monotonic()
             return None
         return self._refused(_RefusedError(code, text), n)
@@ -520,11 +576,10 @@ class LoadGenerator:
                 self.uncertain.add(uncertain)
 
     def _retry_or_give_up(self, n: int, give_up: float) -> bool:
-        if time.monotonic() > give_up:
+        if time.monotonic() > give_up or self._abort.wait(self.retry_delay):
             with self._lock:
                 self.given_up.add(n)
             return False
-        time.sleep(self.retry_delay)
         return True
 
     def summary(self) -> dict[str, Any]:
@@ -539,6 +594,24 @@ class LoadGenerator:
             "seconds": round((self.finished or time.monotonic()) - self.started, 2),
             "messages_per_second": round(self.rate(), 1),
         }
+
+
+def send_once(host: str, port: int, data: bytes, timeout: float = 30) -> tuple[int, str]:
+    """One transaction on a fresh connection: (reply code, the queue id of
+    a 250 or else the reply text)."""
+    conn = RawSMTP(host, port, timeout=timeout)
+    try:
+        _command(conn, b"EHLO load.example", 250)
+        _command(conn, b"MAIL FROM:<sender@load.example>", 250)
+        _command(conn, b"RCPT TO:<trap@trap.example>", 250)
+        _command(conn, b"DATA", 354)
+        conn.sock.sendall(data + b".\r\n")
+        code, text = conn.reply()
+    finally:
+        conn.close()
+    if code == 250:
+        return code, text.rsplit(b" ", 1)[1].decode()
+    return code, text.decode(errors="replace")
 
 
 def _command(conn: RawSMTP, line: bytes, expect: int) -> bytes:
@@ -562,21 +635,22 @@ def _close_quietly(conn: RawSMTP) -> None:
 @dataclass
 class StoreContents:
     copies: Counter[str] = field(default_factory=Counter)  # X-Spamtrap-Id -> copies stored
-    numbers: dict[str, set[int]] = field(default_factory=dict)  # id -> load message numbers
+    messages: dict[str, set[str]] = field(default_factory=dict)  # id -> "tag.number"s
     bundles: int = 0
     orphans: list[str] = field(default_factory=list)  # bundle objects without a manifest
     bad: list[str] = field(default_factory=list)  # bundles that do not match their manifest
 
 
-def bundle_ids(raw: bytes) -> list[tuple[str, int | None]]:
-    """(X-Spamtrap-Id, load message number) of every entry of a gzipped mboxrd bundle."""
-    out: list[tuple[str, int | None]] = []
+def bundle_ids(raw: bytes) -> list[tuple[str, str | None]]:
+    """(X-Spamtrap-Id, "tag.number" of a load message) of every entry of a
+    gzipped mboxrd bundle."""
+    out: list[tuple[str, str | None]] = []
     for _from_line, message in MboxReader(io.BytesIO(gzip.decompress(raw))):
         found = _ID_HEADER.search(message)
         if found is None:
             raise ValueError("a stored message without X-Spamtrap-Id")
-        number = _LOAD_MESSAGE_ID.search(message)
-        out.append((found.group(1).decode(), int(number.group(2)) if number else None))
+        load = _LOAD_MESSAGE_ID.search(message)
+        out.append((found.group(1).decode(), load.group(1).decode() if load else None))
     return out
 
 
@@ -601,10 +675,10 @@ def read_store(s3: SeaweedFS, prefix: str) -> StoreContents:
         if doc["sha256"] != hashlib.sha256(raw).hexdigest() or doc["messages"] != len(entries):
             out.bad.append(key)
         out.bundles += 1
-        for msg_id, number in entries:
+        for msg_id, load in entries:
             out.copies[msg_id] += 1
-            if number is not None:
-                out.numbers.setdefault(msg_id, set()).add(number)
+            if load is not None:
+                out.messages.setdefault(msg_id, set()).add(load)
     return out
 
 
@@ -612,13 +686,13 @@ def read_store(s3: SeaweedFS, prefix: str) -> StoreContents:
 
 
 def make_report(
-    load: LoadGenerator,
+    accepted: dict[str, str],
     stored: StoreContents,
     recovery: dict[str, float | None] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Accepted vs stored. Lists are sorted; ``summary()`` leaves them out."""
-    accepted = load.accepted
+    """What got a 250 (queue id -> "tag.number") vs what was stored. Lists
+    are sorted; ``summary()`` leaves them out."""
     missing = sorted(set(accepted) - set(stored.copies))
     # Stored ids nobody saw a 250 for: a reply lost on a broken connection.
     unexpected = sorted(set(stored.copies) - set(accepted))
@@ -626,10 +700,16 @@ def make_report(
     extra_copies = sum(c - 1 for c in dups.values())
     # One id, one message: copies of an id must all be the message it was given to.
     mismatched = sorted(
-        i for i, nums in stored.numbers.items() if i in accepted and nums != {accepted[i]}
+        i for i, msgs in stored.messages.items() if i in accepted and msgs != {accepted[i]}
     )
+    # A message stored under two ids is a duplicate nobody can spot: only
+    # a sender's retry after a lost reply may cause one.
+    ids_of: dict[str, set[str]] = {}
+    for i, msgs in stored.messages.items():
+        for m in msgs:
+            ids_of.setdefault(m, set()).add(i)
+    unmarked = sorted(m for m, ids in ids_of.items() if len(ids) > 1)
     return {
-        "load": load.summary(),
         "accepted": len(accepted),
         "stored_ids": len(stored.copies),
         "stored_copies": sum(stored.copies.values()),
@@ -637,6 +717,7 @@ def make_report(
         "missing_count": len(missing),
         "unexpected_count": len(unexpected),
         "mismatched_count": len(mismatched),
+        "unmarked_duplicate_count": len(unmarked),
         "duplicate_ids": len(dups),
         "duplicate_copies": extra_copies,
         "duplicates_per_10000": round(extra_copies * 10000 / len(accepted), 2) if accepted else 0,
@@ -647,13 +728,22 @@ def make_report(
         "missing": missing,
         "unexpected": unexpected,
         "mismatched": mismatched,
+        "unmarked_duplicates": unmarked,
         "duplicates": dict(sorted(dups.items())),
         "accepted_ids": sorted(accepted),
         "stored_id_list": sorted(stored.copies),
     }
 
 
-_LISTS = ("missing", "unexpected", "mismatched", "duplicates", "accepted_ids", "stored_id_list")
+_LISTS = (
+    "missing",
+    "unexpected",
+    "mismatched",
+    "unmarked_duplicates",
+    "duplicates",
+    "accepted_ids",
+    "stored_id_list",
+)
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -678,15 +768,26 @@ class Watch:
         self._check = check
         self._since = since
         self._deadline = deadline
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"watch-{name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            wait_until(self._check, self._deadline, interval=0.05)
-            self.seconds = round(time.monotonic() - self._since, 3)
-        except TimeoutError as e:
-            self.error = str(e)
+        end = self._since + self._deadline
+        while not self._cancelled.is_set():
+            try:
+                if self._check():
+                    self.seconds = round(time.monotonic() - self._since, 3)
+                    return
+            except (OSError, RuntimeError):
+                pass  # a server being restarted: ask again
+            if time.monotonic() > end:
+                self.error = f"{self.name}: not reached in {self._deadline:g}s"
+                return
+            self._cancelled.wait(0.05)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
 
     def result(self, timeout: float) -> float | None:
         self._thread.join(timeout)
@@ -717,58 +818,61 @@ def fault_script(
     wall = time.monotonic()
     load = LoadGenerator(cluster.smtp_targets(), messages, threads=threads).start()
     facts: dict[str, Any] = {}
+    watches: list[Watch] = []
     try:
         load.wait_accepted(int(messages * kill_worker_at), deadline)
         t_kill = time.monotonic()
         cluster.kill(worker)
-        facts["worker_pending_at_kill"] = cluster.pending().get(worker, 0)
-        idle = cluster.pending_idle_ms(worker)
+        held = cluster.held(worker)
+        facts["worker_held_at_kill"] = held.entries
         # The freshest entry is claimable claim_idle after its last delivery
-        # or refresh: the takeover cannot be over before that.
-        facts["worker_min_idle_at_kill_s"] = min(idle) / 1000 if idle else None
-        worker_watch = Watch(
-            "worker_kill", lambda: worker not in cluster.pending(), t_kill, deadline
+        # or refresh: the takeover cannot be over sooner.
+        facts["worker_min_idle_at_kill_s"] = held.min_idle
+        watches.append(
+            Watch("worker_kill", lambda: worker not in cluster.pending(), t_kill, deadline)
         )
 
         load.wait_accepted(int(messages * kill_redis_at), deadline)
         facts["accepted_at_redis_kill"] = load.done
+        t_redis_kill = time.monotonic()
         cluster.redis.kill()
         time.sleep(redis_down)
         cluster.redis.start()
         t_restart = time.monotonic()
-        redis_watch = Watch(
-            "redis_restart",
-            lambda: all(cluster.forwarded_all(n) for n in cluster.listeners()),
-            t_restart,
-            deadline,
+        facts["redis_down_seconds"] = round(t_restart - t_redis_kill, 2)
+        watches.append(
+            Watch(
+                "redis_restart",
+                lambda: all(cluster.forwarded_all(n) for n in cluster.listeners()),
+                t_restart,
+                deadline,
+            )
         )
         load.join(deadline)
-        recovery = {
-            "redis_restart": redis_watch.result(deadline),
-            "worker_kill": worker_watch.result(deadline),
-        }
-        facts["watch_errors"] = [w.error for w in (redis_watch, worker_watch) if w.error]
-        facts["settle_seconds"] = round(cluster.settle(), 2)
-        facts["spooled"] = {
-            n: cluster.metrics(n).get('spamtrap_queue_unreachable_total{action="spooled"}', 0.0)
-            for n in cluster.listeners()
-        }
-        facts["claimed"] = {
-            n: cluster.metrics(n).get('spamtrap_queue_read_total{how="claimed"}', 0.0)
-            for n in cluster.nodes
-            if cluster.alive(n) and cluster.specs[n].role != "listener"
-        }
-        facts["skipped_bundles"] = sum(
-            v
-            for n in cluster.nodes
-            if cluster.alive(n)
-            for k, v in cluster.metrics(n).items()
-            if k.startswith("spamtrap_bundles_skipped_total")
-        )
+        recovery = {w.name: w.result(deadline) for w in watches}
+        facts["watch_errors"] = [w.error for w in watches if w.error]
+        facts["settle_seconds"] = round(cluster.settle(deadline), 2)
+        facts["counters"] = cluster.counters()
+    except BaseException:
+        load.abort()
+        raise
     finally:
-        load.stop()
+        for w in watches:
+            w.cancel()
     facts["exit_codes"] = cluster.stop_all()
     facts["left_in_stream"] = cluster.stream_length()
     stored = cluster.stored()
+    # Where duplicates may come from: the dead worker's entries (stored by
+    # it, never acknowledged, taken over and stored again), or XADDs Redis
+    # applied but whose replies the kill lost (so spooled and forwarded
+    # again): at most every listener's XADD round trips in flight, each of
+    # up to a batch.
+    dups = {i for i, c in stored.copies.items() if c > 1}
+    facts["duplicate_ids_held_by_dead_worker"] = len(dups & held.message_ids)
+    facts["duplicate_ids_other"] = len(dups - held.message_ids)
+    s = cluster.settings
+    facts["in_flight_bound_at_redis_kill"] = (
+        len(cluster.listeners_at_start()) * max(1, s.connections // 2) * s.batch
+    )
     facts["wall_seconds"] = round(time.monotonic() - wall, 1)
-    return make_report(load, stored, recovery, **facts)
+    return make_report(load.accepted, stored, recovery, load=load.summary(), **facts)
