@@ -1251,6 +1251,13 @@ def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
             "role",
             f"role {cfg.role!r} needs queue.url (the Redis the other role reads or writes)",
         )
+    if cfg.role == "worker" and cfg.filters.workers == 0 and w.clean("filters"):
+        found = _entry(node, "role")
+        w.error(
+            found[1] if found else node,
+            "role",
+            "role 'worker' with filters.workers: 0 would process nothing",
+        )
     q = cfg.queue
     if q.password is not None and q.password_file is not None and w.clean("queue"):
         found = _entry(node, "queue")

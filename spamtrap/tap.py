@@ -101,6 +101,8 @@ class Options(usage.Options):
             cfg.role = self["role"]
         if cfg.role != "all" and cfg.queue.url is None:
             raise usage.UsageError(f"role {cfg.role} needs a queue: --queue redis://HOST:PORT")
+        if cfg.role == "worker" and cfg.filters.workers == 0:
+            raise usage.UsageError("role worker with filters.workers: 0 would process nothing")
         self.config = cfg
 
 
@@ -257,9 +259,11 @@ class SpamtrapService(service.MultiService):
         if self.filters:
             for b in self.bundles.values():
                 b.start()
-            if self.source is not None:
-                self.source.start()
             if self.cfg.filters.workers > 0:
+                # Without filter workers nothing would process what the
+                # source reads, and it would hold it from other workers.
+                if self.source is not None:
+                    self.source.start()
                 self.pipeline.start()
         self._install_hup()
         log.info(

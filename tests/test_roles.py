@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.python import usage
 
 from spamtrap import queue
+from spamtrap.config import ConfigError, parse_config
 from spamtrap.tap import Options
 from tests.node import REPO, TWISTD, Node, RawSMTP, bundles, free_port
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
@@ -55,6 +56,28 @@ def test_role_and_queue_options() -> None:
 def test_bad_role_or_queue_is_a_usage_error(args: list[str], message: str) -> None:
     with pytest.raises(usage.UsageError, match=message):
         options(*args)
+
+
+def test_worker_without_filter_workers_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("traps: {catch_all: true}\nfilters: {workers: 0}\n")
+    with pytest.raises(usage.UsageError, match="would process nothing"):
+        options("--config", str(cfg), "--role", "worker", "--queue", "redis://127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("role: listener\n", "role: role 'listener' needs queue.url"),
+        ("role: worker\nfilters: {workers: 0}\nqueue: {url: 'redis://h'}\n", "process nothing"),
+        ("queue: {url: 'redis://h', password: a, password_file: /x}\n", "not both"),
+        ("queue: {url: 'rediss://h:6380', on_unreachable: drop}\n", "known: spool, tempfail"),
+        ("queue: {url: 'redis://h', connections: 1}\n", "queue.connections"),
+    ],
+)
+def test_queue_config_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config("traps: {catch_all: true}\n" + text)
 
 
 def test_passwords_stay_out_of_logs() -> None:
