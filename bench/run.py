@@ -1,6 +1,7 @@
 """spamtrap's benchmarks, side by side with the reference servers in one run.
 
-    python -m bench.run [intake] [multiproc] [hold] [latency] [e2e] [redis_workers] [--quick]
+    python -m bench.run [intake] [multiproc] [hold] [latency] [e2e] [redis_workers]
+                        [faults] [--quick]
 
 With no scenario names, all run. Results print as Markdown and are saved to
 bench/out/<scenario>.json. Every load is bounded in count and time, and only
@@ -490,6 +491,12 @@ def redis_workers() -> None:
     save("redis_workers", {"appendfsync": "always", "rows": rows})
 
 
+def faults() -> None:
+    from bench import faults as fault_bench
+
+    save("faults", fault_bench.run(QUICK))
+
+
 SCENARIOS = {
     "intake": intake,
     "multiproc": multiproc,
@@ -499,6 +506,7 @@ SCENARIOS = {
     "stalled_clamd": stalled_clamd,
     "s3": s3,
     "redis_workers": redis_workers,
+    "faults": faults,
 }
 
 

@@ -381,8 +381,8 @@ class QueueConfig:
     # Seconds between attempts to reach Redis again while it is down.
     retry_interval: float = 1.0
     # A message a worker took and has not finished for this long is taken
-    # over by another worker (XAUTOCLAIM): how long a dead worker's messages
-    # wait. Live workers refresh the messages they hold well before it.
+    # over by another worker (XAUTOCLAIM, tried every claim_idle/2). Live
+    # workers refresh the messages they hold every claim_idle/3.
     claim_idle: float = 60.0
     # Messages per XADD pipeline, per XREADGROUP, per claim.
     batch: int = 256

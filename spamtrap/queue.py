@@ -49,6 +49,10 @@ ACK_DELAY = 0.05  # acks gathered this long go to Redis in one round trip
 ACK_CHUNK = 1000  # ids per XACK/XDEL/XCLAIM command
 STATS_INTERVAL = 5.0
 MAX_BLOCK = 1.0  # longest XREADGROUP BLOCK, in seconds: bounds a clean stop
+CLAIM_PAUSE = 0.05  # while taking over a backlog: wait this long for buffer room
+# WAIT may block for this share of queue.timeout: the socket's own timeout
+# (all of it) must not fire first, or an applied XADD would count as failed.
+WAIT_SHARE = 0.5
 
 
 class QueueUnavailableError(Exception):
@@ -116,6 +120,10 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.RedisError, OSError)
+
+
+def wait_ms(cfg: QueueConfig) -> int:
+    return max(1, int(cfg.timeout * 1000 * WAIT_SHARE))
 
 
 def describe(url: str) -> str:
@@ -290,7 +298,7 @@ class QueueLink:
                 raise
         if self.cfg.replicas:
             # Up means adds can succeed: that needs the replicas too.
-            n = client.execute_command("WAIT", self.cfg.replicas, int(self.cfg.timeout * 1000))
+            n = client.execute_command("WAIT", self.cfg.replicas, wait_ms(self.cfg))
             if n < self.cfg.replicas:
                 raise QueueUnavailableError(f"{n} of {self.cfg.replicas} replica(s) connected")
 
@@ -390,11 +398,12 @@ class QueueWriter:
         if cfg.maxlen:
             pipe.execute_command("XTRIM", stream, "MAXLEN", "~", cfg.maxlen)
         if cfg.replicas:
-            pipe.execute_command("WAIT", cfg.replicas, int(cfg.timeout * 1000))
+            pipe.execute_command("WAIT", cfg.replicas, wait_ms(cfg))
         replies = pipe.execute()
         if cfg.replicas and replies[-1] < cfg.replicas:
             raise QueueUnavailableError(
-                f"only {replies[-1]} of {cfg.replicas} replica(s) acknowledged in {cfg.timeout:g}s"
+                f"only {replies[-1]} of {cfg.replicas} replica(s) acknowledged"
+                f" in {wait_ms(cfg)} ms"
             )
         trimmed = int(replies[len(records)]) if cfg.maxlen else 0
         if trimmed:
@@ -561,6 +570,7 @@ class QueueSource:
         # Ids read and not yet acked: refreshed so no other worker takes them.
         self._held: set[Key] = set()
         self._acks: list[Key] = []
+        self._unacked: set[Key] = set()  # the keys in _acks and in flight to Redis
         self._ack_call: Any = None
         self._acking: defer.Deferred[None] | None = None
         self._fetching = False
@@ -659,6 +669,7 @@ class QueueSource:
         for key in keys:
             self._held.discard(key)
             self._acks.append(key)
+            self._unacked.add(key)
         if self._acks and self._ack_call is None and self._acking is None:
             self._ack_call = self.clock.callLater(ACK_DELAY, self._ack_due)
 
@@ -734,8 +745,10 @@ class QueueSource:
             if record is None:
                 trimmed.append(key)  # shed before it was read: drop its pending entry
                 continue
-            if key in self._held:
-                continue  # already ours (claimed back from ourselves)
+            if key in self._held or key in self._unacked:
+                # Already ours: claimed back from ourselves (our refresh
+                # failed for a while), or done and waiting for its XACK.
+                continue
             self._held.add(key)
             self._buffer.append(StreamEntry(key, record))
             n += 1
@@ -769,9 +782,22 @@ class QueueSource:
     def _claim_idle(self) -> defer.Deferred[Any] | None:
         if not self.link.up or not self._fetching or not self._has_room():
             return None
-        d = self.link.call("claim", self._xautoclaim)
-        d.addCallbacks(self._claimed, lambda f: f.trap(QueueUnavailableError))
-        return d
+        return defer.ensureDeferred(self._claim_all())
+
+    async def _claim_all(self) -> None:
+        """Take over idle entries a batch at a time until none is left: a
+        dead worker may hold many batches (its open bundles), and each one
+        would otherwise wait another claim_idle/2."""
+        while self.link.up and self._fetching:
+            try:
+                entries = await self.link.call("claim", self._xautoclaim)
+            except QueueUnavailableError:
+                return
+            self._claimed(entries)
+            if len(entries) < self.cfg.batch:
+                return
+            while self._fetching and not self._has_room():
+                await task.deferLater(self.clock, CLAIM_PAUSE, lambda: None)
 
     def _xautoclaim(self, client: Any) -> list[tuple[bytes, Any]]:
         """(In a pool thread.) Take over entries idle for claim_idle, up to a
@@ -822,6 +848,7 @@ class QueueSource:
                     self._ack_wait = self.link.wait_up()
                     await self._ack_wait
                     continue
+                self._unacked.difference_update(batch)
                 self.metrics.queue_acked.inc(len(batch))
         except defer.CancelledError:
             return

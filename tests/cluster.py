@@ -516,11 +516,13 @@ class LoadGenerator:
                             break
                     outcome = self._send(conn, n, data)
                     sent_on_conn += 1
-                    if outcome is None:
-                        break  # accepted, or refused for good
+                    if outcome == "accepted":
+                        break
+                    # A fresh connection for whatever comes next: this one
+                    # may be broken or in the middle of a transaction.
                     _close_quietly(conn)
                     conn = None
-                    if not self._retry_or_give_up(n, give_up):
+                    if outcome == "refused" or not self._retry_or_give_up(n, give_up):
                         break
                 if self.pause:
                     time.sleep(self.pause)
@@ -534,9 +536,9 @@ class LoadGenerator:
         _command(conn, b"EHLO load.example", 250)
         return conn
 
-    def _send(self, conn: RawSMTP, n: int, data: bytes) -> str | None:
-        """One transaction. None when done with the message (accepted or
-        refused for good); "retry" when it should be tried again."""
+    def _send(self, conn: RawSMTP, n: int, data: bytes) -> str:
+        """One transaction: "accepted", "retry" (a 4xx or a broken
+        connection) or "refused" (a 5xx: given up)."""
         dot_sent = False
         try:
             _command(conn, b"MAIL FROM:<sender%d@load.example>" % n, 250)
@@ -555,17 +557,17 @@ class LoadGenerator:
             with self._lock:
                 self.accepted[msg_id] = f"{self.tag}.{n}"
                 self.last_accept = time.monotonic()
-            return None
+            return "accepted"
         return self._refused(_RefusedError(code, text), n)
 
-    def _refused(self, e: _RefusedError, n: int) -> str | None:
+    def _refused(self, e: _RefusedError, n: int) -> str:
         with self._lock:
             if 400 <= e.code < 500:
                 self.tempfails += 1
                 return "retry"
             self.permanent += 1
             self.given_up.add(n)
-        return None
+        return "refused"
 
     def _failed(self, uncertain: int | None) -> None:
         with self._lock:
@@ -865,14 +867,13 @@ def fault_script(
     # Where duplicates may come from: the dead worker's entries (stored by
     # it, never acknowledged, taken over and stored again), or XADDs Redis
     # applied but whose replies the kill lost (so spooled and forwarded
-    # again): at most every listener's XADD round trips in flight, each of
-    # up to a batch.
+    # again): a listener has one XADD round trip in flight at a time, of up
+    # to a batch.
     dups = {i for i, c in stored.copies.items() if c > 1}
     facts["duplicate_ids_held_by_dead_worker"] = len(dups & held.message_ids)
     facts["duplicate_ids_other"] = len(dups - held.message_ids)
-    s = cluster.settings
     facts["in_flight_bound_at_redis_kill"] = (
-        len(cluster.listeners_at_start()) * max(1, s.connections // 2) * s.batch
+        len(cluster.listeners_at_start()) * cluster.settings.batch
     )
     facts["wall_seconds"] = round(time.monotonic() - wall, 1)
     return make_report(load.accepted, stored, recovery, load=load.summary(), **facts)

@@ -303,7 +303,7 @@ def test_replicas_wait_for_a_real_replica(
     redis_server: RedisServer,  # noqa: F811
     tmp_path: Path,
 ) -> Any:
-    link = make_link(replicas=1, timeout=0.5)
+    link = make_link(replicas=1, timeout=2.0)
     link.start()
     yield link.first_answer()
     assert not link.up  # no replica yet: adds would not be as durable as configured
