@@ -245,7 +245,7 @@ class QueueLink:
         self._probe.start(self.cfg.retry_interval, now=now).addErrback(self._log_loop_failure)
 
     def _try(self) -> defer.Deferred[None]:
-        d = deferToThreadPool(self.reactor, self.pool, self._ensure_group, self.client)
+        d = deferToThreadPool(self.reactor, self.pool, self.ensure_group, self.client)
         d.addCallbacks(self._probe_ok, self._probe_failed)
         return d
 
@@ -286,7 +286,7 @@ class QueueLink:
             log.debug("Redis still unreachable: {err}", err=failure.value)
         self._settle()
 
-    def _ensure_group(self, client: Any) -> None:
+    def ensure_group(self, client: Any) -> None:
         """(In a pool thread.) Create the stream and the group, starting
         from the stream's beginning, unless they exist."""
         import redis
@@ -301,9 +301,6 @@ class QueueLink:
             n = client.execute_command("WAIT", self.cfg.replicas, wait_ms(self.cfg))
             if n < self.cfg.replicas:
                 raise QueueUnavailableError(f"{n} of {self.cfg.replicas} replica(s) connected")
-
-    def ensure_group(self, client: Any) -> None:
-        self._ensure_group(client)
 
     def _read_stats(self) -> defer.Deferred[None] | None:
         if not self.up:
