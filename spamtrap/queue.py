@@ -59,6 +59,10 @@ class QueueUnavailableError(Exception):
     """Redis did not acknowledge in time (or is unreachable)."""
 
 
+class ReplicasMissingError(QueueUnavailableError):
+    """Fewer replicas than ``queue.replicas`` acknowledged (WAIT)."""
+
+
 Key = tuple[int, int]  # a stream entry id, 1700000000000-5 -> (1700000000000, 5)
 
 
@@ -300,7 +304,7 @@ class QueueLink:
             # Up means adds can succeed: that needs the replicas too.
             n = client.execute_command("WAIT", self.cfg.replicas, wait_ms(self.cfg))
             if n < self.cfg.replicas:
-                raise QueueUnavailableError(f"{n} of {self.cfg.replicas} replica(s) connected")
+                raise ReplicasMissingError(f"{n} of {self.cfg.replicas} replica(s) connected")
 
     def _read_stats(self) -> defer.Deferred[None] | None:
         if not self.up:
@@ -398,9 +402,8 @@ class QueueWriter:
             pipe.execute_command("WAIT", cfg.replicas, wait_ms(cfg))
         replies = pipe.execute()
         if cfg.replicas and replies[-1] < cfg.replicas:
-            raise QueueUnavailableError(
-                f"only {replies[-1]} of {cfg.replicas} replica(s) acknowledged"
-                f" in {wait_ms(cfg)} ms"
+            raise ReplicasMissingError(
+                f"only {replies[-1]} of {cfg.replicas} replica(s) acknowledged in {wait_ms(cfg)} ms"
             )
         trimmed = int(replies[len(records)]) if cfg.maxlen else 0
         if trimmed:
@@ -411,20 +414,16 @@ class QueueWriter:
     def _flushed(self, result: Any, batch: list[tuple[bytes, defer.Deferred[None]]]) -> None:
         self._flushing = False
         if isinstance(result, Failure):
-            if not result.check(QueueUnavailableError):
-                log.failure("adding to the Redis stream failed", result)
-            error = (
-                result
-                if result.check(QueueUnavailableError)
-                else Failure(QueueUnavailableError(str(result.value)))
-            )
-            if result.check(QueueUnavailableError) and "replica" in str(result.value):
+            if result.check(ReplicasMissingError):
                 # Not durable as configured: down until the probe sees the
                 # replicas again, so the forwarder does not add it in a loop.
                 self.metrics.queue_errors.labels(op="wait").inc()
                 self.link.mark_down(str(result.value))
+            elif not result.check(QueueUnavailableError):
+                log.failure("adding to the Redis stream failed", result)
+                result = Failure(QueueUnavailableError(str(result.value)))
             for _, d in batch:
-                d.errback(error)
+                d.errback(result)
         else:
             if result:
                 self.metrics.queue_shed.inc(result)

@@ -143,13 +143,14 @@ class SpamtrapService(service.MultiService):
         self.link: QueueLink | None = None
         self.forwarder: Forwarder | None = None
         self.source: QueueSource | None = None
-        self._submit_to = self._spool_submit
+        # Where a message goes at the end of DATA, before its 250.
+        self.submit = self._spool_submit
         if cfg.queue.url is not None:
             self.link = QueueLink(cfg.queue, self.metrics, reactor)
             if self.takes_mail:
                 writer = QueueWriter(self.link, self.metrics)
                 intake = QueueIntake(writer, self.spool, cfg.queue.on_unreachable, self.metrics)
-                self._submit_to = intake.submit
+                self.submit = intake.submit
                 self.forwarder = Forwarder(self.spool, writer, self.metrics, reactor, self.pool)
             if self.filters:
                 # The consumer name is the node name: a restarted worker
@@ -190,18 +191,20 @@ class SpamtrapService(service.MultiService):
         self.pipeline.bundles = self.bundles
         self.smtp_factory = TrapSMTPFactory(
             cfg,
-            self._submit,
+            self.submit,
             self.metrics,
             reactor,
-            tls_context=tls.context_factory(cfg.smtp.tls, data, cfg.smtp.hostname),
-            resolve_ptr=rdns.make_lookup() if cfg.smtp.rdns else None,
+            # A worker listens for no SMTP: no certificate to load or make.
+            tls_context=(
+                tls.context_factory(cfg.smtp.tls, data, cfg.smtp.hostname)
+                if self.takes_mail
+                else None
+            ),
+            resolve_ptr=rdns.make_lookup() if cfg.smtp.rdns and self.takes_mail else None,
         )
         self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, self.pool)
         self.smtp_ports: list[Any] = []
         self.http_ports: list[Any] = []
-
-    def _submit(self, env: Any) -> defer.Deferred[Any]:
-        return self._submit_to(env)
 
     def _spool_submit(self, env: Any) -> defer.Deferred[Any]:
         return self.spool.append(env.to_record(), env.received_at)

@@ -71,6 +71,11 @@ def started(link: QueueLink) -> Any:
     assert link.up
 
 
+def fill(link: QueueLink, n: int) -> defer.Deferred[Any]:
+    """Add messages 0..n-1 to the stream."""
+    return QueueWriter(link, link.metrics).add_many([envelope(i).to_record() for i in range(n)])
+
+
 def stream(server: RedisServer) -> list[Any]:
     return server.command("XRANGE", "spamtrap", "-", "+") or []
 
@@ -157,8 +162,7 @@ def test_tempfail_policy_refuses_while_redis_is_down(
 def test_worker_reads_acks_and_deletes(make_link: Any, redis_server: RedisServer) -> Any:  # noqa: F811
     link = make_link(batch=10)
     yield started(link)
-    writer = QueueWriter(link, link.metrics)
-    yield writer.add_many([envelope(i).to_record() for i in range(25)])
+    yield fill(link, 25)
     source = QueueSource(link, "w1", link.metrics)
     source.start()
     try:
@@ -190,7 +194,7 @@ def test_restarted_worker_reads_its_own_pending_first(
 ) -> Any:
     link = make_link(batch=5)
     yield started(link)
-    yield QueueWriter(link, link.metrics).add_many([envelope(i).to_record() for i in range(5)])
+    yield fill(link, 5)
     first = QueueSource(link, "w1", link.metrics)
     first.start()
     yield poll(lambda: first.depth == 5)
@@ -219,7 +223,7 @@ def test_a_dead_workers_messages_are_taken_over_a_live_ones_are_not(
 ) -> Any:
     link = make_link(batch=20)
     yield started(link)
-    yield QueueWriter(link, link.metrics).add_many([envelope(i).to_record() for i in range(8)])
+    yield fill(link, 8)
     live = QueueSource(link, "live", link.metrics)
     live.start()
     yield poll(lambda: live.depth == 8)
@@ -260,7 +264,7 @@ def test_trimmed_pending_entries_are_dropped_not_delivered(
 ) -> Any:
     link = make_link(batch=5)
     yield started(link)
-    yield QueueWriter(link, link.metrics).add_many([envelope(i).to_record() for i in range(5)])
+    yield fill(link, 5)
     first = QueueSource(link, "w1", link.metrics)
     first.start()
     yield poll(lambda: first.depth == 5)
@@ -350,7 +354,7 @@ def test_the_documented_acl_user_is_enough(
     secret.write_text("s3cret\n")
     link = make_link(username="spamtrap", password_file=str(secret), batch=4)
     yield started(link)
-    yield QueueWriter(link, link.metrics).add_many([envelope(i).to_record() for i in range(6)])
+    yield fill(link, 6)
     source = QueueSource(link, "w1", link.metrics)
     source.start()
     try:
