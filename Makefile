@@ -6,7 +6,7 @@ PYTHON ?= python3
 # Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin, HAProxy.
 DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd haproxy \
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	python3-wheel lintian
+	python3-wheel lintian procmail mutt tmux
 
 .PHONY: run test lint deps venv debs bench clean check-config
 

@@ -28,6 +28,7 @@ META_FIELDS: dict[str, str] = {
     "peer": "X-Spamtrap-Peer",
     "local": "X-Spamtrap-Local",
     "proxy": "X-Spamtrap-Proxy",
+    "relay": "X-Spamtrap-Relay",
     "rdns": "X-Spamtrap-Rdns",
     "helo": "X-Spamtrap-Helo",
     "tls": "X-Spamtrap-TLS",
@@ -40,6 +41,8 @@ META_FIELDS: dict[str, str] = {
     "size": "X-Spamtrap-Size",
     "dialect": "X-Spamtrap-Dialect",
     "timing": "X-Spamtrap-Timing",
+    "line_ends": "X-Spamtrap-Line-Ends",
+    "spoofed": "X-Spamtrap-Spoofed",
 }
 
 
