@@ -8,6 +8,7 @@ function that runs it and returns the exit code, so new commands (``explain``,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -145,8 +146,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:
         parser.print_usage(sys.stderr)
         return 2
-    code: int = run(args)
+    try:
+        code: int = run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `spamtrap check-config ... | head`: the reader is gone, which is
+        # not an error worth a traceback. Python would flush stdout again at
+        # exit and complain, so point it at /dev/null; exit as a program
+        # killed by SIGPIPE would (128 + 13), for `set -o pipefail`.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     return code
+
+
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

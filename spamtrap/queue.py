@@ -50,6 +50,10 @@ ACK_CHUNK = 1000  # ids per XACK/XDEL/XCLAIM command
 STATS_INTERVAL = 5.0
 MAX_BLOCK = 1.0  # longest XREADGROUP BLOCK, in seconds: bounds a clean stop
 CLAIM_PAUSE = 0.05  # while taking over a backlog: wait this long for buffer room
+# An outage is logged when it starts, then "still unreachable" this many
+# seconds into it, then every OUTAGE_REPORT_EVERY: never once per probe.
+OUTAGE_REPORTS = (1.0, 10.0, 60.0)
+OUTAGE_REPORT_EVERY = 300.0
 # WAIT may block for this share of queue.timeout: the socket's own timeout
 # (all of it) must not fire first, or an applied XADD would count as failed.
 WAIT_SHARE = 0.5
@@ -130,6 +134,18 @@ def wait_ms(cfg: QueueConfig) -> int:
     return max(1, int(cfg.timeout * 1000 * WAIT_SHARE))
 
 
+def format_duration(seconds: float) -> str:
+    """``45s``, ``5m``, ``1h30m``: how long an outage has lasted."""
+    total = int(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
 def describe(url: str) -> str:
     """The URL without its password, for logs."""
     parts = urlsplit(url)
@@ -167,6 +183,10 @@ class QueueLink:
         self._probe: task.LoopingCall | None = None
         self._stats: task.LoopingCall | None = None
         self.running = False
+        # When the current outage began (clock seconds), and when its next
+        # "still unreachable" line is due, in seconds into it.
+        self._down_since: float | None = None
+        self._report_at = OUTAGE_REPORTS[0]
         metrics.queue_up.set(0)
 
     def start(self) -> None:
@@ -210,6 +230,7 @@ class QueueLink:
             return
         self.up = False
         self.metrics.queue_up.set(0)
+        self._outage_began()
         log.warn(
             "Redis {url} unreachable ({why}); retrying every {n:g}s",
             url=describe(self.cfg.url or ""),
@@ -218,12 +239,39 @@ class QueueLink:
         )
         self._start_probe(now=False)
 
+    def _outage_began(self) -> None:
+        self._down_since = self.clock.seconds()
+        self._report_at = OUTAGE_REPORTS[0]
+
+    def _outage_report_due(self) -> float | None:
+        """The outage's length if a "still unreachable" line is due now."""
+        if self._down_since is None:
+            return None
+        lasted = self.clock.seconds() - self._down_since
+        if lasted < self._report_at:
+            return None
+        later = [t for t in OUTAGE_REPORTS if t > lasted]
+        if later:
+            self._report_at = later[0]
+        else:
+            # Every OUTAGE_REPORT_EVERY, on its multiples (5 min, 10 min, ...).
+            self._report_at = (lasted // OUTAGE_REPORT_EVERY + 1) * OUTAGE_REPORT_EVERY
+        return lasted
+
     def _mark_up(self) -> None:
         if self.up or not self.running:
             return
         self.up = True
         self.metrics.queue_up.set(1)
-        log.info("Redis {url} answers", url=describe(self.cfg.url or ""))
+        if self._down_since is None:
+            log.info("Redis {url} answers", url=describe(self.cfg.url or ""))
+        else:
+            log.info(
+                "Redis {url} answers again after {lasted} unreachable",
+                url=describe(self.cfg.url or ""),
+                lasted=format_duration(self.clock.seconds() - self._down_since),
+            )
+            self._down_since = None
         waiters, self._up_waiters = self._up_waiters, []
         for d in waiters:
             d.callback(None)
@@ -280,6 +328,7 @@ class QueueLink:
         elif not self.settled:
             # At start nothing was logged yet: a wrong password or address
             # must show up at once, not as silence.
+            self._outage_began()
             log.warn(
                 "Redis {url} unreachable at start ({err}); retrying every {n:g}s",
                 url=describe(self.cfg.url or ""),
@@ -287,7 +336,14 @@ class QueueLink:
                 n=self.cfg.retry_interval,
             )
         else:
-            log.debug("Redis still unreachable: {err}", err=failure.value)
+            lasted = self._outage_report_due()
+            if lasted is not None:
+                log.warn(
+                    "Redis {url} still unreachable after {lasted} ({err})",
+                    url=describe(self.cfg.url or ""),
+                    lasted=format_duration(lasted),
+                    err=failure.value,
+                )
         self._settle()
 
     def ensure_group(self, client: Any) -> None:

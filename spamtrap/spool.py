@@ -197,6 +197,8 @@ class _Batch:
     # The segment the next append goes to; every lower one is sealed.
     next_seq: int
     committed: bool
+    # Why the batch failed, for health and the log: e.g. "No space left on device".
+    error: str = ""
 
 
 def _scan_segment(path: str) -> tuple[list[tuple[int, int, int]], int, int]:
@@ -419,10 +421,12 @@ class _Writer:
         # Any failure to persist must fail the batch (451), never hang it.
         except Exception as e:  # noqa: BLE001
             self._abandon_segment()
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             return _Batch(
                 [(item.deferred, SpoolError(f"spool write failed: {e}")) for item in appends],
                 next_seq=self._seq,
                 committed=False,
+                error=why,
             )
         results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]] = [
             (item.deferred, entry) for item, entry in zip(appends, entries, strict=True)
@@ -570,6 +574,8 @@ class Spool:
         self._stopped = False
         self._stop_waiters: list[Deferred[None]] = []
         self._age_loop: task.LoopingCall | None = None
+        # (why, since) while appends fail (a full disk): health reports it.
+        self._failing: tuple[str, float] | None = None
         # Read at scrape time, not updated on every queue change.
         metrics.spool_depth.set_function(lambda: len(self._queue))
         metrics.spool_bytes.set_function(lambda: self._bytes)
@@ -590,6 +596,19 @@ class Spool:
     def in_flight(self) -> int:
         """Entries handed out by get() and not yet acked."""
         return len(self._in_flight)
+
+    @property
+    def remaining(self) -> int:
+        """Records on disk that are neither acked nor shed: after stop(),
+        what the next start recovers and processes."""
+        return sum(self._live.values())
+
+    @property
+    def write_failure(self) -> tuple[str, float] | None:
+        """``(reason, since)`` while appends fail, e.g. ``("No space left on
+        device", <epoch seconds of the first failure>)``; None once a write
+        succeeds again."""
+        return self._failing
 
     # -- lifecycle ------------------------------------------------------
 
@@ -700,6 +719,7 @@ class Spool:
                 self._bytes += outcome.size
         if batch.committed:
             self._metrics.spool_commits.inc()
+        self._note_outcome(batch)
         self._shed_over_limit()
         self._delete_finished()
         self._dispatch()
@@ -708,6 +728,25 @@ class Spool:
                 d.callback(outcome)
             else:
                 d.errback(outcome)
+
+    def _note_outcome(self, batch: _Batch) -> None:
+        """Log the first failed write of an outage and the first success
+        after it, never each 451 in between."""
+        now = self._clock.seconds()
+        if not batch.committed and self._failing is None:
+            self._failing = (batch.error, now)
+            log.error(
+                "spool: write failed: {why}; new mail gets 451 until a write succeeds",
+                why=batch.error,
+            )
+        elif batch.committed and self._failing is not None:
+            why, since = self._failing
+            self._failing = None
+            log.info(
+                "spool: writes succeed again after {s:.0f}s of failures ({why})",
+                s=now - since,
+                why=why,
+            )
 
     # -- consumers ------------------------------------------------------
 

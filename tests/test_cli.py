@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,36 @@ def test_runs_as_a_program() -> None:
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.startswith("etc/spamtrap.yaml: OK\n")
+
+
+def test_a_reader_that_went_away_ends_it_quietly() -> None:
+    # `spamtrap check-config FILE | head -0`, deterministically: the pipe's
+    # read end is closed before spamtrap writes its first byte.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "spamtrap", "check-config", "etc/spamtrap.yaml"],
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_broken_pipe_in_process_returns_141(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Gone:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert main(["check-config", write(tmp_path, "traps: {catch_all: true}\n")]) == 141

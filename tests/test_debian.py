@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -301,7 +302,7 @@ def check_queue_roles(
             assert proc.wait(timeout=120) == -signal.SIGTERM
         bundle, message, _ = stored_message(token)
         assert ".deb-w." in bundle.name
-        assert f"X-Spamtrap-Id: {queue_id}\r\n".encode() in message
+        assert f"X-Spamtrap-Id: {queue_id}\n".encode() in message
         assert int(redis.command("XLEN", "spamtrap")) == 0  # acked and deleted
     finally:
         for proc in procs:
@@ -340,6 +341,98 @@ def send_with_swaks(port: int, rcpt: str, token: str) -> str:
     return queue_id.group(1)
 
 
+def check_bad_starts(service: configparser.SectionProxy, tmp: Path) -> None:
+    """A bad config or an unknown option: the errors, and exit 1 (bookworm's
+    twistd3 itself exits 0 after a usage error: systemd would see no failure).
+    A port in use: one line, and exit 1."""
+    bad = STATE / "test-bad.yaml"
+    bad.write_text("traps: {domains: [a.example]}\nsmtp: {max_message_size: lots}\n")
+    bad.chmod(0o644)
+    cases = [
+        (["--config", str(bad)], f"{bad}:2: smtp.max_message_size: not a size: 'lots'"),
+        (["--no-such-option"], "option --no-such-option not recognized"),
+    ]
+    try:
+        for extra, error in cases:
+            log = tmp / "bad-start.log"
+            proc = start_as_unit(service, CONFIG, free_port(), free_port(), log, tuple(extra))
+            assert proc.wait(timeout=60) == 1, log.read_text(errors="replace")
+            text = log.read_text(errors="replace")
+            assert error in text and "Traceback" not in text, text
+        # A port in use: one line, no traceback (22.4 added ReactorNotRunning), exit 1.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            log = tmp / "port-in-use.log"
+            proc = start_as_unit(service, CONFIG, port, free_port(), log)
+            assert proc.wait(timeout=60) == 1, log.read_text(errors="replace")
+        text = log.read_text(errors="replace")
+        problems = [ln for ln in text.splitlines() if re.search(r"#(warn|error|critical)\]", ln)]
+        assert len(problems) == 1 and "Address already in use; exiting" in problems[0], text
+        for noise in ("Traceback", "ReactorNotRunning", " started as ", "stopped"):
+            assert noise not in text, text
+    finally:
+        bad.unlink()
+
+
+def check_packaged_config_stays_local(log: Path, metrics: bytes) -> None:
+    """The conffile as installed notifies nobody, so the run on it made no
+    DNS lookup and no relay connection, and logged no problem."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    for name, options in (cfg.get("sets") or {}).items():
+        notify = (options or {}).get("notify") or {}
+        assert not notify.get("mail") and not notify.get("webhooks"), name
+    for endpoint in cfg["smtp"]["listen"] + [cfg["http"]["listen"]]:
+        assert "interface=127.0.0.1" in endpoint, endpoint
+    assert not re.search(rb"(?m)^spamtrap_notifications_total\{.*\} [1-9]", metrics), metrics
+    text = log.read_text(errors="replace")
+    problems = [ln for ln in text.splitlines() if re.search(r"#(warn|error|critical)\]", ln)]
+    assert problems == [], text
+    assert not re.search(r"notif|webhook|relay|Traceback", text, re.I), text
+    assert "stopped cleanly; the spool is empty" in text, text
+
+
+def changed_package(deb: Path, tmp: Path) -> tuple[Path, str]:
+    """The .deb again as a newer version whose conffile changed too (no
+    second build): what an upgrade with a new example looks like."""
+    root = tmp / "repack"
+    run(["dpkg-deb", "-R", str(deb), str(root)])
+    control = root / "DEBIAN" / "control"
+    version = re.search(r"(?m)^Version: (\S+)$", control.read_text())
+    assert version, control.read_text()
+    newer = version.group(1) + "+conffile1"
+    text = control.read_text()
+    control.write_text(text.replace(f"Version: {version.group(1)}", f"Version: {newer}"))
+    packaged = root / str(CONFIG).lstrip("/")
+    packaged.write_text(packaged.read_text() + "# a change in the newer package\n")
+    out = tmp / f"{PACKAGE}_{newer}_all.deb"
+    run(["dpkg-deb", "--root-owner-group", "-b", str(root), str(out)])
+    return out, newer
+
+
+def check_conffile_upgrade_recipe(deb: Path, tmp: Path) -> None:
+    """docs/debian.md's recipe: a locally changed conffile, a package whose
+    conffile changed too; no prompt (stdin is not a terminal), ours kept,
+    the package's beside it. Both ways: apt-get, then dpkg -i back."""
+    local = f"# changed here {uuid.uuid4().hex}\n"
+    CONFIG.write_text(CONFIG.read_text() + local)
+    newer, version = changed_package(deb, tmp)
+    keep = ["-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"]
+    dist = Path(f"{CONFIG}.dpkg-dist")
+    for command, newest in (
+        ([*APT, *keep, "install", str(newer)], True),
+        (["dpkg", "--force-confdef", "--force-confold", "-i", str(deb)], False),
+    ):
+        run(command, stdin=subprocess.DEVNULL, timeout=600)
+        assert dpkg_status() == "install ok installed"
+        installed = run(["dpkg-query", "-W", "-f=${Version}", PACKAGE]).stdout
+        assert (installed == version) == newest, installed
+        assert CONFIG.read_text().endswith(local), "the local change was lost"
+        # The package's own version is kept beside it, for a diff.
+        assert ("# a change in the newer package" in dist.read_text()) == newest
+
+
 @pytest.mark.slow
 @pytest.mark.needs_debian
 def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) -> None:
@@ -353,6 +446,7 @@ def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) 
         service = check_installed_layout()
         check_template_unit()
         check_system_python()
+        check_bad_starts(service, tmp_path)
 
         rcpt, config = trap_address()
         smtp, http, log = free_port(), free_port(), tmp_path / "twistd.log"
@@ -373,18 +467,21 @@ def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == -signal.SIGTERM, log.read_text(errors="replace")
         proc = None
+        if config == CONFIG:
+            check_packaged_config_stays_local(log, metrics)
 
         bundle, message, manifest = stored_message(token)
         assert bundle.stat().st_uid == pwd.getpwnam("spamtrap").pw_uid
         assert manifest["set"] == "all" and manifest["size"] == bundle.stat().st_size
         assert manifest["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
-        assert f"X-Spamtrap-Id: {queue_id}\r\n".encode() in message
+        assert f"X-Spamtrap-Id: {queue_id}\n".encode() in message
         assert re.search(rb"X-Spamtrap-TLS: TLSv1\.[23] ", message), message[:2000]
 
         check_queue_roles(service, config, rcpt, tmp_path)
 
-        # Upgrade (here: the same version again) and remove keep the data.
-        run(["dpkg", "-i", str(deb)])
+        # Upgrade (a newer version, and back) keeps the data and, with the
+        # documented options, a locally changed conffile; remove keeps both.
+        check_conffile_upgrade_recipe(deb, tmp_path)
         assert bundle.exists()
         run([*APT, "remove", PACKAGE])
         assert dpkg_status() == "deinstall ok config-files"
@@ -393,6 +490,7 @@ def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) 
         run([*APT, "purge", PACKAGE])
         assert dpkg_status() == ""
         assert not STATE.exists() and not CONFIG.exists() and not user_exists("spamtrap")
+        assert not list(CONFIG.parent.glob("spamtrap.yaml.dpkg-*"))
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

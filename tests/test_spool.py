@@ -589,6 +589,40 @@ async def test_write_error_errbacks_and_next_append_uses_a_new_segment(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failing_disk_is_reported_until_a_write_succeeds(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    spool = make_spool(tmp_path, clock=clock)
+    await spool.append(b"before", clock.seconds())
+    assert spool.write_failure is None
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        if bytes(data[:4]) != b"SPR1":
+            return real_write(fd, data)  # not ours: the reactor's waker, say
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", full)
+    for _ in range(3):
+        clock.advance(5)
+        with pytest.raises(SpoolError):
+            await spool.append(b"lost", clock.seconds())
+    # Since the first failure, not the last.
+    assert spool.write_failure == ("No space left on device", 1_700_000_005)
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    await spool.append(b"after", clock.seconds())
+    assert spool.write_failure is None
+    # What is on disk and not done: both messages, one handed out, none acked.
+    entry = await spool.get()
+    assert (spool.depth, spool.in_flight, spool.remaining) == (1, 1, 2)
+    spool.ack(entry)
+    await spool.stop()
+    assert spool.remaining == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_commits_pending_then_refuses(tmp_path: Path, make_spool: Any) -> None:
     spool = make_spool(tmp_path)
     waiting_get = spool.get()

@@ -39,7 +39,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from spamtrap.config import Config, SetConfig
 from spamtrap.metrics import Metrics
-from spamtrap.web import make_site
+from spamtrap.web import MAX_RANGES, make_site, plan_ranges
 
 TOKEN = "tok-private-0123456789"
 SHARED_TOKEN = "tok-shared-5555555555"
@@ -279,6 +279,179 @@ async def test_range_request_resumes_a_download(server: Server) -> None:
     assert header(response, "content-range") == f"bytes 100000-{size - 1}/{size}"
 
 
+# --- ranges: never more bytes than the file ---------------------------------
+
+
+async def ranged(port: int, spec: str, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
+    """A raw request with ``Range: spec``; the answer as sent, every byte counted."""
+    request = (
+        method + f" /bundles/all/{NAME}.mbox.gz HTTP/1.1\r\nHost: x\r\n"
+        f"Range: {spec}\r\nConnection: close\r\n\r\n".encode()
+    )
+    client = _RawClient(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    data = await client.done
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {n.strip().lower(): v.strip() for n, _, v in (ln.partition(":") for ln in lines)}
+    if method != b"HEAD":
+        assert int(headers["content-length"]) == len(body), "the body is cut short or overlong"
+    return int(status_line.split()[1]), headers, body
+
+
+def multipart_parts(headers: dict[str, str], body: bytes) -> list[tuple[str, bytes]]:
+    """(Content-Range, bytes) of each part of a multipart/byteranges body."""
+    kind, _, boundary = headers["content-type"].partition("; boundary=")
+    assert kind == "multipart/byteranges"
+    boundary = boundary.strip('"')
+    parts = []
+    for chunk in body.split(b"\r\n--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break  # the closing delimiter
+        part_head, _, part_body = chunk.partition(b"\r\n\r\n")
+        fields = [ln.partition(":") for ln in part_head.decode().split("\r\n")]
+        (found,) = [value.strip() for name, _, value in fields if name.lower() == "content-range"]
+        parts.append((found, part_body))
+    return parts
+
+
+@pytest.mark.parametrize("count", [2, 100, 1000])
+@pytest_twisted.ensureDeferred
+async def test_overlapping_ranges_send_the_file_once(server: Server, count: int) -> None:
+    bundle = server.layout.bundle
+    status, headers, body = await ranged(server.port, "bytes=" + ",".join(["0-"] * count))
+    assert (status, body) == (206, bundle)
+    assert headers["content-range"] == f"bytes 0-{len(bundle) - 1}/{len(bundle)}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_overlapping_and_adjacent_ranges_are_joined(server: Server) -> None:
+    bundle = server.layout.bundle
+    # 0-99 and 50-149 overlap, 150-199 touches them, 5000- and -1000 overlap at the end.
+    spec = "bytes=50-149, 0-99,150-199,5000-,-1000"
+    status, headers, body = await ranged(server.port, spec)
+    assert status == 206
+    assert multipart_parts(headers, body) == [
+        (f"bytes 0-199/{len(bundle)}", bundle[:200]),
+        (f"bytes 5000-{len(bundle) - 1}/{len(bundle)}", bundle[5000:]),
+    ]
+    assert len(body) < len(bundle)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_disjoint_ranges_are_a_multipart_answer(server: Server) -> None:
+    bundle = server.layout.bundle
+    status, headers, body = await ranged(server.port, "bytes=0-9,200000-200099")
+    assert status == 206
+    assert multipart_parts(headers, body) == [
+        (f"bytes 0-9/{len(bundle)}", bundle[:10]),
+        (f"bytes 200000-200099/{len(bundle)}", bundle[200000:200100]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "last"),
+    [
+        ("bytes=100-199", 100, 199),
+        ("bytes=-500", -500, None),  # a suffix: the last 500 bytes
+        ("bytes=-999999999", 0, None),  # a suffix longer than the file: all of it
+        ("bytes=299990-999999999", 299990, None),  # past the end: up to the end
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_single_and_suffix_ranges(
+    server: Server, spec: str, first: int, last: int | None
+) -> None:
+    bundle = server.layout.bundle
+    status, headers, body = await ranged(server.port, spec)
+    want = bundle[first : None if last is None else last + 1]
+    start = first % len(bundle)
+    assert (status, body) == (206, want)
+    assert headers["content-range"] == f"bytes {start}-{start + len(want) - 1}/{len(bundle)}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_separate_ranges_get_the_whole_file_once(server: Server) -> None:
+    bundle = server.layout.bundle
+    spec = "bytes=" + ",".join(f"{i * 1000}-{i * 1000 + 9}" for i in range(MAX_RANGES + 1))
+    status, headers, body = await ranged(server.port, spec)
+    assert (status, body) == (200, bundle)
+    assert "content-range" not in headers
+    # At the limit the parts are still sent, each once.
+    spec = "bytes=" + ",".join(f"{i * 1000}-{i * 1000 + 9}" for i in range(MAX_RANGES))
+    status, headers, body = await ranged(server.port, spec)
+    assert status == 206
+    assert [p for _, p in multipart_parts(headers, body)] == [
+        bundle[i * 1000 : i * 1000 + 10] for i in range(MAX_RANGES)
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["bytes=abc", "bytes=", "bytes=5-1", "items=0-1", "bytes=--1", "bytes=0-1;x", "bytes=1-2-3"],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_ranges_are_ignored(server: Server, spec: str) -> None:
+    status, headers, body = await ranged(server.port, spec)
+    assert (status, body) == (200, server.layout.bundle)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsatisfiable_range_is_416(server: Server) -> None:
+    size = len(server.layout.bundle)
+    for spec in (f"bytes={size}-", f"bytes={size}-,{size + 5}-{size + 9}", "bytes=-0"):
+        status, headers, body = await ranged(server.port, spec)
+        assert (status, body, headers["content-range"]) == (416, b"", f"bytes */{size}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_with_many_ranges_sends_no_body(server: Server) -> None:
+    status, headers, body = await ranged(server.port, "bytes=" + ",".join(["0-"] * 500), b"HEAD")
+    # static.File answers a HEAD with the whole file's headers, ranges or not.
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == str(len(server.layout.bundle))
+
+
+@given(
+    size=st.integers(min_value=0, max_value=5000),
+    specs=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.integers(min_value=0, max_value=6000)),
+            st.one_of(st.none(), st.integers(min_value=0, max_value=6000)),
+        ),
+        max_size=40,
+    ),
+    junk=st.binary(max_size=20),
+)
+@settings(max_examples=300, deadline=None)
+def test_planned_ranges_never_exceed_the_file(
+    size: int, specs: list[tuple[int | None, int | None]], junk: bytes
+) -> None:
+    text = ",".join(f"{'' if a is None else a}-{'' if b is None else b}" for a, b in specs)
+    for header in (b"bytes=" + text.encode(), b"bytes=" + text.encode() + junk, junk):
+        plan = plan_ranges(header, size)
+        if plan is None:
+            continue
+        assert len(plan) <= MAX_RANGES
+        assert all(0 <= first <= last < size for first, last in plan)
+        # Disjoint, not adjacent, ascending: together at most the file.
+        assert all(a[1] + 1 < b[0] for a, b in zip(plan, plan[1:], strict=False))
+        assert sum(last - first + 1 for first, last in plan) <= size
+    # Every byte asked for (by a well-formed spec) is in the plan, none other.
+    if all(a is not None or b is not None for a, b in specs) and all(
+        a is None or b is None or a <= b for a, b in specs
+    ) and specs:
+        plan = plan_ranges(b"bytes=" + text.encode(), size)
+        asked = set()
+        for a, b in specs:
+            if a is None:
+                asked |= set(range(max(0, size - (b or 0)), size)) if b else set()
+            else:
+                asked |= set(range(a, min(size, (size - 1 if b is None else b) + 1)))
+        if plan is not None:
+            assert {i for first, last in plan for i in range(first, last + 1)} == asked
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -513,6 +686,16 @@ def test_s3_store_download_redirects_to_the_public_object(tmp_path: Path) -> Non
     assert request.responseCode == 302
     location = request.responseHeaders.getRawHeaders(b"location")
     assert location == [f"http://objects.invalid/traps/all/{NAME}.mbox.gz".encode()]
+
+
+def test_s3_store_range_request_is_a_redirect_without_bytes(tmp_path: Path) -> None:
+    # S3 serves the bytes (and the ranges): none of them pass through spamtrap.
+    site, _ = manual_site(S3Like())
+    request = DummyRequest([b"bundles", b"all", f"{NAME}.mbox.gz".encode()])
+    request.requestHeaders.setRawHeaders(b"range", [b"bytes=" + b",".join([b"0-"] * 1000)])
+    render(site, request)
+    assert request.responseCode == 302
+    assert b"".join(request.written) == b""
 
 
 def test_s3_store_unknown_or_bad_keys_are_404(tmp_path: Path) -> None:
