@@ -4,6 +4,11 @@ A set's ``match`` conditions must all hold and none of its ``exclude``
 conditions may; a set with no conditions takes everything. A condition
 searches a regexp in every value of a message header (``header:``) or of a
 metadata field (``meta:``, the names of spamtrap.message.META_FIELDS).
+
+``meta:`` reads only our metadata (Envelope.values), never the message's
+header fields: a sender can write its own ``X-Spamtrap-Feed:`` into the
+message, and config loading refuses ``header:`` rules on ``X-Spamtrap-*``
+names for that reason.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 import re
 
 from spamtrap.config import Condition, SetConfig
-from spamtrap.message import Envelope
+from spamtrap.message import MAX_HEADER_BYTES, Envelope
+
+# Headers are searched at most MAX_HEADER_BYTES far in (defined beside the
+# spoofed-field scan): a message with no blank line after its header must
+# not make every rule scan megabytes.
+__all__ = ["MAX_HEADER_BYTES", "Collator", "message_headers"]
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _FOLD = re.compile(rb"\r?\n[ \t]+")
-# Headers are searched at most this far in: a message with no blank line
-# after its header must not make every rule scan megabytes.
-MAX_HEADER_BYTES = 256 * 1024
 
 
 def message_headers(data: bytes) -> dict[str, list[str]]:

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from spamtrap.message import META_FIELDS
+from spamtrap.message import LINE_ENDINGS, META_FIELDS
+from spamtrap.regex_safety import compile_safe
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -58,6 +59,10 @@ class TimeoutConfig:
     # Seconds to wait before sending the greeting. 0 = greet at once. A
     # positive value detects "early talkers" (recorded, never rejected).
     greeting_delay: float = 0.0
+    # Seconds of silence allowed while no transaction is open (after the
+    # greeting, after each reply to DATA): idle sessions hold connection
+    # slots. The command timeout still applies once MAIL is accepted.
+    idle_before_mail: float = 60.0
 
 
 @dataclass
@@ -75,7 +80,16 @@ class SMTPConfig:
     hostname: str = field(default_factory=socket.gethostname)
     max_message_size: int = 8 * MIB
     max_connections: int = 20000
-    max_connections_per_ip: int = 0  # 0 = off
+    # Per client address (IPv6: per /64), counted after any PROXY header;
+    # generous for bots behind NAT. 0 = off.
+    max_connections_per_ip: int = 200
+    # Unfinished DATA held in memory across all sessions; above it a
+    # session's DATA goes to a spill file under DATA/spill/<node>/.
+    data_memory_budget: int = 64 * MIB
+    # One session's DATA larger than this always goes to a spill file.
+    data_spill_threshold: int = 1 * MIB
+    # On stop, sessions get this long to finish; then 421 and closed.
+    stop_grace: float = 10.0
     max_recipients: int = 1000
     # Longest command line accepted; longer input without a line end is cut
     # off with 421 (protects the reactor from unbounded buffers).
@@ -83,6 +97,9 @@ class SMTPConfig:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     proxy_protocol: ProxyConfig = field(default_factory=ProxyConfig)
+    # MX relays (CIDR) whose XFORWARD/XCLIENT name the real client; from
+    # them the client also comes from their top Received line. Empty = none.
+    trusted_relays: list[str] = field(default_factory=list)
     # Reverse DNS of the peer, looked up without delaying the 250.
     rdns: bool = False
 
@@ -104,9 +121,19 @@ class FeedConfig:
     # regexp is matched against a whole header field name. None: the built-in
     # list (spamtrap.filters.feeds.DEFAULT_STRIP).
     strip_headers: list[re.Pattern[str]] | None = None
-    # Received lines added by the donor's own relays, on top of the path the
-    # spam really took. 0 = keep them all.
+    # Deprecated: the first N Received lines, whoever added them. 0 = none.
+    # Cannot be combined with strip_received_by / strip_received_by_regex.
     strip_received: int = 0
+    # The donor's own hosts, as their MTAs name themselves in the "by" part
+    # of a Received line (exact, case-insensitive, trailing dot ignored) or
+    # as regexps matched against the whole by-host. The donor's lines are
+    # removed from the top; the one recording the hand-over from outside,
+    # and everything below it, stays (spamtrap.filters.feeds.donor_received).
+    strip_received_by: list[str] = field(default_factory=list)
+    strip_received_by_regex: list[re.Pattern[str]] = field(default_factory=list)
+    # Networks of the donor's own hosts: a hop from one of these (or from
+    # loopback) into a donor host is the donor's, not the spam's entry.
+    donor_networks: list[str] = field(default_factory=list)
     # The donor forwards spam as attachments: store every attached
     # message/rfc822 part as a message of its own (and not the wrapper).
     extract_attached: bool = False
@@ -310,6 +337,10 @@ class SetConfig:
     # this set within the window (0 = off). Counted.
     dedup_window: float = 0.0
     notify: SetNotifyConfig = field(default_factory=SetNotifyConfig)
+    # "unix": a message sent with CRLF throughout is stored with LF and the
+    # metadata uses LF (what mutt, formail and grep expect); other messages
+    # are stored as sent. "wire": the bytes as sent, CRLF metadata.
+    line_endings: str = "unix"
 
 
 @dataclass
@@ -664,8 +695,9 @@ def _duration(positive: bool = False) -> Parser:
 def _regex(value: object) -> re.Pattern[str]:
     s = _string(value)
     try:
-        return re.compile(s, re.IGNORECASE)
-    except (re.error, OverflowError) as e:
+        # Also refuses shapes that backtrack catastrophically (docs/stages.md).
+        return compile_safe(s, re.IGNORECASE)
+    except (re.error, OverflowError, ValueError) as e:
         raise ValueError(f"bad regular expression {s!r}: {e}")
     except RecursionError:
         raise ValueError(f"bad regular expression {s[:40]!r}...: nested too deeply")
@@ -708,6 +740,19 @@ def _domain(value: object) -> str:
 def _hostname(value: object) -> str:
     _domain(value)
     return _string(value)
+
+
+def _received_host(value: object) -> str:
+    # The by-host of a Received line: a domain name or an address literal
+    # ("[192.0.2.1]"), compared without case or trailing dot.
+    s = _string(value).strip().lower().rstrip(".")
+    if s.startswith("[") and s.endswith("]"):
+        try:
+            ipaddress.ip_address(s[1:-1].removeprefix("ipv6:"))
+        except ValueError:
+            raise ValueError(f"not an address literal: {value!r} (e.g. '[192.0.2.1]')")
+        return s
+    return _domain(s)
 
 
 def _address(value: object) -> str:
@@ -771,6 +816,22 @@ def _http_url(value: object) -> str:
     parts = urlsplit(s)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+    return s
+
+
+def _base_url(value: object) -> str:
+    # A public URL is a base that keys are appended to (URL/bundles/<key>,
+    # URL/<prefix>/<key>): a query, a fragment or a space would break them.
+    s = _http_url(value)
+    parts = urlsplit(s)
+    if parts.query or parts.fragment or "?" in s or "#" in s:
+        raise ValueError(f"a base URL takes no query or fragment, got {s!r}")
+    if not s.isprintable() or any(c.isspace() for c in s):
+        raise ValueError(f"a base URL takes no spaces or control characters, got {s!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"bad port in {s!r}")
     return s
 
 
@@ -893,9 +954,14 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (TimeoutConfig, "command"): _Rule(_duration(positive=True)),
     (TimeoutConfig, "data"): _Rule(_duration(positive=True)),
     (TimeoutConfig, "session"): _Rule(_duration(positive=True)),
+    (TimeoutConfig, "idle_before_mail"): _Rule(_duration(positive=True)),
+    (SMTPConfig, "data_memory_budget"): _Rule(_size(MIB)),
+    (SMTPConfig, "data_spill_threshold"): _Rule(_size(64 * 1024)),
+    (SMTPConfig, "stop_grace"): _Rule(_duration()),
     (ProxyConfig, "trusted_networks"): _Rule(_network),
+    (SMTPConfig, "trusted_relays"): _Rule(_network),
     (HTTPConfig, "listen"): _Rule(_endpoint, one_or_many=True),
-    (HTTPConfig, "public_url"): _Rule(_http_url),
+    (HTTPConfig, "public_url"): _Rule(_base_url),
     (FeedConfig, "id"): _Rule(_name),
     (FeedConfig, "address"): _Rule(_address),
     (TrapConfig, "domains"): _Rule(_domain),
@@ -916,7 +982,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (StoreConfig, "url"): _Rule(_store_url),
     (StoreConfig, "endpoint"): _Rule(_http_url),
     (StoreConfig, "region"): _Rule(_nonempty),
-    (StoreConfig, "public_url"): _Rule(_http_url),
+    (StoreConfig, "public_url"): _Rule(_base_url),
     (StoreConfig, "multipart_threshold"): _Rule(_size(5 * MIB)),
     (StoreConfig, "max_concurrency"): _Rule(_integer(1)),
     (StoreConfig, "retry_initial"): _Rule(_duration(positive=True)),
@@ -925,6 +991,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (SetConfig, "upload_policy"): _Rule(_choice("skip", "queue")),
     (SetConfig, "upload_queue"): _Rule(_integer(1)),
     (SetConfig, "dedup_window"): _Rule(_duration()),
+    (SetConfig, "line_endings"): _Rule(_choice(*LINE_ENDINGS)),
     (SetNotifyConfig, "mail"): _Rule(_address),
     (WebhookConfig, "url"): _Rule(_http_url),
     (WebhookConfig, "secret"): _Rule(_nonempty),
@@ -935,6 +1002,9 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (RelayConfig, "sender"): _Rule(_address),
     (RelayConfig, "retry_max"): _Rule(_duration(positive=True)),
     (FeedConfig, "strip_received"): _Rule(_integer(0)),
+    (FeedConfig, "strip_received_by"): _Rule(_received_host, one_or_many=True),
+    (FeedConfig, "strip_received_by_regex"): _Rule(_regex, one_or_many=True),
+    (FeedConfig, "donor_networks"): _Rule(_network, one_or_many=True),
     (FilterConfig, "order"): _Rule(_name),
     (FilterConfig, "stage_budget"): _Rule(_duration(positive=True)),
     (FilterConfig, "custom"): _Rule(keyed_by="name"),
@@ -1191,16 +1261,45 @@ def _type_hints(cls: type) -> dict[str, Any]:
 # -- cross-checks, run on each built object ----------------------------------
 
 
+def forged_header_problem(header: str) -> str | None:
+    """Why a ``header:`` rule may not name one of our X-Spamtrap-* fields.
+
+    Those names in a message's header are the sender's own (our metadata is
+    read with ``meta:``): a spammer writing ``X-Spamtrap-Feed: donor1`` must
+    not steer its message into a set.
+    """
+    lower = header.lower()
+    if not lower.startswith("x-spamtrap-"):
+        return None
+    meta = next((k for k, v in META_FIELDS.items() if v.lower() == lower), None)
+    if meta is None and lower.startswith("x-spamtrap-x-"):
+        meta = "x_" + lower[len("x-spamtrap-x-") :].replace("-", "_")
+    hint = f"'meta: {meta}'" if meta else "'meta:' and a metadata field name"
+    return (
+        f"header {header!r} would read the message's own header fields, which any"
+        f" sender can forge; read spamtrap's metadata with {hint} instead"
+    )
+
+
+def _check_forged_header(w: _Walker, header: str | None, node: yaml.Node, path: str) -> None:
+    problem = forged_header_problem(header) if header is not None else None
+    if problem and w.clean(path):
+        found = _entry(node, "header")
+        w.error(found[1] if found else node, _join(path, "header"), problem)
+
+
 def _check_condition(w: _Walker, cond: Condition, node: yaml.Node, path: str) -> None:
     if w.clean(path) and (cond.header is None) == (cond.meta is None):
         which = "both are given" if cond.header else "neither is given"
         w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+    _check_forged_header(w, cond.header, node, path)
 
 
 def _check_list_rule(w: _Walker, rule: ListRule, node: yaml.Node, path: str) -> None:
     if w.clean(path) and (rule.header is None) == (rule.meta is None):
         which = "both are given" if rule.header else "neither is given"
         w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+    _check_forged_header(w, rule.header, node, path)
 
 
 def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> None:
@@ -1235,6 +1334,28 @@ def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> N
         elif name in seen:
             w.error(item, f"{path}.order[{i}]", f"stage {name!r} is listed twice")
         seen.add(name)
+
+
+def _check_feed(w: _Walker, feed: FeedConfig, node: yaml.Node, path: str) -> None:
+    if not w.clean(path):
+        return
+    by_host = feed.strip_received_by or feed.strip_received_by_regex
+    if feed.strip_received and by_host:
+        found = _entry(node, "strip_received")
+        w.error(
+            found[0] if found else node,
+            _join(path, "strip_received"),
+            "give strip_received (a count, deprecated) or strip_received_by /"
+            " strip_received_by_regex (the donor's hosts), not both",
+        )
+    if feed.donor_networks and not by_host:
+        found = _entry(node, "donor_networks")
+        w.error(
+            found[0] if found else node,
+            _join(path, "donor_networks"),
+            "donor_networks needs strip_received_by or strip_received_by_regex"
+            " (it says which hops into the donor's hosts are the donor's own)",
+        )
 
 
 def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
@@ -1297,5 +1418,6 @@ _CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], None]] = {
     ListRule: _check_list_rule,
     FilterConfig: _check_filters,
     TLSConfig: _check_tls,
+    FeedConfig: _check_feed,
     Config: _check_config,
 }

@@ -6,7 +6,9 @@ decision from ``spamtrap.pipeline.evaluate``, run in a thread while the
 reactor runs (network stages such as clamd and spamd need it), just as the
 workers do. The only addition is an observer around each stage that notes
 which message it was called with, so each verdict can be shown under the
-message it belongs to (extracted messages have their own).
+message it belongs to (extracted messages have their own). With ``--feed``
+the feeds stage also hands over its strip plan (FeedStage.observer), so the
+header block it leaves can be shown with the removed fields marked.
 
 The output is documented in docs/stages.md ("explain output").
 """
@@ -35,6 +37,7 @@ from spamtrap import mime
 from spamtrap.collate import Collator
 from spamtrap.config import Config, ConfigError, default_config, load_config
 from spamtrap.filters import Stage, StageVerdict
+from spamtrap.filters.feeds import FeedStage, FieldDecision
 from spamtrap.message import META_FIELDS, Envelope, iso_time
 from spamtrap.pipeline import evaluate
 
@@ -118,14 +121,47 @@ def _verdicts(verdicts: list[StageVerdict]) -> list[dict[str, Any]]:
 
 
 def _own_meta(env: Envelope) -> dict[str, list[str]]:
-    return {k: list(v) for k, v in sorted(env.meta.items()) if k.startswith("x_")}
+    meta = {k: list(v) for k, v in sorted(env.meta.items()) if k.startswith("x_")}
+    # As the stored header block would carry it: computed on the bytes this
+    # message has after the stages (feed stripping, extraction).
+    if env.spoofed is not None:
+        meta["spoofed"] = [env.spoofed]
+    return meta
+
+
+# id(message) -> (its bytes as the feeds stage got them, the strip plan)
+Plans = dict[int, tuple[bytes, list[FieldDecision]]]
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _field_text(data: bytes) -> str:
+    """A header field as text, without its final line end."""
+    return data.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def header_report(data: bytes, plan: list[FieldDecision]) -> list[dict[str, Any]]:
+    """The top header fields as the feeds stage got them, each with the
+    config key that removes it (``stripped``; None: it stays)."""
+    return [
+        {"name": d.name, "text": _field_text(data[d.start : d.end]), "stripped": d.rule}
+        for d in plan
+    ]
 
 
 def explain_envelope(
-    stages: Sequence[tuple[str, Stage]], collator: Collator, env: Envelope
+    stages: Sequence[tuple[str, Stage]],
+    collator: Collator,
+    env: Envelope,
+    plans: Plans | None = None,
 ) -> dict[str, Any]:
     """The report for one message (without its "file"). Blocking: run it in
-    a worker thread, as the daemon runs evaluate()."""
+    a worker thread, as the daemon runs evaluate().
+
+    With ``plans`` (filled by the feeds stage's observer while this runs)
+    every message's report has "header": its header fields with what the
+    feeds stage removed, or None if that stage did not strip it.
+    """
     seen: list[Envelope] = []
     result = evaluate(_observed(stages, seen), collator, env)
     outcome = result.outcome
@@ -150,7 +186,7 @@ def explain_envelope(
             verdict, stage, reason = final.verdict, final.stage, final.reason
         else:
             verdict, stage, reason = "discard", None, "not processed"
-        return {
+        out = {
             "id": msg.msg_id,
             "verdict": verdict,
             "stage": stage,
@@ -159,6 +195,10 @@ def explain_envelope(
             "sets": sets_of.get(id(msg), []),
             "meta": _own_meta(msg),
         }
+        if plans is not None:
+            planned = plans.get(id(msg))
+            out["header"] = header_report(*planned) if planned else None
+        return out
 
     top = report(env)
     all_sets = {s for _, sets in deliveries for s in sets}
@@ -272,9 +312,18 @@ async def explain_files(
     reports: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     now = time.time()
+    feed_stage = next((s for _, s in stages if isinstance(s, FeedStage)), None)
+    if options.feed is not None and feed_stage is None:
+        print(
+            f"spamtrap explain: --feed {options.feed}: the feeds stage is not in"
+            " filters.order, so nothing is stripped",
+            file=sys.stderr,
+        )
     try:
         for i, path in enumerate(paths, 1):
-            work = _file_work(path, f"explain-{i}", stages, collator, options, now)
+            work = _file_work(
+                path, f"explain-{i}", stages, collator, options, now, feed_stage, options.feed
+            )
             report, error = await deferToThreadPool(reactor, pool, work)
             if error is not None:
                 print(f"spamtrap explain: {path}: {error}", file=sys.stderr)
@@ -301,6 +350,8 @@ def _file_work(
     collator: Collator,
     options: Options,
     now: float,
+    feed_stage: FeedStage | None = None,
+    feed: str | None = None,
 ) -> Callable[[], tuple[dict[str, Any] | None, str | None]]:
     def work() -> tuple[dict[str, Any] | None, str | None]:
         try:
@@ -309,7 +360,26 @@ def _file_work(
         except OSError as e:
             return None, f"cannot read: {e.strerror or e}"
         env = envelope_from_bytes(data, msg_id, options, now)
-        return {"file": path, **explain_envelope(stages, collator, env)}, None
+        plans: Plans | None = None
+        if feed is not None:
+            plans = {}
+            if feed_stage is not None:
+                # One file at a time (the pool has one thread): this
+                # file's messages only.
+                found = plans
+
+                def note(msg: Envelope, plan: list[FieldDecision]) -> None:
+                    found[id(msg)] = (msg.data, plan)
+
+                feed_stage.observer = note
+        try:
+            report = explain_envelope(stages, collator, env, plans)
+        finally:
+            if feed_stage is not None:
+                feed_stage.observer = None
+        if feed is not None:
+            report["feed"] = feed
+        return {"file": path, **report}, None
 
     return work
 
@@ -318,10 +388,30 @@ def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of one file's report."""
     lines = [f"{report['file']}: {_summary(report)}"]
     lines += _details(report, "  ")
+    feed = report.get("feed", "")
+    lines += _header(report, "  ", feed)
     for sub in report["extracted"]:
         lines.append(f"  extracted {sub['id']}: {_summary(sub)}")
         lines += _details(sub, "    ")
+        lines += _header(sub, "    ", feed)
     return "\n".join(lines)
+
+
+def _header(r: dict[str, Any], indent: str, feed: str) -> list[str]:
+    """The header block after the feed's stripping: every field as the
+    feeds stage got it, removed ones marked "-" with the key that removes
+    them. Control characters are shown escaped: spam must not drive the
+    operator's terminal."""
+    if r.get("header") is None:
+        return []
+    lines = [f"{indent}header after feed {feed} ('-' removed):"]
+    for field in r["header"]:
+        mark = "-" if field["stripped"] else " "
+        for n, line in enumerate(re.split(r"\r?\n", field["text"])):
+            shown = _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+            note = f"  [{field['stripped']}]" if n == 0 and field["stripped"] else ""
+            lines.append(f"{indent}{mark} {shown}{note}")
+    return lines
 
 
 def _summary(r: dict[str, Any]) -> str:

@@ -2,8 +2,11 @@
 
 A bundle is a sequence of entries: a strict ``From_`` line, the message bytes
 with mboxrd quoting (a line matching ``>*From `` gets one more ``>``), and one
-blank line as separator. The message keeps its own line ends (CRLF from SMTP,
-bare LF from broken senders); mbox only ever looks at ``\\n``.
+blank line as separator. The writer takes the message bytes as the set
+stores them (spamtrap.message.Envelope.stored_bytes: LF line ends for a
+``unix`` set, the wire bytes for a ``wire`` one) and changes nothing but the
+quoting; mbox only ever looks at ``\\n``. The separator is always a bare
+LF, which is what formail and mutt split on.
 
 Round trip: :class:`MboxReader` returns exactly the bytes given to
 :func:`entry` for every message that ends with ``\\n``. A message that does

@@ -4,6 +4,17 @@ The metadata is rendered as a block of ``X-Spamtrap-*`` header fields and one
 trap-hop ``Received:`` line, prepended to the untouched message bytes. The
 field names are part of spamtrap's contract with consumers (see README,
 "Metadata"); never rename one silently.
+
+Everything in the block that a sender controls (HELO, MAIL FROM, RCPT TO,
+the names of its own ``X-Spamtrap-*`` fields) is data, never structure:
+:meth:`Envelope.header_block` is the one place that escapes it, visibly and
+reversibly (:func:`escape_value`, :func:`unescape_value`). The envelope and
+the spool record keep the raw values, as evidence.
+
+A set stores its messages with ``unix`` line ends (a message sent with CRLF
+throughout is stored with LF, and the block uses LF) or ``wire`` ones (the
+bytes as sent, CRLF block). :func:`wire_bytes` rebuilds the exact bytes sent
+from either form.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import secrets
 import string
 import time
@@ -44,6 +56,12 @@ META_FIELDS: dict[str, str] = {
     "line_ends": "X-Spamtrap-Line-Ends",
     "spoofed": "X-Spamtrap-Spoofed",
 }
+
+
+# Fields computed from the message bytes, never taken from meta.
+_DERIVED = frozenset({"line_ends", "spoofed"})
+# A set's choice of line ends (SetConfig.line_endings).
+LINE_ENDINGS = ("unix", "wire")
 
 
 def random_base62(n: int = 16) -> str:
@@ -91,9 +109,155 @@ def new_message_id(node: str, now: float | None = None) -> str:
 _RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def _clean(value: str) -> str:
-    # A header value must not break the header block: no CR, LF or NUL.
-    return value.replace("\r", " ").replace("\n", " ").replace("\0", " ")
+# -- escaping: sender-controlled text inside our header block -----------------
+
+# C0 controls, DEL and the escape character itself. Everything else, 8-bit
+# bytes (surrogateescape'd) included, is written as it came.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
+_ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", "\t": "\\t", "\0": "\\0"}
+_ESCAPED = re.compile(r"\\(x[0-9a-fA-F]{2}|.?)", re.DOTALL)
+_UNESCAPES = {"\\": "\\", "r": "\r", "n": "\n", "t": "\t", "0": "\0"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return _ESCAPES.get(c) or f"\\x{ord(c):02x}"
+
+
+def escape_value(value: str) -> str:
+    r"""``value`` made safe for one header line, reversibly.
+
+    A backslash becomes ``\\``; CR, LF, TAB and NUL become ``\r``, ``\n``,
+    ``\t``, ``\0``; any other C0 control and DEL ``\xNN`` (two lower-case hex
+    digits); a leading space ``\x20`` (header parsers drop it). Nothing else
+    changes. :func:`unescape_value` undoes it.
+    """
+    # Fast path: almost every value has nothing to escape.
+    if _UNSAFE.search(value) is not None:
+        value = _UNSAFE.sub(_escape_char, value)
+    if value[:1] == " ":
+        value = "\\x20" + value[1:]
+    return value
+
+
+def unescape_value(text: str) -> str:
+    """The raw value of an escaped metadata value (see :func:`escape_value`).
+
+    Raises ValueError on a backslash that starts no escape of ours.
+    """
+    if "\\" not in text:
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code in _UNESCAPES:
+            return _UNESCAPES[code]
+        if len(code) == 3:
+            return chr(int(code[1:], 16))
+        raise ValueError(f"bad escape {m.group()!r} at offset {m.start()} in {text!r}")
+
+    return _ESCAPED.sub(one, text)
+
+
+# -- facts of the message bytes as stored --------------------------------------
+
+# A message's own header section is searched at most this far in (set rules'
+# header: conditions too): a message with no blank line after its header
+# must not make every message cost megabytes of scanning.
+MAX_HEADER_BYTES = 256 * 1024
+# The end of the header section: the first empty line that stays empty
+# after CRLF -> LF conversion (LF, or CRLF, right after an LF). Readers may
+# end the header earlier (Python's email package also takes "\r\r\n" for an
+# empty line, which conversion makes a line end), never later: the scan
+# lists at least every field any of them sees, in both stored forms.
+_HEAD_END = re.compile(rb"(?:\A|\n)\r?\n")
+# A field name starting a line of the header. CR alone counts as a line end
+# here: Python's email package splits lines on it, so a field after a bare
+# CR is a field to it.
+_OWN_NAME = re.compile(rb"(?<![^\r\n])(x-spamtrap-[^\s:]*)[ \t]*:", re.IGNORECASE)
+# At most this many names are listed in X-Spamtrap-Spoofed; then "(+N more)".
+MAX_SPOOFED = 64
+
+LINE_ENDS = ("crlf", "lf", "mixed", "none")
+
+
+def line_ends_of(data: bytes) -> str:
+    """``crlf`` (every LF has a CR before it), ``lf`` (no LF has), ``mixed``,
+    or ``none`` (no LF at all). A CR without LF is not a line end."""
+    lf = data.count(b"\n")
+    if not lf:
+        return "none"
+    crlf = data.count(b"\r\n")
+    if crlf == lf:
+        return "crlf"
+    return "lf" if crlf == 0 else "mixed"
+
+
+def spoofed_of(data: bytes) -> str | None:
+    """The names of the message's own ``X-Spamtrap-*`` fields, in order,
+    joined by ", " (field names hold no spaces); None if there are none.
+
+    Only the top header section counts (up to the first empty line, at most
+    MAX_HEADER_BYTES), as a mail reader would see it.
+    """
+    m = _HEAD_END.search(data, 0, MAX_HEADER_BYTES)
+    end = m.start() if m else min(len(data), MAX_HEADER_BYTES)
+    names = [n.decode("utf-8", "surrogateescape") for n in _OWN_NAME.findall(data, 0, end)]
+    if not names:
+        return None
+    if len(names) > MAX_SPOOFED:
+        names[MAX_SPOOFED:] = [f"(+{len(names) - MAX_SPOOFED} more)"]
+    return ", ".join(names)
+
+
+# -- rebuilding what was sent ---------------------------------------------------
+
+
+def split_block(stored: bytes) -> tuple[bytes, bytes]:
+    """A stored message split into our metadata block and the message.
+
+    The block is the ``X-Spamtrap-*`` fields at the top followed by exactly
+    one ``Received:`` field (ours: it ends the block, at the first line after
+    it that does not start with a TAB). Raises ValueError without one.
+    """
+    pos = 0
+    while stored.startswith(b"X-Spamtrap-", pos):
+        nl = stored.find(b"\n", pos)
+        if nl < 0:
+            raise ValueError(f"metadata field without a line end at byte {pos}")
+        pos = nl + 1
+    if not stored.startswith(b"Received:", pos):
+        raise ValueError(
+            f"no trap-hop Received field after the X-Spamtrap-* fields (byte {pos}):"
+            " not a message stored by spamtrap"
+        )
+    while True:
+        nl = stored.find(b"\n", pos)
+        if nl < 0:
+            raise ValueError(f"trap-hop Received field without a line end at byte {pos}")
+        pos = nl + 1
+        if stored[pos : pos + 1] != b"\t":
+            return stored[:pos], stored[pos:]
+
+
+def wire_bytes(stored: bytes) -> bytes:
+    """The exact message bytes the client sent, from a stored message.
+
+    Drop the metadata block (see :func:`split_block`); then, if
+    ``X-Spamtrap-Line-Ends`` is ``crlf`` and the block's own lines end in LF
+    (a ``unix`` set converted the message), replace every LF with CRLF;
+    otherwise the bytes are the wire bytes already. A message stored before
+    Line-Ends existed has a CRLF block and is returned as it is.
+    """
+    block, message = split_block(stored)
+    if block.endswith(b"\r\n"):
+        return message
+    for line in block.split(b"\n"):
+        if line.startswith(b"X-Spamtrap-Line-Ends:"):
+            if line[len(b"X-Spamtrap-Line-Ends:") :].strip() == b"crlf":
+                return message.replace(b"\n", b"\r\n")
+            break
+    return message
 
 
 @dataclass
@@ -108,29 +272,80 @@ class Envelope:
     feed: str | None = None
     # name (a META_FIELDS key) -> values, in arrival order
     meta: dict[str, list[str]] = field(default_factory=dict)
-    # the trap-hop Received line's value, already folded with CRLF+TAB
+    # The trap-hop Received line's value: raw values between our folds
+    # (CRLF+TAB); header_block escapes the pieces and folds with its line end.
     received_line: str = ""
+    # (data, line ends, spoofed names) of the last data looked at: stages
+    # replace data, so it is recomputed when data is another object.
+    _facts: tuple[bytes, str, str | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def _data_facts(self) -> tuple[bytes, str, str | None]:
+        facts = self._facts
+        if facts is None or facts[0] is not self.data:
+            facts = (self.data, line_ends_of(self.data), spoofed_of(self.data))
+            self._facts = facts
+        return facts
+
+    @property
+    def line_ends(self) -> str:
+        """``X-Spamtrap-Line-Ends`` of the message bytes (before conversion)."""
+        return self._data_facts()[1]
+
+    @property
+    def spoofed(self) -> str | None:
+        """``X-Spamtrap-Spoofed``: the message's own X-Spamtrap-* field names."""
+        return self._data_facts()[2]
 
     def values(self, name: str) -> list[str]:
+        # line_ends and spoofed are facts of the bytes as they are now.
+        if name == "line_ends":
+            return [self.line_ends]
+        if name == "spoofed":
+            spoofed = self.spoofed
+            return [spoofed] if spoofed is not None else []
         return self.meta.get(name, [])
 
-    def header_block(self) -> bytes:
+    def header_block(self, eol: str = "\r\n") -> bytes:
+        """Our metadata fields and the trap-hop Received line, lines ending
+        in ``eol``. Every value is escaped (escape_value): nothing a sender
+        sent can end a line or start a field of ours."""
         lines = []
         for name, header in META_FIELDS.items():
-            for value in self.meta.get(name, []):
-                lines.append(f"{header}: {_clean(value)}\r\n")
+            values = self.values(name) if name in _DERIVED else self.meta.get(name, ())
+            for value in values:
+                lines.append(f"{header}: {escape_value(value)}{eol}")
         # Stages' own fields (x_name -> X-Spamtrap-X-Name), after ours.
         for name, values in self.meta.items():
             if name.startswith("x_"):
                 header = "X-Spamtrap-" + "-".join(p.capitalize() for p in name.split("_"))
-                lines.extend(f"{header}: {_clean(v)}\r\n" for v in values)
+                lines.extend(f"{header}: {escape_value(v)}{eol}" for v in values)
         if self.received_line:
-            lines.append(f"Received: {self.received_line}\r\n")
+            pieces = self.received_line.split("\r\n\t")
+            folded = (eol + "\t").join(map(escape_value, pieces))
+            lines.append(f"Received: {folded}{eol}")
         return "".join(lines).encode("utf-8", "surrogateescape")
 
     def full_bytes(self) -> bytes:
-        """The metadata block followed by the untouched message."""
+        """The metadata block followed by the untouched message (``wire``)."""
         return self.header_block() + self.data
+
+    def stored_bytes(self, line_endings: str = "unix") -> bytes:
+        """The message as a set stores it (``unix`` or ``wire`` line ends).
+
+        ``unix``: the block ends its lines with LF, and a message with CRLF
+        line ends throughout (Line-Ends ``crlf``) is stored with LF; any
+        other message (``lf``, ``mixed``, ``none``) is stored as sent.
+        ``wire``: the block ends its lines with CRLF; the message as sent.
+        :func:`wire_bytes` gives back the bytes sent in both cases.
+        """
+        if line_endings == "wire":
+            return self.header_block() + self.data
+        data = self.data
+        if self.line_ends == "crlf":
+            data = data.replace(b"\r\n", b"\n")
+        return self.header_block("\n") + data
 
     # Spool serialisation: "<len of JSON>\n" + JSON + message bytes.
     def to_record(self) -> bytes:

@@ -127,6 +127,8 @@ class Pipeline:
         self.dedupers = {
             s.name: Deduper(s.dedup_window, reactor) for s in cfg.sets if s.dedup_window > 0
         }
+        # Sets storing the wire bytes; every other set stores unix line ends.
+        self.wire_sets = {s.name for s in cfg.sets if s.line_endings == "wire"}
 
     # BundleSet's on_stored callback: runs in the reactor thread.
     def stored(self, tokens: list[Token]) -> None:
@@ -233,8 +235,8 @@ class Pipeline:
         result = evaluate(self.stages, self.collator, env, self.budget)
         writes: list[tuple[str, bytes, float]] = []
         for msg, sets in result.deliveries:
-            plain: bytes | None = None
-            redacted: bytes | None = None
+            # One mbox entry per distinct copy: (redacted?, line endings).
+            entries: dict[tuple[bool, str], bytes] = {}
             redacted_env: Envelope | None = None
             for name in sets:
                 copy = msg
@@ -246,14 +248,13 @@ class Pipeline:
                 if dedup is not None and dedup.seen(copy):
                     self.metrics.set_duplicates.labels(set=name).inc()
                     continue
-                if copy is msg:
-                    plain = plain or mbox.entry(msg.mail_from, msg.received_at, msg.full_bytes())
-                    writes.append((name, plain, msg.received_at))
-                else:
-                    redacted = redacted or mbox.entry(
-                        copy.mail_from, copy.received_at, copy.full_bytes()
-                    )
-                    writes.append((name, redacted, msg.received_at))
+                # Redact before converting line ends: redaction keeps lengths.
+                kind = (copy is not msg, "wire" if name in self.wire_sets else "unix")
+                data = entries.get(kind)
+                if data is None:
+                    data = mbox.entry(copy.mail_from, copy.received_at, copy.stored_bytes(kind[1]))
+                    entries[kind] = data
+                writes.append((name, data, msg.received_at))
         if not writes:
             result.sets = []  # discarded, unrouted or all duplicates: acked at once
             return result, None

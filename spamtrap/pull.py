@@ -11,6 +11,9 @@ Sources (exactly one):
   set's bearer token; pages are followed with the returned cursor.
 - ``--mail PATH``: a maildir or mbox holding the set's list notices; each
   notice's body is ``Header: value`` lines (Set, Key, URL, SHA256, Size...).
+  A notice of a followed set that cannot be followed (no URL, a URL that is
+  not http(s), a malformed key, size or sha256) is an error naming the
+  notice by its Message-ID, not a silent skip.
 - ``--s3 s3://bucket/prefix``: the bucket itself, listed with credentials
   (botocore's standard chain), manifests first: a manifest is the commit
   marker of its bundle.
@@ -20,6 +23,12 @@ stored up to a rotation period (or an outage) later, so a bundle can appear
 behind a newer one. Listings therefore start ``--overlap`` seconds before
 the newest key seen, and the state file's record of each key makes the
 overlap cost nothing but the listing.
+
+Unpacking (``--unpack``) is recorded per bundle and target in the state
+file, so bundles an earlier run fetched without it are unpacked by the
+first run that asks, once. ``--unpack maildir --wire`` writes each
+message's wire bytes (as the SMTP client sent them) instead of the stored
+form; see :func:`wire_bytes`.
 
 Downloads go to ``DEST/<key>.part`` and resume with a Range request from
 its size; a verified file is renamed into place. Exit status: 0 when all
@@ -50,12 +59,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, TextIO
 
 from spamtrap import __version__
 from spamtrap.mbox import MboxReader
+from spamtrap.message import wire_bytes
 from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, MANIFEST_SUFFIX, valid_set_name
 
 EXIT_OK = 0
@@ -68,6 +78,8 @@ DEFAULT_OVERLAP = 86400.0
 DEFAULT_TIMEOUT = 60.0
 STATE_NAME = ".spamtrap-pull.json"
 STATE_VERSION = 1
+UNPACK_TARGETS = ("maildir", "mbox", "wire")
+WIRE_DIR = "wire"  # DEST/<set>/wire/: a maildir of the messages' wire bytes
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TIME = "%Y-%m-%dT%H:%M:%S"
 USER_AGENT = f"spamtrap-pull/{__version__}"
@@ -89,6 +101,7 @@ class Remote:
     location: str  # where the source fetches it: a URL or an S3 object key
     size: int | None = None
     sha256: str | None = None
+    manifest_location: str | None = None  # a notice's Manifest-URL, if any
 
     @property
     def set_name(self) -> str:
@@ -99,10 +112,20 @@ class Remote:
         return self.key.split("/", 1)[1][: -len(BUNDLE_SUFFIX)]
 
 
+@dataclass
+class Problem:
+    """An entry of a listing (a notice, a feed entry) that cannot be
+    followed; ``key`` is the bundle it names, when that key is valid."""
+
+    text: str
+    key: str | None = None
+
+
 class Source(Protocol):
-    def listing(self, set_name: str, since: str | None) -> list[Remote]:
-        """The set's bundles after ``since`` (a cursor), oldest first; a
-        source without cursors may return older ones too."""
+    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
+        """The set's bundles after ``since`` (a cursor), oldest first (a
+        source without cursors may return older ones too), and the entries
+        that name a bundle of the set but cannot be followed."""
         ...
 
     def manifest(self, remote: Remote) -> dict[str, Any]:
@@ -161,10 +184,12 @@ class _UrlSource:
         self.timeout = timeout
 
     def manifest(self, remote: Remote) -> dict[str, Any]:
-        url = remote.location
-        if not url.endswith(BUNDLE_SUFFIX):
-            raise PullError(f"{remote.key}: no manifest URL for {url}")
-        return _json(self._get(_manifest_name(url)), f"manifest of {remote.key}")
+        url = remote.manifest_location or remote.location
+        if remote.manifest_location is None:
+            if not url.endswith(BUNDLE_SUFFIX):
+                raise PullError(f"{remote.key}: no manifest URL for {url}")
+            url = _manifest_name(url)
+        return _json(self._get(url), f"manifest of {remote.key}")
 
     def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -208,23 +233,60 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
-def _remote_from(entry: dict[str, Any], set_name: str, location: str | None) -> Remote | None:
-    """A Remote from a feed entry or a notice; None if it is unusable."""
-    key = bundle_key(str(entry.get("key", "")))
-    if key is None or key.split("/", 1)[0] != set_name or not location:
-        return None
-    try:
-        location = _http_url(location)
-    except PullError:
-        return None
-    size = entry.get("size")
-    sha = entry.get("sha256")
-    try:
-        size = int(size) if size is not None else None
-    except (TypeError, ValueError):
-        size = None
-    sha = str(sha).lower() if sha is not None and _SHA256.fullmatch(str(sha).lower()) else None
-    return Remote(key, location, size, sha)
+def _remote_from(entry: dict[str, Any], set_name: str, what: str) -> Remote | Problem:
+    """A Remote from a feed entry or a notice (``url``, ``key``, ``size``,
+    ``sha256`` and optionally ``manifest_url``), or why it is unusable;
+    ``what`` names the entry in the problem's text."""
+    raw_key = entry.get("key")
+    key = bundle_key(str(raw_key)) if raw_key is not None else None
+    if key is None:
+        return Problem(f"{what}: {raw_key!r} is not a bundle key (<set>/<name>.mbox.gz)")
+    what = f"{what} ({key})"
+    if key.split("/", 1)[0] != set_name:
+        return Problem(f"{what}: the key is not of set {set_name}", key)
+    url = entry.get("url")
+    if not url:
+        return Problem(
+            f"{what}: no URL to download it from (a node whose store gave no public "
+            f"URL sent it); follow set {set_name} with --http or --s3 instead",
+            key,
+        )
+    manifest_url = entry.get("manifest_url") or None
+    for name, value in (("URL", url), ("manifest URL", manifest_url)):
+        if value is not None and not _is_http_url(str(value)):
+            return Problem(f"{what}: the {name} {str(value)!r} is not an http(s) URL", key)
+    size, sha = entry.get("size"), entry.get("sha256")
+    if size is not None:
+        text = str(size)
+        if isinstance(size, bool) or not text.isdigit() or not text.isascii():
+            return Problem(f"{what}: the size {text!r} is not a number of bytes", key)
+        size = int(text)
+    if sha is not None:
+        sha = str(sha).lower()
+        if _SHA256.fullmatch(sha) is None:
+            return Problem(
+                f"{what}: the sha256 {str(entry.get('sha256'))!r} is not 64 hex digits", key
+            )
+    return Remote(key, str(url), size, sha, str(manifest_url) if manifest_url else None)
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and url.isprintable()
+
+
+def _collect(results: list[Remote | Problem]) -> tuple[list[Remote], list[Problem]]:
+    """Remotes by key (the first usable entry of a key wins) and the
+    problems of keys that no usable entry names."""
+    found: dict[str, Remote] = {}
+    problems: list[Problem] = []
+    for result in results:
+        if isinstance(result, Remote):
+            found.setdefault(result.key, result)
+        else:
+            problems.append(result)
+    problems = [p for p in problems if p.key is None or p.key not in found]
+    return sorted(found.values(), key=lambda r: r.key), problems
 
 
 class FeedSource(_UrlSource):
@@ -235,9 +297,9 @@ class FeedSource(_UrlSource):
         self.base = _http_url(base_url).rstrip("/")
         self.tokens = tokens
 
-    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
         headers = {"Authorization": f"Bearer {self.tokens[set_name]}"}
-        found: dict[str, Remote] = {}
+        results: list[Remote | Problem] = []
         cursor = since or ""
         while True:
             query = urllib.parse.urlencode({"since": cursor, "limit": PAGE})
@@ -250,15 +312,32 @@ class FeedSource(_UrlSource):
             if not isinstance(entries, list):
                 raise PullError(f"set {set_name}: feed answer without bundles")
             for entry in entries:
+                what = f"set {set_name}: feed entry"
                 if isinstance(entry, dict):
-                    remote = _remote_from(entry, set_name, entry.get("url"))
-                    if remote is not None:
-                        found[remote.key] = remote
+                    results.append(_remote_from(entry, set_name, what))
+                else:
+                    results.append(Problem(f"{what} {entry!r}: not a JSON object"))
             next_cursor = page.get("cursor")
             if not page.get("more") or not isinstance(next_cursor, str) or next_cursor <= cursor:
                 break
             cursor = next_cursor
-        return sorted(found.values(), key=lambda r: r.key)
+        return _collect(results)
+
+
+# Our notices' Subject (spamtrap.notify.mail.subject); a list may prefix it.
+_NOTICE_SUBJECT = re.compile(r"\[spamtrap\] ([^\s:]+): \d+ messages, ")
+
+
+@dataclass
+class Notice:
+    """One mail of a notice folder: its body's fields (lower-case names)."""
+
+    message_id: str | None
+    fields: dict[str, str]
+    subject_set: str | None = None  # the set our Subject names, if it is ours
+
+    def describe(self, where: str) -> str:
+        return f"notice {self.message_id}" if self.message_id else f"notice {where}"
 
 
 class MailSource(_UrlSource):
@@ -267,57 +346,103 @@ class MailSource(_UrlSource):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__(timeout)
         self.path = path
-        self._notices: list[dict[str, str]] | None = None
+        self._notices: list[tuple[Notice, str]] | None = None
 
-    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
         # Every notice, whatever ``since``: mail arrives in no useful order,
         # and the state file skips what is done.
-        found: dict[str, Remote] = {}
-        for notice in self.notices():
-            if notice.get("set", set_name) != set_name:
+        results: list[Remote | Problem] = []
+        for notice, where in self.notices():
+            what = notice.describe(where)
+            fields = notice.fields
+            if "key" not in fields:
+                # Our Subject, but no body to follow: mangled on the way.
+                if notice.subject_set == set_name:
+                    text = f"{what}: a notice of set {set_name} without a Key field in its body"
+                    results.append(Problem(text))
                 continue
-            remote = _remote_from(notice, set_name, notice.get("url"))
-            if remote is not None:
-                found[remote.key] = remote
-        return sorted(found.values(), key=lambda r: r.key)
+            named = fields.get("set") or fields["key"].strip().split("/", 1)[0]
+            if named != set_name:
+                continue  # another set's notice, or another list's mail
+            entry = {**fields, "manifest_url": fields.get("manifest-url")}
+            results.append(_remote_from(entry, set_name, what))
+        return _collect(results)
 
-    def notices(self) -> list[dict[str, str]]:
+    def notices(self) -> list[tuple[Notice, str]]:
+        """The folder's notices and where each is (file name or position)."""
         if self._notices is None:
-            self._notices = [n for n in map(parse_notice, self._messages()) if n]
+            found = []
+            for where, raw in self._messages():
+                notice = read_notice(raw)
+                if notice is not None:
+                    found.append((notice, where))
+            self._notices = found
         return self._notices
 
-    def _messages(self) -> Iterator[bytes]:
+    def _messages(self) -> Iterator[tuple[str, bytes]]:
         box: mailbox.Mailbox
         if os.path.isdir(self.path):
+            if not all(os.path.isdir(os.path.join(self.path, d)) for d in ("new", "cur")):
+                raise PullError(f"{self.path}: a directory but not a maildir (no new/ and cur/)")
             box = mailbox.Maildir(self.path, factory=None, create=False)
         elif os.path.isfile(self.path):
+            with open(self.path, "rb") as f:
+                head = f.read(5)
+            if head and head != b"From ":
+                raise PullError(f"{self.path}: not an mbox file (it does not start with 'From ')")
             box = mailbox.mbox(self.path, factory=None, create=False)
         else:
             raise PullError(f"{self.path}: no such maildir or mbox")
         try:
-            for key in box.keys():
+            for n, key in enumerate(box.keys()):
+                where = f"{key if isinstance(box, mailbox.Maildir) else f'#{n + 1}'} in {self.path}"
                 try:
-                    yield box.get_bytes(key)
+                    yield where, box.get_bytes(key)
                 except (OSError, KeyError):
                     continue  # read or moved away by a mail client meanwhile
+        except OSError as e:
+            raise PullError(f"{self.path}: reading the mailbox: {e}")
         finally:
             box.close()
+
+
+def read_notice(raw: bytes) -> Notice | None:
+    """The mail as a notice: its Message-ID and the ``Header: value`` lines
+    of its first text/plain body; None for mail that is neither a notice nor
+    carries our Subject."""
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+    except Exception:  # noqa: BLE001 - a mailbox holds other mail too; none may stop the run
+        return None
+    message_id = _header(message, "message-id")
+    match = _NOTICE_SUBJECT.search(_header(message, "subject") or "")
+    notice = Notice(message_id, {}, match.group(1) if match else None)
+    try:
+        part = message.get_body(preferencelist=("plain",))
+        text = part.get_content() if part is not None else None
+    except Exception:  # noqa: BLE001 - undecodable: judged by its Subject below
+        text = None
+    if isinstance(text, str):
+        fields = email.message_from_string(text.lstrip("\r\n"), policy=email.policy.compat32)
+        notice.fields = {name.lower(): str(value).strip() for name, value in fields.items()}
+    if "key" in notice.fields or notice.subject_set is not None:
+        return notice
+    return None
+
+
+def _header(message: email.message.Message, name: str) -> str | None:
+    try:
+        value = message.get(name)
+        return " ".join(str(value).split()) if value is not None else None
+    except Exception:  # noqa: BLE001 - a malformed header is no header
+        return None
 
 
 def parse_notice(raw: bytes) -> dict[str, str]:
     """A list notice's fields (lower-case names), from the ``Header: value``
     lines of its first text/plain body; {} for any other mail."""
-    try:
-        message = email.message_from_bytes(raw, policy=email.policy.default)
-        part = message.get_body(preferencelist=("plain",))
-        text = part.get_content() if part is not None else None
-        if not isinstance(text, str):
-            return {}
-        fields = email.message_from_string(text.lstrip("\r\n"), policy=email.policy.compat32)
-        notice = {name.lower(): str(value).strip() for name, value in fields.items()}
-    except Exception:  # noqa: BLE001 - a mailbox holds other mail too; none may stop the run
-        return {}
-    return notice if "key" in notice and "url" in notice else {}
+    notice = read_notice(raw)
+    return notice.fields if notice is not None and "key" in notice.fields else {}
 
 
 class S3Source:
@@ -353,7 +478,7 @@ class S3Source:
             "s3", endpoint_url=endpoint, region_name=region, config=config
         )
 
-    def listing(self, set_name: str, since: str | None) -> list[Remote]:
+    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         folder = f"{self.prefix}{set_name}/"
@@ -372,7 +497,7 @@ class S3Source:
                         found.append(Remote(key, folder + key.split("/", 1)[1]))
         except (BotoCoreError, ClientError) as e:
             raise PullError(f"set {set_name}: listing s3://{self.bucket}/{folder}: {e}")
-        return sorted(found, key=lambda r: r.key)
+        return sorted(found, key=lambda r: r.key), []
 
     def manifest(self, remote: Remote) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -446,12 +571,16 @@ class State:
         cursors = doc.get("cursors", {}) if isinstance(doc, dict) else None
         bundles = doc.get("bundles", {}) if isinstance(doc, dict) else None
         if (
-            doc.get("version") != STATE_VERSION
+            not isinstance(doc, dict)
+            or doc.get("version") != STATE_VERSION
             or not isinstance(cursors, dict)
             or not isinstance(bundles, dict)
             or not all(isinstance(b, dict) for b in bundles.values())
         ):
             raise PullError(f"state file {path}: not a spamtrap pull state (version 1)")
+        for key, entry in bundles.items():
+            if "unpacked" in entry or "unpack" in entry:
+                entry["unpacked"] = _unpacked(entry, f"state file {path}: {key}")
         self.cursors, self.bundles = cursors, bundles
 
     def save(self) -> None:
@@ -465,6 +594,22 @@ class State:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         _fsync_dir(directory)
+
+
+def _unpacked(entry: dict[str, Any], what: str) -> dict[str, bool]:
+    """A bundle's unpack record: target ("mbox", "maildir", "wire") -> done.
+    Older state files kept one target: ``"unpack": T, "unpacked": bool``."""
+    unpacked = entry.get("unpacked", {})
+    if isinstance(unpacked, bool):
+        mode = entry.pop("unpack", None)
+        unpacked = {mode: unpacked} if isinstance(mode, str) else {}
+    if not isinstance(unpacked, dict) or not all(
+        m in UNPACK_TARGETS and isinstance(v, bool) for m, v in unpacked.items()
+    ):
+        raise PullError(
+            f"{what}: 'unpacked' is not a map of {', '.join(UNPACK_TARGETS)} to true/false"
+        )
+    return unpacked
 
 
 @contextlib.contextmanager
@@ -600,16 +745,21 @@ class Puller:
         self.progress.error(text)
 
     def run(self, sets: list[str]) -> None:
-        self._finish_unpacking()
+        self._catch_up_unpacking(sets)
         todo: list[Remote] = []
         listed: dict[str, list[Remote]] = {}
         for set_name in sets:
             try:
                 since = rewind(self.state.cursors.get(set_name), self.overlap)
-                remotes = self.source.listing(set_name, since)
+                remotes, problems = self.source.listing(set_name, since)
             except PullError as e:
                 self.fail(str(e))
                 continue
+            for problem in problems:
+                # A bundle fetched already (through a good notice, or by an
+                # earlier run) needs nothing from a bad entry naming it.
+                if problem.key is None or problem.key not in self.state.bundles:
+                    self.fail(problem.text)
             listed[set_name] = remotes
             for remote in remotes:
                 if remote.key in self.state.bundles:
@@ -675,16 +825,10 @@ class Puller:
             self.fetched += 1
             self.fetched_bytes += remote.size or 0
         entry: dict[str, Any] = {"size": remote.size, "sha256": remote.sha256}
-        if self.unpack:
-            entry["unpack"] = self.unpack
-            entry["unpacked"] = False
-            if self.unpack == "mbox":
-                target = self._mbox_path(remote.set_name)
-                entry["mbox_offset"] = os.path.getsize(target) if os.path.exists(target) else 0
         self.state.bundles[remote.key] = entry
         self.state.save()
         if self.unpack:
-            self._unpack(remote.key, entry)
+            self._unpack(remote.key, entry, self.unpack)
 
     def _download(self, remote: Remote, part: str) -> None:
         size = remote.size or 0
@@ -741,26 +885,60 @@ class Puller:
     def _mbox_path(self, set_name: str) -> str:
         return os.path.join(self.dest, set_name, f"{set_name}.mbox")
 
-    def _finish_unpacking(self) -> None:
-        """Unpack what an interrupted run downloaded but did not unpack."""
+    def _catch_up_unpacking(self, sets: list[str]) -> None:
+        """Before anything new: finish every unpack an interrupted run left
+        (whatever this run's --unpack), and with --unpack, unpack the
+        followed sets' bundles that earlier runs fetched without it. Key
+        order, so an mbox gets its bundles oldest first."""
         for key, entry in sorted(self.state.bundles.items()):
-            if entry.get("unpacked") is False:
-                final, _ = self._paths(key)
-                if os.path.isfile(final):
-                    self._unpack(key, entry)
+            unpacked = entry.get("unpacked", {})
+            modes = [m for m, done in unpacked.items() if done is False]
+            fresh = self.unpack is not None and self.unpack not in unpacked
+            if fresh and key.split("/", 1)[0] in sets:
+                modes.append(str(self.unpack))
+            final, _ = self._paths(key)
+            if not modes or not os.path.isfile(final):
+                # Moved or deleted after processing: the state file still
+                # says it is done, so it is neither fetched nor unpacked.
+                continue
+            if fresh:
+                remote = Remote(key, final, entry.get("size"), entry.get("sha256"))
+                try:
+                    ok = _verified(final, remote)
+                except OSError as e:
+                    self.fail(f"{key}: cannot read it to unpack: {e}")
+                    continue
+                if not ok:
+                    self.fail(f"{key}: {final} no longer matches its size and sha256; not unpacked")
+                    continue
+            for mode in modes:
+                self._unpack(key, entry, mode)
 
-    def _unpack(self, key: str, entry: dict[str, Any]) -> None:
+    def _unpack(self, key: str, entry: dict[str, Any], mode: str) -> None:
+        """Unpack the fetched bundle ``key`` into ``mode``'s target, recorded
+        in the state file before (False) and after (True)."""
         final, _ = self._paths(key)
         set_name = key.split("/", 1)[0]
+        unpacked = entry.setdefault("unpacked", {})
+        if mode == "mbox" and unpacked.get("mbox") is not False:
+            # Where this bundle's append begins; an interrupted append is
+            # cut back to it.
+            target = self._mbox_path(set_name)
+            entry["mbox_offset"] = os.path.getsize(target) if os.path.exists(target) else 0
+        unpacked[mode] = False
+        self.state.save()
         try:
-            if entry["unpack"] == "mbox":
+            if mode == "mbox":
                 _unpack_mbox(final, self._mbox_path(set_name), entry.get("mbox_offset", 0))
+            elif mode == "wire":
+                target = os.path.join(self.dest, set_name, WIRE_DIR)
+                _unpack_maildir(final, target, key, wire_bytes)
             else:
                 _unpack_maildir(final, os.path.join(self.dest, set_name, "maildir"), key)
         except (OSError, ValueError, EOFError, zlib.error) as e:
-            self.fail(f"{key}: unpacking: {e}")
+            self.fail(f"{key}: unpacking ({mode}): {e}")
             return
-        entry["unpacked"] = True
+        unpacked[mode] = True
         self.state.save()
 
 
@@ -779,10 +957,13 @@ def _unpack_mbox(bundle: str, target: str, offset: int) -> None:
             os.fsync(dst.fileno())
 
 
-def _unpack_maildir(bundle: str, maildir: str, key: str) -> None:
-    """One file per message in ``maildir/new``. The names are standard
-    (time.unique.host) and derived from the key, so unpacking again after
-    an interruption replaces files instead of adding copies."""
+def _unpack_maildir(
+    bundle: str, maildir: str, key: str, transform: Callable[[bytes], bytes] | None = None
+) -> None:
+    """One file per message in ``maildir/new`` (each message through
+    ``transform`` first, if given). The names are standard (time.unique.host)
+    and derived from the key, so unpacking again after an interruption
+    replaces files instead of adding copies."""
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(maildir, sub), exist_ok=True)
     m = KEY_RE.fullmatch(key)
@@ -791,6 +972,11 @@ def _unpack_maildir(bundle: str, maildir: str, key: str) -> None:
     host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
     with gzip.open(bundle, "rb") as f:
         for i, (_, message) in enumerate(MboxReader(f)):  # type: ignore[arg-type]
+            if transform is not None:
+                try:
+                    message = transform(message)
+                except ValueError as e:
+                    raise ValueError(f"message {i + 1}: {e}") from e
             name = f"{stamp}.R{m.group('random')}Q{i}.{host}"
             tmp = os.path.join(maildir, "tmp", name)
             with open(tmp, "wb") as out:
@@ -851,6 +1037,10 @@ def run(args: argparse.Namespace, err: TextIO | None = None) -> int:
     if args.overlap < 0 or args.timeout <= 0:
         print("spamtrap pull: --overlap takes 0 or more seconds, --timeout more than 0", file=err)
         return EXIT_USAGE
+    if args.wire and args.unpack != "maildir":
+        print("spamtrap pull: --wire needs --unpack maildir (one file per message)", file=err)
+        return EXIT_USAGE
+    unpack = "wire" if args.wire else args.unpack
     source = _source(args, err)
     if source is None:
         return EXIT_USAGE
@@ -861,7 +1051,7 @@ def run(args: argparse.Namespace, err: TextIO | None = None) -> int:
     try:
         os.makedirs(dest, exist_ok=True)
         with _locked(state_path):
-            puller = Puller(source, dest, State(state_path), args.unpack, progress, args.overlap)
+            puller = Puller(source, dest, State(state_path), unpack, progress, args.overlap)
             try:
                 puller.run(list(dict.fromkeys(args.set)))  # each set once
             except KeyboardInterrupt:
@@ -891,6 +1081,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--unpack",
         choices=("maildir", "mbox"),
         help="also write each message to DIR/<set>/maildir or append to DIR/<set>/<set>.mbox",
+    )
+    p.add_argument(
+        "--wire",
+        action="store_true",
+        help=(
+            f"with --unpack maildir: write each message's exact wire bytes (metadata block "
+            f"removed, line ends as sent) to the maildir DIR/<set>/{WIRE_DIR}"
+        ),
     )
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print errors only")

@@ -7,9 +7,13 @@ parent has defects a trap cannot live with (each override says which):
 
 - an over-long line in DATA flips the parent back to command mode and runs the
   rest of the body as SMTP commands; here DATA is scanned as raw bytes for
-  CRLF.CRLF and has no line limit short of the message size;
+  CRLF.CRLF and has no line limit short of the message size. Only a client
+  that never sent CRLF gets LF.LF as its end of data; any other lookalike is
+  data and flags "smuggling" (see ``_data_chunk``);
 - input without CRLF grows the parent's buffer without bound (copied
-  quadratically); here the command buffer is capped and answered with 421;
+  quadratically); here one command line is capped at max_command_line (500,
+  the rest of the line dropped, the session goes on), and input waiting
+  behind a pending reply pauses the transport instead of growing;
 - commands pipelined after STARTTLS were executed after the handshake
   (CVE-2011-0411 pattern); here they are discarded (RFC 3207 4.2);
 - Deferred validation broke pipelining and MAIL parameters were dropped;
@@ -23,7 +27,10 @@ parent has defects a trap cannot live with (each override says which):
   change; ours only moves when a deadline comes earlier).
 
 The 250 after DATA is sent only once ``submit`` (the durable spool) has the
-message: see architecture "Durability at 250".
+message: see architecture "Durability at 250". Until then input is held
+(``_waiting``) and the transport paused (``_paused``) until no whole
+transaction is left in the held bytes, so every pipelined transaction is
+answered in order and submitted once.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from spamtrap import proxy
+from spamtrap import proxy, relay
 from spamtrap.config import Config
 from spamtrap.message import Envelope, iso_time, new_message_id, new_session_id, rfc2822_date
 from spamtrap.metrics import Metrics
@@ -71,6 +78,61 @@ def _path_field(address: str, params: tuple[bytes, ...]) -> str:
     return " ".join([f"<{address}>", *map(_text, params)])
 
 
+def _lf_end(data: bytearray, start: int) -> tuple[int, int]:
+    """A bare-LF client's end of data from ``start``: (index of the LF before
+    the dot, length of the terminator), or (-1, 0)."""
+    lf = data.find(b"\n.\n", start)
+    # A LF.CRLF before it ends the data first (the bound keeps the scan short).
+    crlf = data.find(b"\n.\r\n", start, lf + 4 if lf >= 0 else len(data))
+    if crlf >= 0:
+        return crlf, 4
+    return lf, (3 if lf >= 0 else 0)
+
+
+_CR_AS_LF = bytes.maketrans(b"\r", b"\n")
+
+
+def _crlf_end(data: bytearray, start: int) -> tuple[int, bool]:
+    """A CRLF client's end of data from ``start``: (index of CRLF.CRLF or -1,
+    whether an end-of-data lookalike came before it).
+
+    With CR read as LF, "LF . LF" is found in the middle of CRLF.CRLF and in
+    every lookalike (a dot between line-end bytes), and nowhere else: one
+    translate and one find, about 1.6 times the plain search, find both.
+    """
+    t = (data if start == 0 else data[start:]).translate(_CR_AS_LF)
+    p = t.find(b"\n.\n")
+    if p >= 0:
+        i = start + p
+        if i > 0 and data[i - 1] == 13 and data[i] == 10 and data[i + 2] == 13:
+            if i + 3 == len(data):
+                return -1, False  # CRLF.CR so far: the next read tells
+            if data[i + 3] == 10:
+                return i - 1, False
+        # A lookalike. The rest needs only the plain search: a message full
+        # of them must not cost a Python loop per dot.
+        return data.find(b"\r\n.\r\n", i), True
+    return -1, False
+
+
+# Seconds after the stop grace before connections still open are aborted.
+HARD_CLOSE_DELAY = 2.0
+
+
+def client_key(host: str) -> str:
+    """What the per-IP limit counts: the address, an IPv4-mapped one as
+    IPv4, and IPv6 by /64 (one host owns a whole /64, RFC 4291 2.5.1)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a UNIX socket or the like: counted as one peer
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def _host_port(address: Any) -> tuple[str, int]:
     return str(getattr(address, "host", address)), int(getattr(address, "port", 0) or 0)
 
@@ -87,6 +149,14 @@ class Transaction:
 
 class TrapSMTP(smtp.ESMTP):
     transport: Any  # zope interfaces do not type-check as attributes without a plugin
+    # Attribution behind a trusted relay (smtp.trusted_relays): the client
+    # XCLIENT named for the session, the one XFORWARD named for the next
+    # transaction, the relay's own HELO from before XCLIENT, and whether the
+    # peer is a trusted relay at all (looked up once, after any PROXY header).
+    _xclient: relay.Client | None = None
+    _xforward: relay.Client | None = None
+    _relay_helo: bytes | None = None
+    _relay_trusted: bool | None = None
 
     def __init__(self, factory: TrapSMTPFactory) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=factory.tls_context)
@@ -97,6 +167,8 @@ class TrapSMTP(smtp.ESMTP):
         self._buf = bytearray()
         self._data = bytearray()
         self._data_overflow = False
+        self._crlf_client = False  # a command line ended in CRLF: see _data_chunk
+        self._discarding = False  # inside an over-long command line: drop to its LF
         self._state = COMMAND
         self._greeted = False
         self._waiting = False  # a reply is pending on the spool: hold input
@@ -108,6 +180,9 @@ class TrapSMTP(smtp.ESMTP):
         self._timer: Any = None
         self._greet_timer: Any = None
         self._session_deadline = math.inf
+        self._stop_deadline = math.inf  # set by shutdown()
+        self._mailed = False  # a MAIL was accepted in this session
+        self._counted_as: str | None = None  # the factory's per-IP key
         self._idle_period: float | None = None  # None: no idle timeout
         self._idle_since = 0.0
         self.dialect = Dialect()
@@ -129,10 +204,7 @@ class TrapSMTP(smtp.ESMTP):
         self.canStartTLS = self.ctx is not None and ITLSTransport.providedBy(self.transport)
         refusal = f.admit(self)
         if refusal:
-            f.metrics.connections_refused.labels(reason=refusal).inc()
-            self.transport.write(b"421 4.7.0 %s Too many connections, try later\r\n" % self.host)
-            self._state = CLOSED
-            self.transport.loseConnection()
+            self._refuse(refusal)
             return
         f.metrics.connections.inc()
         cap = f.config.smtp.timeouts.session
@@ -144,8 +216,20 @@ class TrapSMTP(smtp.ESMTP):
             return
         self._start()
 
+    def _refuse(self, reason: str) -> None:
+        self.factory.metrics.connections_refused.labels(reason=reason).inc()
+        self.transport.write(b"421 4.7.0 %s Too many connections, try later\r\n" % self.host)
+        self._state = CLOSED
+        self.transport.loseConnection()
+
     def _start(self) -> None:
         f = self.factory
+        # Here, not at connect: behind a trusted balancer self.peer is the
+        # client the PROXY header named, which is what the limit is about.
+        refusal = f.admit_peer(self)
+        if refusal:
+            self._refuse(refusal)
+            return
         if f.resolve_ptr is not None and f.config.smtp.rdns:
             d = f.resolve_ptr(self.peer[0])
             d.addCallbacks(self._got_rdns, lambda _: None)
@@ -163,7 +247,7 @@ class TrapSMTP(smtp.ESMTP):
             return
         self._greeted = True
         self.sendCode(220, self.greeting())
-        self._pump()
+        self._unhold()  # an early talker's input was held
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         # One write per reply; the parent writes every line of it separately.
@@ -189,12 +273,25 @@ class TrapSMTP(smtp.ESMTP):
         self._idle_since = now
         self._idle_period = period
         if period is not None:
-            self._arm(now, now + period)
+            self._arm(now, self._idle_deadline())
+
+    def _idle_deadline(self) -> float:
+        """When silence closes the session. Until the first MAIL it is
+        timeouts.idle_before_mail: an idle session only holds a slot.
+        QUIRK: RFC 5321 4.5.3.2.7 suggests 5 minutes; senders that mean to
+        send say MAIL within seconds, and the command timeout applies
+        once they have."""
+        period = self._idle_period
+        if period is None:
+            return math.inf
+        if not self._mailed and self._state is not DATA:
+            period = min(period, self.factory.config.smtp.timeouts.idle_before_mail)
+        return self._idle_since + period
 
     def _arm(self, now: float, deadline: float) -> None:
         # Only an earlier deadline moves the timer; a later one is noticed
         # when the timer fires, which then re-arms for it.
-        deadline = min(deadline, self._session_deadline)
+        deadline = min(deadline, self._session_deadline, self._stop_deadline)
         t = self._timer
         if t is None:
             if deadline < math.inf:
@@ -207,13 +304,17 @@ class TrapSMTP(smtp.ESMTP):
         if self._state is CLOSED:
             return
         now = self.clock.seconds()
+        if now >= self._stop_deadline:
+            if not self._waiting:
+                self._abort(421, b"4.3.2 Service shutting down")
+                return
+            # The spool has its message: the 250 (then 421) comes within a
+            # commit, and the factory's hard close bounds a stuck disk.
+            self._stop_deadline = math.inf
         if now >= self._session_deadline:
             self._abort(421, b"4.4.2 Session too long")
             return
-        if self._idle_period is None:
-            self._arm(now, math.inf)
-            return
-        idle_deadline = self._idle_since + self._idle_period
+        idle_deadline = self._idle_deadline()
         if now >= idle_deadline:
             self._abort(421, b"4.4.2 Timeout, closing connection")
             return
@@ -226,10 +327,16 @@ class TrapSMTP(smtp.ESMTP):
         self._state = CLOSED
         self.transport.loseConnection()
 
-    def shutdown(self) -> None:
-        """The service is stopping: close idle sessions now, busy ones after their reply."""
-        if self._state is COMMAND and not self._waiting:
+    def shutdown(self, grace: float) -> None:
+        """The service is stopping: close idle sessions now, busy ones after
+        their reply, and whatever is left after ``grace`` seconds (a client
+        trickling its DATA must not hold the stop)."""
+        if self._state is not DATA and not self._waiting:
             self._abort(421, b"4.3.2 Service shutting down")
+            return
+        now = self.clock.seconds()
+        self._stop_deadline = now + grace
+        self._arm(now, self._stop_deadline)
 
     # -- the byte stream ------------------------------------------------------
 
@@ -240,10 +347,12 @@ class TrapSMTP(smtp.ESMTP):
         if not self._greeted and self._state is not PROXY:
             self.dialect.flags.add("early-talk")
         self._buf += data
-        if self._waiting:
-            # Hold further input until the reply is sent. Pausing only when
-            # input actually comes (bots wait for the 250) saves two epoll
-            # calls per message.
+        if self._waiting or (not self._greeted and self._state is not PROXY):
+            # Hold further input until the reply (or the greeting) is sent,
+            # and stop reading: held input is bounded by one read, not by
+            # how much a pipelining peer pushes. Pausing only when input
+            # actually comes (bots wait for the 250) saves two epoll calls
+            # per message.
             if not self._paused:
                 self._paused = True
                 self.transport.pauseProducing()
@@ -251,6 +360,10 @@ class TrapSMTP(smtp.ESMTP):
         self._pump()
 
     def _pump(self) -> None:
+        # No cap on self._buf here: bytes waiting behind a pending reply are
+        # whole pipelined transactions, bounded by the pause above. The
+        # command-line cap is per line (_command_line), DATA is capped by
+        # max_message_size (_data_chunk), PROXY by proxy.V2_MAX.
         while self._buf and not self._waiting and self._state is not CLOSED:
             if self._state is PROXY:
                 if not self._proxy_header():
@@ -262,19 +375,44 @@ class TrapSMTP(smtp.ESMTP):
                     return
             elif not self._command_line():
                 return
-        if self._state is not CLOSED and len(self._buf) > self.factory.buffer_cap:
-            self._abort(421, b"4.7.0 Too much input without a line end")
+
+    def _unhold(self) -> None:
+        """Run the held input; read from the peer again once nothing is pending."""
+        self._pump()
+        if self._paused and not self._waiting and self._state is not CLOSED:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def _command_line(self) -> bool:
-        nl = self._buf.find(b"\n")
+        buf = self._buf
+        if self._discarding:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                buf.clear()
+                return False
+            del buf[: nl + 1]
+            self._discarding = False
+            return True
+        cap = self.factory.buffer_cap
+        # A line may be cap bytes long, its line end included (RFC 5321
+        # 4.5.3.1.4 counts the CRLF). Looking only at the first cap bytes
+        # makes the verdict the same however TCP cut the stream.
+        nl = buf.find(b"\n", 0, cap)
         if nl < 0:
-            if len(self._buf) > self.factory.buffer_cap:
-                self._abort(421, b"4.7.0 Line too long")
-            return False
-        line = bytes(self._buf[:nl])
-        del self._buf[: nl + 1]
+            if len(buf) < cap:
+                return False  # the rest of the line is still coming
+            # Refuse the line, not the session: the bot may go on to send
+            # its spam. The rest of the line, however long, is dropped.
+            self.factory.metrics.smtp_errors.labels(kind="line-too-long").inc()
+            self.dialect.flags.add("long-line")
+            self.sendCode(500, b"5.5.2 Error: line too long")
+            self._discarding = True
+            return True
+        line = bytes(buf[:nl])
+        del buf[: nl + 1]
         if line.endswith(b"\r"):
             line = line[:-1]
+            self._crlf_client = True
         else:
             # QUIRK: RFC 5321 2.3.8 wants CRLF; bots send bare LF. Accept it.
             self.dialect.flags.add("bare-lf")
@@ -322,12 +460,17 @@ class TrapSMTP(smtp.ESMTP):
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
+        if self._from_relay():
+            # Only to trusted relays: from anyone else they would forge the client.
+            ext[b"XFORWARD"] = [a.encode() for a in relay.XFORWARD_ATTRS]
+            ext[b"XCLIENT"] = [a.encode() for a in relay.XCLIENT_ATTRS]
         return ext
 
     def _set_helo(self, verb: bytes, rest: bytes) -> None:
         self._helo_verb = verb.upper()
         self._helo_arg = rest.strip()
         self._txn = None
+        self._xforward = None  # XFORWARD_README: attributes last one transaction
 
     def do_HELO(self, rest: bytes) -> None:
         self._set_helo(b"HELO", rest)
@@ -335,13 +478,14 @@ class TrapSMTP(smtp.ESMTP):
 
     def do_EHLO(self, rest: bytes) -> None:
         self._set_helo(b"EHLO", rest)
-        # The reply depends only on the config and on whether STARTTLS is
-        # offered: render it once per factory.
-        offer_tls = bool(self.canStartTLS and not self.startedTLS)
+        # The reply depends only on the config, on whether STARTTLS is
+        # offered and on whether the peer is a trusted relay: render it once
+        # per factory.
+        key = (bool(self.canStartTLS and not self.startedTLS), self._from_relay())
         replies = self.factory.ehlo_replies
-        reply = replies.get(offer_tls)
+        reply = replies.get(key)
         if reply is None:
-            reply = replies[offer_tls] = _reply(250, self.host + b"\n" + self.listExtensions())
+            reply = replies[key] = _reply(250, self.host + b"\n" + self.listExtensions())
         self.transport.write(reply)
 
     def do_MAIL(self, rest: bytes) -> None:
@@ -362,6 +506,7 @@ class TrapSMTP(smtp.ESMTP):
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
             return
         self._txn = Transaction(path.address, path.params)
+        self._mailed = True  # idle_before_mail is over (_idle_deadline)
         self.sendCode(250, b"2.1.0 Ok")
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -403,6 +548,7 @@ class TrapSMTP(smtp.ESMTP):
 
     def do_RSET(self, rest: bytes) -> None:
         self._txn = None
+        self._xforward = None  # XFORWARD_README: RSET ends the transaction
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_NOOP(self, rest: bytes) -> None:
@@ -418,6 +564,74 @@ class TrapSMTP(smtp.ESMTP):
         self.sendCode(221, b"2.0.0 Bye")
         self._state = CLOSED
         self.transport.loseConnection()
+
+    # -- trusted relays: XFORWARD and XCLIENT (Postfix) -------------------------
+
+    def _from_relay(self) -> bool:
+        trusted = self._relay_trusted
+        if trusted is None:
+            trusted = self._relay_trusted = self.factory.trusts_relay(self.peer[0])
+        return trusted
+
+    def _relay_attributes(
+        self, verb: str, rest: bytes, allowed: tuple[str, ...], current: relay.Client | None
+    ) -> relay.Client | None:
+        """The client after this command, or None once refused (replied to)."""
+        if not self._from_relay():
+            # As Postfix; the attempt is in the dialect, nothing else changes.
+            self.factory.metrics.smtp_errors.labels(kind="relay-unauthorized").inc()
+            self.sendCode(550, b"5.7.0 Error: insufficient authorization")
+            return None
+        if self._txn is not None:
+            self.sendCode(503, b"5.5.1 Error: MAIL transaction in progress")
+            return None
+        client = current.copy() if current is not None else relay.Client()
+        try:
+            relay.apply(client, relay.parse_attributes(verb, rest, allowed))
+        except relay.RelayCommandError as e:
+            self.factory.metrics.smtp_errors.labels(kind="relay-syntax").inc()
+            self.sendCode(501, e.reply.encode("ascii", "replace"))
+            return None
+        return client
+
+    def do_XFORWARD(self, rest: bytes) -> None:
+        # Attributes add up over several commands until the transaction ends.
+        client = self._relay_attributes("XFORWARD", rest, relay.XFORWARD_ATTRS, self._xforward)
+        if client is not None:
+            self._xforward = client
+            self.sendCode(250, b"2.0.0 Ok")
+
+    def do_XCLIENT(self, rest: bytes) -> None:
+        client = self._relay_attributes("XCLIENT", rest, relay.XCLIENT_ATTRS, self._xclient)
+        if client is None:
+            return
+        if self._xclient is None:
+            self._relay_helo = self._helo_arg  # the relay's own, before it spoke for the client
+        self._xclient = client
+        # XCLIENT_README: the session starts over as for a new client, which
+        # must say EHLO again; TLS stays.
+        self._helo_arg = None
+        self._helo_verb = b""
+        self._xforward = None
+        self.sendCode(220, self.greeting())
+
+    def _attribution(self, content: bytes) -> tuple[relay.Client | None, str]:
+        """(the original client or None, how it was learnt) for a relayed
+        message; (None, "") for one straight from its sender."""
+        if not self._from_relay():
+            return None, ""
+        if self._xforward is not None and self._xforward.addr:
+            return self._xforward, "xforward"
+        if self._xclient is not None and self._xclient.addr:
+            client = self._xclient.copy()
+            if self._helo_arg is not None:  # sent after XCLIENT, on the client's behalf
+                client.helo = _text(self._helo_arg)
+            return client, "xclient"
+        # No XFORWARD: the relay's own Received line says who its client was.
+        derived = relay.derive_client(content)
+        if derived is not None:
+            return derived, "derived"
+        return None, "unknown"
 
     def ext_AUTH(self, rest: bytes) -> None:
         # A trap offers no AUTH at all, and never over plaintext.
@@ -446,12 +660,39 @@ class TrapSMTP(smtp.ESMTP):
     # -- DATA -----------------------------------------------------------------
 
     def _data_chunk(self) -> bool:
-        """Move buffered bytes into the message; True once it has ended."""
+        """Move buffered bytes into the message; True once it has ended.
+
+        Each read is searched from 4 bytes before its start, so a message
+        costs one pass however TCP cut it. Which end of data counts depends
+        on the client (see README "SMTP behaviour"):
+
+        - a client that ended any command line so far (DATA included) with
+          CRLF gets strict CRLF.CRLF. Every other end-of-data lookalike
+          (LF.LF, CR.CR, LF.CRLF, CRLF.LF, CR.CRLF, CRLF.CR) stays data and
+          flags the session "smuggling": a relay behind us that accepted it
+          would see a second, forged message (SMTP smuggling, SEC Consult
+          2023, CVE-2023-51764). A lone LF is data too, so ``LF..`` keeps
+          both dots: a line starts after CRLF only.
+        - a client whose command lines all ended in bare LF is a bare-LF
+          bot. QUIRK: RFC 5321 2.3.8 forbids bare LF, but such bots end DATA
+          with LF.LF and would time out unanswered. A line starts after any
+          LF, so LF.LF and LF.CRLF end its data and LF-led dots are
+          unstuffed (RFC 5321 4.5.2 applied to its lines).
+        """
         data = self._data
         start = max(len(data) - 4, 0)
         data += self._buf
         self._buf.clear()
-        end = data.find(b"\r\n.\r\n", start)
+        if self._crlf_client:
+            skip = 5
+            if "smuggling" in self.dialect.flags:
+                end = data.find(b"\r\n.\r\n", start)
+            else:
+                end, smuggled = _crlf_end(data, start)
+                if smuggled:
+                    self.dialect.flags.add("smuggling")
+        else:
+            end, skip = _lf_end(data, start)
         limit = self.factory.config.smtp.max_message_size
         if end < 0:
             if len(data) - len(_SENTINEL) > limit:
@@ -459,7 +700,7 @@ class TrapSMTP(smtp.ESMTP):
                 self._data_overflow = True
                 del data[:-4]
             return False
-        self._buf += data[end + 5 :]
+        self._buf += data[end + skip :]
         self._state = COMMAND
         self._set_idle(self.timeout)
         if self._data_overflow or end > limit + len(_SENTINEL):
@@ -469,7 +710,10 @@ class TrapSMTP(smtp.ESMTP):
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
             return True
         # RFC 5321 4.5.2: drop the first period of every line that has one.
-        content = bytes(data[: end + 2]).replace(b"\r\n.", b"\r\n")[len(_SENTINEL) :]
+        if self._crlf_client:
+            content = bytes(data[: end + 2]).replace(b"\r\n.", b"\r\n")[len(_SENTINEL) :]
+        else:
+            content = bytes(data[: end + 1]).replace(b"\n.", b"\n")[len(_SENTINEL) :]
         self._data = bytearray()
         self._deliver(content)
         return True
@@ -508,27 +752,30 @@ class TrapSMTP(smtp.ESMTP):
             return
         self.sendCode(code, message)
         self._set_idle(self.timeout)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
         if self.factory.stopping:
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
             self._abort(421, b"4.3.2 Service shutting down")
             return
-        self._pump()
+        # The transport stays paused while held input holds another whole
+        # transaction: a peer pipelining faster than the spool acks must not
+        # grow the buffer by a read per reply.
+        self._unhold()
 
     # -- PROXY protocol -------------------------------------------------------
 
     def _proxy_header(self) -> bool:
         try:
-            parsed = proxy.parse(bytes(self._buf[:600]))
+            # parse() reads the v2 length field first and waits for at most
+            # proxy.V2_MAX bytes (TLVs included), v1 for proxy.V1_MAX.
+            parsed = proxy.parse(self._buf)
         except proxy.ProxyError as e:
             self.factory.metrics.smtp_errors.labels(kind="proxy").inc()
             log.warn("bad PROXY header from {peer}: {err}", peer=self.peer[0], err=e)
             self._abort(421, b"4.7.0 Bad PROXY protocol header")
             return False
         if parsed is None:
-            if len(self._buf) > 600:
-                self._abort(421, b"4.7.0 Bad PROXY protocol header")
             return False
         info, consumed = parsed
         del self._buf[:consumed]
@@ -569,6 +816,23 @@ class TrapSMTP(smtp.ESMTP):
         helo = _text(self._helo_arg) if self._helo_arg is not None else None
         peer_host, peer_port = self.peer
         local_host, local_port = self._local()
+        rdns = self.rdns
+        proto: str | None = None
+        client, via = self._attribution(content)
+        relay_field: str | None = None
+        if via:
+            # From a trusted relay: Peer, Rdns and Helo describe the original
+            # client; Relay names the relay and how the client was learnt.
+            own_helo = self._relay_helo if via == "xclient" else self._helo_arg
+            relay_helo = _text(own_helo) if own_helo else "-"
+            relay_field = f"{peer_host} {peer_port} {relay_helo} {via}"
+            self.dialect.flags.add("relayed")  # the dialect is the relay's, not the bot's
+        if client is not None and client.addr:
+            peer_host, peer_port = client.addr, client.port
+            rdns, helo, proto = client.name, client.helo, client.proto
+            if via == "xclient" and client.destaddr:
+                local_host, local_port = client.destaddr, client.destport
+        self._xforward = None  # XFORWARD_README: reset after each transaction
         meta: dict[str, list[str]] = {
             "id": [msg_id],
             "node": [node],
@@ -578,8 +842,10 @@ class TrapSMTP(smtp.ESMTP):
         }
         if self.proxied_by:
             meta["proxy"] = [f"{self.proxied_by[0]} {self.proxied_by[1]}"]
-        if self.rdns:
-            meta["rdns"] = [self.rdns]
+        if relay_field is not None:
+            meta["relay"] = [relay_field]
+        if rdns:
+            meta["rdns"] = [rdns]
         if helo is not None:
             meta["helo"] = [helo]
         if tls:
@@ -603,8 +869,10 @@ class TrapSMTP(smtp.ESMTP):
         with_ = "ESMTP" if self._helo_verb == b"EHLO" else "SMTP"
         if self.startedTLS:
             with_ += "S"
+        if proto:
+            with_ = proto  # as the relay received it (Postfix does the same)
         received = (
-            f"from {helo or 'unknown'} ({self.rdns or 'unknown'} [{peer_host}])\r\n"
+            f"from {helo or 'unknown'} ({rdns or 'unknown'} [{peer_host}])\r\n"
             f"\tby {f.host_text} (spamtrap) with {with_} id {msg_id}\r\n"
             f"\t(envelope-from <{mail_from}>)\r\n"
             f"\tfor <{rcpts[0]}>; {rfc2822_date(now)}"
@@ -640,7 +908,8 @@ class TrapSMTPFactory(protocol.ServerFactory):
         name = config.smtp.hostname
         self.host = name.encode("idna") if name.isascii() else b"localhost"
         self.host_text = self.host.decode("ascii")
-        self.ehlo_replies: dict[bool, bytes] = {}  # by whether STARTTLS is offered
+        # by (whether STARTTLS is offered, whether the peer is a trusted relay)
+        self.ehlo_replies: dict[tuple[bool, bool], bytes] = {}
         # Input held without a line end before the session is cut off.
         self.buffer_cap = max(config.smtp.max_command_line, 512)
         self.tls_context = tls_context
@@ -648,11 +917,13 @@ class TrapSMTPFactory(protocol.ServerFactory):
         self.traps = TrapMatcher(config.traps, config.feeds)
         networks = config.smtp.proxy_protocol.trusted_networks
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self.relays = [ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_relays]
         self.sessions: set[TrapSMTP] = set()
         metrics.connections_open.set_function(lambda: len(self.sessions))  # read at scrape time
         self.per_ip: dict[str, int] = {}
         self.stopping = False
         self._idle: defer.Deferred[None] | None = None
+        self._hard_timer: Any = None
 
     def buildProtocol(self, addr: Any) -> TrapSMTP:
         return TrapSMTP(self)
@@ -666,38 +937,94 @@ class TrapSMTPFactory(protocol.ServerFactory):
             return False
         return any(ip in net for net in self.trusted)
 
+    def trusts_relay(self, host: str) -> bool:
+        """Whether ``host`` is an MX relay whose word on the client counts."""
+        if not self.relays:
+            return False
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers so
+        return any(ip in net for net in self.relays)
+
     def admit(self, session: TrapSMTP) -> str | None:
-        """Host protection, not backpressure: returns a refusal reason or None."""
-        cfg = self.config.smtp
-        ip = session.peer[0]
-        if len(self.sessions) >= cfg.max_connections:
+        """Host protection, not backpressure: returns a refusal reason or None.
+
+        At connect only the total is checked: behind a trusted PROXY balancer
+        the peer is the balancer until the header names the client, so the
+        per-IP count waits for :meth:`admit_peer`.
+        """
+        if len(self.sessions) >= self.config.smtp.max_connections:
             return "max_connections"
-        if cfg.max_connections_per_ip and self.per_ip.get(ip, 0) >= cfg.max_connections_per_ip:
-            return "max_connections_per_ip"
         self.sessions.add(session)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def admit_peer(self, session: TrapSMTP) -> str | None:
+        """Count the session against its client's address (after any PROXY
+        header); a refusal reason or None. Trusted relays are not counted:
+        they carry many clients, and limit each one themselves (Postfix's
+        smtpd_client_connection_count_limit)."""
+        limit = self.config.smtp.max_connections_per_ip
+        host = session.peer[0]
+        if not limit or self.trusts_relay(host):
+            return None
+        key = client_key(host)
+        n = self.per_ip.get(key, 0)
+        if n >= limit:
+            return "max_connections_per_ip"
+        self.per_ip[key] = n + 1
+        session._counted_as = key
         return None
 
     def release(self, session: TrapSMTP) -> None:
         if session not in self.sessions:
             return
         self.sessions.discard(session)
-        ip = session.peer[0] if session.proxied_by is None else session.proxied_by[0]
-        n = self.per_ip.get(ip, 1) - 1
-        if n > 0:
-            self.per_ip[ip] = n
-        else:
-            self.per_ip.pop(ip, None)
+        key = session._counted_as
+        if key is not None:
+            session._counted_as = None
+            n = self.per_ip.get(key, 1) - 1
+            if n > 0:
+                self.per_ip[key] = n
+            else:
+                self.per_ip.pop(key, None)
         if not self.sessions and self._idle is not None:
-            d, self._idle = self._idle, None
-            d.callback(None)
+            self._finish_shutdown()
 
     def shutdown(self) -> defer.Deferred[None]:
-        """Stop taking mail: close idle sessions, let busy ones finish their reply."""
+        """Stop taking mail: close idle sessions now and busy ones after
+        their reply; after ``smtp.stop_grace`` close every session with 421.
+        Fires once every session is gone (bounded: see _hard_close)."""
         self.stopping = True
+        grace = self.config.smtp.stop_grace
         for s in list(self.sessions):
-            s.shutdown()
+            s.shutdown(grace)
         if not self.sessions:
             return defer.succeed(None)
         self._idle = defer.Deferred()
+        # A peer that reads nothing keeps a closing connection open until its
+        # write buffer drains: after the grace and a little more, cut it.
+        self._hard_timer = self.clock.callLater(grace + HARD_CLOSE_DELAY, self._hard_close)
         return self._idle
+
+    def _hard_close(self) -> None:
+        self._hard_timer = None
+        for s in list(self.sessions):
+            log.warn(
+                "session {sid} from {peer} did not close on stop; aborting it",
+                sid=s.session_id,
+                peer=s.peer[0],
+            )
+            s.transport.abortConnection()
+            # abortConnection reports connectionLost later; do not wait for it.
+            self.release(s)
+
+    def _finish_shutdown(self) -> None:
+        t, self._hard_timer = self._hard_timer, None
+        if t is not None and t.active():
+            t.cancel()
+        d, self._idle = self._idle, None
+        if d is not None:
+            d.callback(None)

@@ -102,7 +102,14 @@ def _printable(b: bytes) -> str:
 
 @dataclass
 class Dialect:
-    """The SMTP dialect of one session: what researchers attribute bots with."""
+    """The SMTP dialect of one session: what researchers attribute bots with.
+
+    ``flags`` are set by the SMTP session as it sees them: ``pipelining``,
+    ``bare-lf``, ``early-talk``, ``no-helo``, ``starttls-injection``, ``relayed``,
+    ``smuggling`` (an end-of-data lookalike such as LF.LF inside a CRLF
+    client's DATA) and ``long-line`` (a command line over max_command_line).
+    They render sorted, comma-separated, after ``flags=``.
+    """
 
     tokens: list[str] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)

@@ -20,12 +20,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap import rdns, tls
@@ -69,6 +71,22 @@ class Options(usage.Options):
             "Redis work queue URL: redis://[user:pass@]host:port/db or rediss://",
         ],
     ]
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse, and on any error print it and exit 1.
+
+        twistd prints a UsageError with its whole help text to stdout, and
+        bookworm's twistd3 (Twisted 22.4) then exits 0: systemd would never
+        mark the unit failed. So the errors go to stderr and the exit is 1
+        whatever twistd's version.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stdout.flush()
+            sys.stderr.write(f"twistd spamtrap: {e}\n(twistd spamtrap --help lists the options)\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
 
     def postOptions(self) -> None:
         if self["config"]:
@@ -205,18 +223,33 @@ class SpamtrapService(service.MultiService):
         self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, self.pool)
         self.smtp_ports: list[Any] = []
         self.http_ports: list[Any] = []
+        # Set when start-up failed (a port in use, the spool locked): only
+        # the ports are closed then, and the process exits 1.
+        self.start_failed = False
+        self._components_started = False
 
     def _spool_submit(self, env: Any) -> defer.Deferred[Any]:
         return self.spool.append(env.to_record(), env.received_at)
 
     def health(self) -> dict[str, Any]:
-        out = {
-            "status": "ok" if self.running else "stopping",
+        """``status`` is ok, degraded (with ``problems``: mail is refused or
+        lost to a fault the operator must fix) or stopping; /healthz
+        answers 503 unless it is ok."""
+        problems = []
+        failure = self.spool.write_failure
+        if failure is not None:
+            why, since = failure
+            problems.append(f"spool: write failed: {why} since {_utc(since)}")
+        status = "stopping" if not self.running else "degraded" if problems else "ok"
+        out: dict[str, Any] = {
+            "status": status,
             "node": self.cfg.node,
             "role": self.cfg.role,
             "spool_depth": self.spool.depth,
             "smtp_sessions": len(self.smtp_factory.sessions),
         }
+        if problems:
+            out["problems"] = problems
         if self.link is not None:
             out["queue"] = "up" if self.link.up else "unreachable"
         return out
@@ -229,13 +262,20 @@ class SpamtrapService(service.MultiService):
     @defer.inlineCallbacks
     def _listen(self) -> Any:
         for desc in self.cfg.http.listen:
-            ep = endpoints.serverFromString(self.reactor, with_backlog(desc))
-            self.http_ports.append((yield ep.listen(self.site)))
+            self.http_ports.append((yield self._listen_on(desc, self.site)))
         for desc in self.cfg.smtp.listen if self.takes_mail else []:
-            ep = endpoints.serverFromString(self.reactor, with_backlog(desc))
-            port = yield ep.listen(self.smtp_factory)
+            port = yield self._listen_on(desc, self.smtp_factory)
             self.smtp_ports.append(port)
             log.info("SMTP listening on {addr}", addr=port.getHost())
+
+    def _listen_on(self, desc: str, factory: Any) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            raise ListenError(f"cannot listen on {desc}: {failure.getErrorMessage().rstrip('.')}")
+
+        d = defer.maybeDeferred(
+            endpoints.serverFromString(self.reactor, with_backlog(desc)).listen, factory
+        )
+        return d.addErrback(failed)
 
     def startService(self) -> None:
         # Filter stages hold the GIL in worker threads; the reactor must get
@@ -246,15 +286,18 @@ class SpamtrapService(service.MultiService):
         if not hasattr(self, "_listening"):
             self._listening = self._listen()
         self._listening.addErrback(self._listen_failed)
+        if self.start_failed:
+            return  # a port was taken: start nothing else
         self.pool.start()
         self.store_pool.start()
         if self.takes_mail:
             try:
                 self.spool.start()
             except (SpoolError, OSError) as e:
-                log.critical("cannot open the spool: {err}", err=e)
+                log.critical("cannot open the spool: {err}; exiting", err=e)
                 self._exit_non_zero()
                 return
+        self._components_started = True
         if self.link is not None:
             self.link.start()
         if self.forwarder is not None:
@@ -292,26 +335,47 @@ class SpamtrapService(service.MultiService):
 
         signal.signal(signal.SIGHUP, on_hup)
 
-    def _listen_failed(self, failure: Any) -> None:
-        log.failure("cannot listen; stopping", failure)
-        # The endpoint error is the operator's to fix: exit non-zero.
+    def _listen_failed(self, failure: Failure) -> None:
+        # The endpoint error is the operator's to fix: one line, exit 1.
+        if failure.check(ListenError):
+            log.critical("{err}; exiting", err=failure.value)
+        else:
+            log.failure("cannot listen; exiting", failure)
         self._exit_non_zero()
 
     def _exit_non_zero(self) -> None:
         """Stop, then exit 1: twistd itself would exit 0, and systemd's
         Restart=on-failure would never see the failure."""
+        if self.start_failed:
+            return
+        self.start_failed = True
 
         def leave() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
 
+        def stop() -> None:
+            try:
+                self.reactor.stop()
+            except error.ReactorNotRunning:
+                pass  # already stopping (a SIGTERM meanwhile)
+
         self.reactor.addSystemEventTrigger("after", "shutdown", leave)
-        self.reactor.callLater(0, self.reactor.stop)
+        self.reactor.callLater(0, stop)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         service.MultiService.stopService(self)
+        if not self._components_started:
+            # Start-up failed before any mail came in: close the ports and
+            # the spool's lock only.
+            ports = self.smtp_ports + self.http_ports
+            yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+            yield self.spool.stop()
+            self.pool.stop()
+            self.store_pool.stop()
+            return
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
         yield self.smtp_factory.shutdown()
         if self.forwarder is not None:
@@ -339,7 +403,33 @@ class SpamtrapService(service.MultiService):
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.http_ports])
         self.pool.stop()
         self.store_pool.stop()
-        log.info("spamtrap node {node} stopped cleanly", node=self.cfg.node)
+        self._log_stopped()
+
+    def _log_stopped(self) -> None:
+        """Say what the next start inherits: a stop is clean only if the
+        spool is empty (a full disk or a failing store leaves messages)."""
+        left = self.spool.remaining
+        if left == 0:
+            log.info("spamtrap node {node} stopped cleanly; the spool is empty", node=self.cfg.node)
+            return
+        later = "forwarded to the queue" if self.forwarder is not None else "processed"
+        log.warn(
+            "spamtrap node {node} stopped; {n} message{s} remain{v} in the spool and will be "
+            "{later} on the next start",
+            node=self.cfg.node,
+            n=left,
+            s="" if left == 1 else "s",
+            v="s" if left == 1 else "",
+            later=later,
+        )
+
+
+class ListenError(Exception):
+    """A listener could not be opened; the message names its endpoint."""
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def makeService(options: Options, reactor: Any = None) -> SpamtrapService:

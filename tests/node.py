@@ -209,12 +209,8 @@ def bundles(data_dir: Path, set_name: str = "all") -> list[Path]:
 
 
 def split_metadata(message: bytes) -> tuple[bytes, bytes]:
-    """Split our prepended block (X-Spamtrap-* + trap Received) from the original."""
-    end = message.index(b"\r\nReceived: from ")
-    # the Received line is folded with CRLF+TAB; it ends at the first CRLF not followed by TAB
-    pos = end + 2
-    while True:
-        nl = message.index(b"\r\n", pos)
-        if message[nl + 2 : nl + 3] != b"\t":
-            return message[: nl + 2], message[nl + 2 :]
-        pos = nl + 2
+    """Our prepended block (X-Spamtrap-* + trap Received) and the exact bytes
+    the client sent (rebuilt from unix line ends, as consumers do)."""
+    from spamtrap.message import split_block, wire_bytes
+
+    return split_block(message)[0], wire_bytes(message)

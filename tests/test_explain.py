@@ -258,3 +258,107 @@ def test_as_a_real_command(files: dict[str, str], tmp_path: Path) -> None:
     (msg,) = doc["messages"]
     assert (msg["file"], msg["verdict"], msg["sets"]) == (files["spam"], "keep", ["all"])
     assert "missing.eml: cannot read" in proc.stderr
+
+
+# -- --feed: the header block after the feed's stripping ---------------------------
+
+BY_HOST_CONFIG = """\
+traps: {catch_all: true}
+feeds:
+  - id: pf
+    address: pf@feed.example
+    strip_received_by: [mx.donor.example]
+  - id: att
+    address: att@feed.example
+    extract_attached: true
+    strip_received_by: [mx.donor.example]
+"""
+
+POSTFIX_ALIAS_FORWARD = (
+    b"Received: by mx.donor.example (Postfix)\r\n\tid 4F1; Tue, 3 Mar 2026 10:00:02 +0000\r\n"
+    b"Received: from bot.example (unknown [203.0.113.9])\r\n"
+    b"\tby mx.donor.example (Postfix) with ESMTP id 9A2\r\n"
+    b"Delivered-To: trap7@donor.example\r\n"
+    b"X-Evil: \x1b[2Jcleared\r\n"
+    b"From: prize@bot.example\r\nSubject: You won\r\n\r\nbody\r\n"
+)
+
+
+@pytest.fixture
+def by_host(tmp_path: Path) -> dict[str, str]:
+    cfg = tmp_path / "byhost.yaml"
+    cfg.write_text(BY_HOST_CONFIG)
+    msg = tmp_path / "alias.eml"
+    msg.write_bytes(POSTFIX_ALIAS_FORWARD)
+    wrapper = tmp_path / "wrapper.eml"
+    wrapper.write_bytes(forward_with_two_attachments())
+    return {"config": str(cfg), "msg": str(msg), "wrapper": str(wrapper)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_feed_shows_the_header_block_with_removed_fields_marked(
+    by_host: dict[str, str], capsys: Any
+) -> None:
+    code, doc, _ = await run_json(
+        capsys, "--config", by_host["config"], "--feed", "pf", by_host["msg"]
+    )
+    assert code == 0
+    (msg,) = doc["messages"]
+    assert msg["feed"] == "pf"
+    assert [(f["name"], f["stripped"]) for f in msg["header"]] == [
+        ("Received", "strip_received_by"),
+        ("Received", None),
+        ("Delivered-To", "strip_headers"),
+        ("X-Evil", None),
+        ("From", None),
+        ("Subject", None),
+    ]
+    # The texts are the fields as they came, so kept ones rebuild the block.
+    assert msg["header"][1]["text"] == (
+        "Received: from bot.example (unknown [203.0.113.9])\r\n"
+        "\tby mx.donor.example (Postfix) with ESMTP id 9A2"
+    )
+    assert msg["meta"]["x_stripped"] == ["Received=1, Delivered-To=1"]
+
+    assert await cli("explain", "--config", by_host["config"], "--feed", "pf", by_host["msg"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("  header after feed pf ('-' removed):")
+    assert out[start + 1 :] == [
+        "  - Received: by mx.donor.example (Postfix)  [strip_received_by]",
+        "  - \tid 4F1; Tue, 3 Mar 2026 10:00:02 +0000",
+        "    Received: from bot.example (unknown [203.0.113.9])",
+        "    \tby mx.donor.example (Postfix) with ESMTP id 9A2",
+        "  - Delivered-To: trap7@donor.example  [strip_headers]",
+        "    X-Evil: \\x1b[2Jcleared",  # no terminal escapes from spam
+        "    From: prize@bot.example",
+        "    Subject: You won",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_feed_header_of_extracted_messages_and_not_of_the_wrapper(
+    by_host: dict[str, str], capsys: Any
+) -> None:
+    code, doc, _ = await run_json(
+        capsys, "--config", by_host["config"], "--feed", "att", by_host["wrapper"]
+    )
+    assert code == 0
+    (msg,) = doc["messages"]
+    assert msg["header"] is None  # replaced by what it carried: not stored
+    assert [x["header"] for x in msg["extracted"]] == [
+        [{"name": "Subject", "text": "Subject: first", "stripped": None}],
+        [{"name": "Subject", "text": "Subject: second", "stripped": None}],
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_header_without_feed(by_host: dict[str, str], capsys: Any) -> None:
+    code, doc, _ = await run_json(capsys, "--config", by_host["config"], by_host["msg"])
+    assert code == 0
+    assert "header" not in doc["messages"][0] and "feed" not in doc["messages"][0]
+
+
+def test_unknown_feed_id_is_an_error_naming_the_feeds(by_host: dict[str, str], capsys: Any) -> None:
+    assert main(["explain", "--config", by_host["config"], "--feed", "pg", by_host["msg"]]) == 2
+    err = capsys.readouterr().err
+    assert err == "spamtrap explain: --feed pg: not a configured feed (feeds: pf, att)\n"

@@ -248,10 +248,10 @@ def test_sessions_spread_over_nodes_with_the_client_address(
             assert original == body
             # The real client, not HAProxy, as peer; HAProxy as the proxy;
             # the address the client connected to as local.
-            assert f"X-Spamtrap-Peer: {CLIENT} {client_port}\r\n".encode() in meta, meta
-            assert re.search(rb"X-Spamtrap-Proxy: 127\.0\.0\.9 \d+\r\n", meta), meta
-            assert f"X-Spamtrap-Local: 127.0.0.1 {balancer.port}\r\n".encode() in meta, meta
-            assert f"X-Spamtrap-Node: {name}\r\n".encode() in meta
+            assert f"X-Spamtrap-Peer: {CLIENT} {client_port}\n".encode() in meta, meta
+            assert re.search(rb"X-Spamtrap-Proxy: 127\.0\.0\.9 \d+\n", meta), meta
+            assert f"X-Spamtrap-Local: 127.0.0.1 {balancer.port}\n".encode() in meta, meta
+            assert f"X-Spamtrap-Node: {name}\n".encode() in meta
             assert f"[{CLIENT}])".encode() in meta  # the trap-hop Received line
 
 

@@ -51,7 +51,14 @@ from spamtrap.config import (
 )
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
-from spamtrap.notify import GIVE_UP_AFTER, MAIL_RETRY_FIRST, STOP_DEADLINE, Notifier
+from spamtrap.notify import (
+    GIVE_UP_AFTER,
+    MAIL_RETRY_FIRST,
+    STOP_DEADLINE,
+    Notifier,
+    listen_port,
+    notice_urls,
+)
 from spamtrap.notify.mail import RelayConfigError, check_relay, notice
 from spamtrap.notify.webhook import SIGNATURE_HEADER, signature
 from spamtrap.smtp import TrapSMTPFactory
@@ -212,6 +219,7 @@ async def test_mail_reaches_a_real_smtp_server_with_every_field(mailtrap: MailTr
         "Last-Received": "2026-11-22T14:00:00Z",
         "Node": "node1",
         "Format": "1",
+        "Manifest-URL": doc["url"].removesuffix(".mbox.gz") + ".json",
     }
     # The relay saw our EHLO name, not the machine's (which is never looked up).
     assert mailtrap.received[0].values("helo") == ["node1.test"]
@@ -547,7 +555,7 @@ async def test_webhook_posts_a_signed_s3_style_record_and_retries_a_500(hooks: A
                 "sha256": doc["sha256"],
             },
         },
-        "spamtrap": doc,
+        "spamtrap": {**doc, "manifest_url": doc["url"].removesuffix(".mbox.gz") + ".json"},
     }
 
 
@@ -758,3 +766,99 @@ def test_a_store_without_public_urls_leaves_the_url_out() -> None:
     raw = notice(manifest(url=None), "spamtrap@notify.test", "list@lists.test", 0.0)
     fields = body_fields(email.message_from_bytes(raw, policy=email.policy.compat32))
     assert "URL" not in fields and fields["Key"] == manifest()["key"]
+
+
+# -- the URLs in notices -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_local_store_notice_carries_this_nodes_download_urls(
+    mailtrap: MailTrap, hooks: Any
+) -> None:
+    s = SetConfig(
+        name="all",
+        notify=SetNotifyConfig(
+            mail=["all-list@lists.test"], webhooks=[WebhookConfig(url=hooks.base + "/h")]
+        ),
+    )
+    cfg = config(s, relay_port=mailtrap.port.getHost().port)
+    cfg.http.public_url = "https://traps.example.org:8443/spamtrap/"
+    metrics = NotifyMetrics()
+    n = Notifier(cfg, metrics, reactor, Clock())
+    doc = manifest(url=None)  # what BundleSet hands over for the local store
+    n.published(doc)
+    await until(lambda: metrics.count("mail", "sent") == metrics.count("webhook", "sent") == 1)
+
+    url = f"https://traps.example.org:8443/spamtrap/bundles/{doc['key']}"
+    manifest_url = url.removesuffix(".mbox.gz") + ".json"
+    (msg,) = mailtrap.mail_to("all-list@lists.test")
+    fields = body_fields(msg)
+    assert (fields["URL"], fields["Manifest-URL"]) == (url, manifest_url)
+    assert list(fields)[-1] == "Manifest-URL"  # new fields go at the end
+    ((_, _, body),) = hooks.requests
+    (record,) = json.loads(body)["Records"]
+    assert record["spamtrap"] == {**doc, "url": url, "manifest_url": manifest_url}
+    assert record["s3"]["bucket"] == {"name": "local"}
+    assert doc["url"] is None  # the caller's manifest is left alone
+
+
+def test_notice_urls() -> None:
+    key = manifest()["key"]
+    base = "http://node1.example:8025"
+    assert notice_urls({"key": key, "url": None}, base) == (
+        f"{base}/bundles/{key}",
+        f"{base}/bundles/{key.removesuffix('.mbox.gz')}.json",
+    )
+    s3 = f"https://cdn.example/spam/{key}"
+    assert notice_urls({"key": key, "url": s3}, base) == (
+        s3,
+        s3.removesuffix(".mbox.gz") + ".json",
+    )
+    # A URL that does not end in the bundle's name has no manifest beside it.
+    signed = f"https://s3.example/{key}?X-Amz-Signature=abc"
+    assert notice_urls({"key": key, "url": signed}, base) == (signed, None)
+
+
+def test_listen_port() -> None:
+    assert listen_port("tcp:8025") == 8025
+    assert listen_port("tcp:8025:interface=127.0.0.1") == 8025
+    assert listen_port("tcp6:port=9000:interface=\\:\\:1") == 9000
+    assert listen_port("tcp:interface=127.0.0.1:port=81") == 81
+    assert listen_port("ssl:443:privateKey=k.pem") == 443
+    assert listen_port("unix:/run/spamtrap.sock") is None
+    assert listen_port("systemd:domain=INET:index=0") is None
+
+
+def warnings_of(cfg: Config) -> list[str]:
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace", "").startswith("spamtrap.notify"):
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        Notifier(cfg, NotifyMetrics(), reactor, Clock())
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    return seen
+
+
+def test_a_public_url_that_consumers_cannot_reach_is_logged() -> None:
+    cfg = config(mail_set("all", "list@lists.test"))
+    # The default http://localhost:8025 with HTTP elsewhere: nowhere at all.
+    cfg.http.listen = ["tcp:9025:interface=127.0.0.1"]
+    (warning,) = warnings_of(cfg)
+    assert "http://localhost:8025 names port 8025, but HTTP listens on tcp:9025" in warning
+    # The right port, but loopback: only this machine's consumers get there.
+    cfg.http.listen = ["tcp:8025"]
+    (warning,) = warnings_of(cfg)
+    assert "a loopback address" in warning
+    cfg.http.public_url = "https://traps.example.org"  # a proxy in front: fine
+    assert warnings_of(cfg) == []
+    cfg.http.public_url = "http://127.0.0.1:8025"
+    cfg.store.url = "s3://bucket/prefix"  # the URLs are the bucket's
+    assert warnings_of(cfg) == []
+    cfg.store.url = None
+    cfg.sets = [SetConfig(name="all")]  # no notices: nothing to warn about
+    assert warnings_of(cfg) == []

@@ -77,7 +77,7 @@ class World:
         ids = []
         for path in sorted((self.tmp / "bundles" / set_name).glob("*.mbox.gz")):
             for _, msg in read_mbox(str(path)):
-                ids.append(msg.split(b"\r\n", 1)[0].split(b": ")[1].decode())
+                ids.append(msg.split(b"\n", 1)[0].split(b": ")[1].strip().decode())
         return ids
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -41,7 +43,15 @@ from spamtrap import mbox
 from spamtrap.cli import build_parser, main
 from spamtrap.config import Config, SetConfig
 from spamtrap.metrics import Metrics
-from spamtrap.pull import STATE_NAME, parse_notice, rewind, run
+from spamtrap.pull import (
+    STATE_NAME,
+    Problem,
+    _remote_from,
+    parse_notice,
+    read_notice,
+    rewind,
+    run,
+)
 from spamtrap.store import bundle_key, manifest_key
 from spamtrap.store.local import LocalStore
 from spamtrap.web import make_site
@@ -449,12 +459,12 @@ async def test_unpack_maildir(node: Node, tmp_path: Path) -> None:
     assert (await pull(*http_args(node, dest), "--unpack", "maildir"))[0] == 0
     box = mailbox.Maildir(dest / "shared" / "maildir", factory=None, create=False)
     assert sorted(box.get_bytes(k) for k in box.keys()) == sorted(one.messages + two.messages)
-    assert state_of(dest)["bundles"][two.key]["unpacked"] is True
+    assert state_of(dest)["bundles"][two.key]["unpacked"] == {"maildir": True}
 
     # Interrupted after the download, before the unpack was recorded: the
     # next run unpacks it again, into the same names (no copies).
     state = state_of(dest)
-    state["bundles"][two.key]["unpacked"] = False
+    state["bundles"][two.key]["unpacked"]["maildir"] = False
     (dest / STATE_NAME).write_text(json.dumps(state))
     assert (await pull(*http_args(node, dest), "--unpack", "maildir"))[0] == 0
     assert len(os.listdir(dest / "shared" / "maildir" / "new")) == 5
@@ -477,7 +487,7 @@ async def test_unpack_mbox(node: Node, tmp_path: Path) -> None:
 
     # An append cut short: junk after the offset recorded for the bundle.
     state = state_of(dest)
-    state["bundles"][two.key]["unpacked"] = False
+    state["bundles"][two.key]["unpacked"]["mbox"] = False
     (dest / STATE_NAME).write_text(json.dumps(state))
     with open(target, "ab") as f:
         f.write(b"From half-written\n")
@@ -488,7 +498,7 @@ async def test_unpack_mbox(node: Node, tmp_path: Path) -> None:
 # --- list notices by mail ---------------------------------------------------------
 
 
-def notice(bundle: Bundle, url: str, **fields: str | None) -> bytes:
+def notice(bundle: Bundle, url: str, msgid: str = "", **fields: str | None) -> bytes:
     body = {
         "Set": bundle.key.split("/")[0],
         "Key": bundle.key,
@@ -508,7 +518,8 @@ def notice(bundle: Bundle, url: str, **fields: str | None) -> bytes:
             body[name.replace("_", "-")] = value
     text = "".join(f"{k}: {v}\n" for k, v in body.items())
     return (
-        f"From: spamtrap@trap.example\nTo: shared-list@example.org\n"
+        (f"Message-ID: {msgid}\n" if msgid else "")
+        + f"From: spamtrap@trap.example\nTo: shared-list@example.org\n"
         f"Subject: [spamtrap] new bundle in {body.get('Set')}\n"
         f"Content-Type: text/plain; charset=us-ascii\n\n{text}"
     ).encode()
@@ -519,12 +530,17 @@ def notice(bundle: Bundle, url: str, **fields: str | None) -> bytes:
 async def test_mail_notices(node: Node, tmp_path: Path, kind: str) -> None:
     a = await node.add("shared", T0)
     b = await node.add("shared", T0 + 60)
+    c = await node.add("shared", T0 + 120)
     private = await node.add("private", T0)
+    c_manifest = f"/bundles/{manifest_key(c.key)}?from=notice"
     mails = [
         notice(a, node.base),
         notice(b, node.base, SHA256=None, Size=None),  # from the manifest
+        # from the manifest the notice names
+        notice(c, node.base, SHA256=None, Manifest_URL=node.base + c_manifest),
         notice(private, node.base),  # another set's list
-        notice(a, node.base, Key="shared/../../../etc/passwd.mbox.gz"),  # never a path
+        notice(private, node.base, URL=None),  # another set's: not this run's problem
+        notice(a, node.base, URL=None),  # a good notice of the same key is enough
         b"From: friend@example.org\nSubject: hello\n\nnot a notice\n",
     ]
     path = tmp_path / "notices"
@@ -541,15 +557,253 @@ async def test_mail_notices(node: Node, tmp_path: Path, kind: str) -> None:
     assert (code, err) == (0, "")
     assert_fetched(dest, a)
     assert_fetched(dest, b)
+    assert_fetched(dest, c)
     assert not (dest / "private").exists()
     assert sorted(r[0] for r in node.requests) == sorted(
         [f"/bundles/{a.key}", f"/bundles/{b.key}", f"/bundles/{manifest_key(b.key)}"]
+        + [f"/bundles/{c.key}", c_manifest]
     )
-    assert sorted(state_of(dest)["bundles"]) == sorted([a.key, b.key])
+    assert sorted(state_of(dest)["bundles"]) == sorted([a.key, b.key, c.key])
 
     node.requests.clear()
     assert (await pull("--set", "shared", "--dest", str(dest), "--mail", str(path)))[0] == 0
     assert node.requests == []
+
+
+@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+@pytest_twisted.ensureDeferred
+async def test_notices_that_cannot_be_followed_are_errors_naming_them(
+    node: Node, tmp_path: Path, kind: str
+) -> None:
+    good = await node.add("shared", T0)
+    lost = [await node.add("shared", T0 + 60 * i) for i in range(1, 7)]
+    other = await node.add("private", T0)
+    mangled = (
+        b"Message-ID: <mangled@test>\nSubject: [list] [spamtrap] shared: 2 messages, x..y\n"
+        b"Content-Type: text/plain\nContent-Transfer-Encoding: base64\n\n!!! not base64 !!!\n"
+    )
+    mails = [
+        notice(good, node.base, msgid="<good@test>"),
+        notice(lost[0], node.base, msgid="<no-url@test>", URL=None),
+        notice(lost[1], node.base, msgid="<ftp@test>", URL=f"ftp://127.0.0.1/{lost[1].key}"),
+        notice(lost[2], node.base, msgid="<path@test>", Key="shared/../../../etc/passwd.mbox.gz"),
+        notice(lost[3], node.base, msgid="<sha@test>", SHA256="abc"),
+        notice(lost[4], node.base, msgid="<size@test>", Size="-5"),
+        notice(lost[5], node.base, msgid="<murl@test>", Manifest_URL="file:///etc/passwd"),
+        notice(other, node.base, msgid="<other@test>", URL=None),  # not a followed set
+        mangled,
+    ]
+    path = tmp_path / "notices"
+    if kind == "maildir":
+        write_maildir(path, *mails)
+    else:
+        box = mailbox.mbox(path)
+        for raw in mails:
+            box.add(raw)
+        box.close()
+    dest = tmp_path / "dest"
+    code, err = await pull("--set", "shared", "--dest", str(dest), "--mail", str(path))
+    assert code == 1
+    lines = err.splitlines()
+    expected = {
+        "<no-url@test>": f"({lost[0].key}): no URL",
+        "<ftp@test>": "is not an http(s) URL",
+        "<path@test>": "'shared/../../../etc/passwd.mbox.gz' is not a bundle key",
+        "<sha@test>": "the sha256 'abc' is not 64 hex digits",
+        "<size@test>": "the size '-5' is not a number of bytes",
+        "<murl@test>": "the manifest URL 'file:///etc/passwd' is not an http(s) URL",
+        "<mangled@test>": "a notice of set shared without a Key field",
+    }
+    assert len(lines) == len(expected), err
+    for msgid, text in expected.items():
+        (line,) = [ln for ln in lines if f"notice {msgid}" in ln]
+        assert text in line and line.startswith("spamtrap pull: "), line
+    assert "<other@test>" not in err and "<good@test>" not in err
+    assert_fetched(dest, good)
+    assert sorted(state_of(dest)["bundles"]) == [good.key]
+    assert [r[0] for r in node.downloads()] == [f"/bundles/{good.key}"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_notice_folder_that_is_none_is_an_error(tmp_path: Path) -> None:
+    not_mbox = tmp_path / "notes.txt"
+    not_mbox.write_text("Set: shared\nKey: x\n")
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    empty = tmp_path / "empty.mbox"
+    empty.write_bytes(b"")
+    dest = str(tmp_path / "d")
+    for path, text in [(not_mbox, "not an mbox file"), (plain_dir, "not a maildir")]:
+        code, err = await pull("--set", "shared", "--dest", dest, "--mail", str(path))
+        assert code == 1 and text in err and str(path) in err, err
+    # An empty mbox is a folder no notice has reached yet.
+    assert await pull("--set", "shared", "--dest", str(tmp_path / "d"), "--mail", str(empty)) == (
+        0,
+        "",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpack_catches_up_on_bundles_fetched_without_it_once(
+    node: Node, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    one = await node.add("shared", T0, count=3)
+    two = await node.add("shared", T0 + 60, count=2)
+    gone = await node.add("shared", T0 + 120, count=1)
+    corrupt = await node.add("shared", T0 + 180, count=1)
+    assert (await pull(*http_args(node, dest)))[0] == 0
+    assert not (dest / "shared" / "shared.mbox").exists()
+    (dest / gone.key).unlink()  # processed and thrown away, as docs/pull.md allows
+    (dest / corrupt.key).write_bytes(b"changed since")
+    three = await node.add("shared", T0 + 240, count=2)
+
+    node.requests.clear()
+    code, err = await pull(*http_args(node, dest), "--unpack", "mbox")
+    assert code == 1
+    assert err.splitlines() == [
+        f"spamtrap pull: {corrupt.key}: {dest / corrupt.key} no longer matches its size "
+        "and sha256; not unpacked"
+    ]
+    target = dest / "shared" / "shared.mbox"
+    # Older bundles first, then the new one; the deleted one is not fetched again.
+    unpacked = [m for _, m in mbox.read_mbox(str(target))]
+    assert unpacked == one.messages + two.messages + three.messages
+    assert [r[0] for r in node.downloads()] == [f"/bundles/{three.key}"]
+    bundles = state_of(dest)["bundles"]
+    assert bundles[one.key]["unpacked"] == {"mbox": True}
+    assert "unpacked" not in bundles[gone.key] and "unpacked" not in bundles[corrupt.key]
+
+    # Once, not twice: the next runs append nothing again.
+    (dest / corrupt.key).write_bytes(corrupt.data)  # repaired: now it is unpacked
+    assert (await pull(*http_args(node, dest), "--unpack", "mbox")) == (0, "")
+    assert (await pull(*http_args(node, dest), "--unpack", "mbox")) == (0, "")
+    assert [m for _, m in mbox.read_mbox(str(target))] == (
+        one.messages + two.messages + three.messages + corrupt.messages
+    )
+
+    # Another target is a target of its own; a run without --unpack leaves both.
+    assert (await pull(*http_args(node, dest))) == (0, "")
+    assert not (dest / "shared" / "maildir").exists()
+    assert (await pull(*http_args(node, dest), "--unpack", "maildir")) == (0, "")
+    box = mailbox.Maildir(dest / "shared" / "maildir", factory=None, create=False)
+    assert len(box) == 3 + 2 + 2 + 1
+    assert state_of(dest)["bundles"][one.key]["unpacked"] == {"mbox": True, "maildir": True}
+    for name in os.listdir(dest / "shared" / "maildir" / "new"):
+        os.unlink(dest / "shared" / "maildir" / "new" / name)
+    assert (await pull(*http_args(node, dest), "--unpack", "maildir")) == (0, "")
+    assert os.listdir(dest / "shared" / "maildir" / "new") == []  # not unpacked twice
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_state_file_of_the_one_target_format_is_read(node: Node, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    one = await node.add("shared", T0, count=2)
+    assert (await pull(*http_args(node, dest), "--unpack", "mbox")) == (0, "")
+    state = state_of(dest)
+    state["bundles"][one.key].update(unpack="mbox", unpacked=True)  # as older pulls wrote it
+    (dest / STATE_NAME).write_text(json.dumps(state))
+    assert (await pull(*http_args(node, dest), "--unpack", "mbox")) == (0, "")
+    assert len(mbox.read_mbox(str(dest / "shared" / "shared.mbox"))) == 2
+    assert state_of(dest)["bundles"][one.key]["unpacked"] == {"mbox": True}
+
+    state["bundles"][one.key]["unpacked"] = {"zip": True}
+    (dest / STATE_NAME).write_text(json.dumps(state))
+    code, err = await pull(*http_args(node, dest))
+    assert code == 1 and f"{one.key}: 'unpacked' is not a map of" in err
+
+
+def stored(wire: bytes, line_endings: str) -> bytes:
+    """``wire`` as a set stores it, through the daemon's own Envelope."""
+    from spamtrap.message import Envelope, line_ends_of
+
+    env = Envelope("id1", T0, "spammer@example.net", ["trap@trap.example"], wire)
+    env.meta = {"id": ["id1"], "node": ["node1"], "line_ends": [line_ends_of(wire)]}
+    env.received_line = "from spam.example ([192.0.2.1])\r\n\tby trap.example; Thu, 1 Jan 2026"
+    return env.stored_bytes(line_endings)
+
+
+WIRE_MESSAGES = [
+    b"Subject: crlf\r\nFrom: a@spam.example\r\n\r\nFrom the desk\r\nline\r\n",
+    b"Subject: crlf with a stray CR\r\n\r\nbefore\r\r\nafter\rx\r\n",
+    b"Subject: bare lf\n\nline one\nline two\n",
+    b"Subject: mixed\r\n\r\none\ntwo\r\n",
+]
+
+
+@pytest.mark.parametrize("line_endings", ["unix", "wire"])
+@pytest_twisted.ensureDeferred
+async def test_unpack_wire_rebuilds_the_bytes_sent(
+    node: Node, tmp_path: Path, line_endings: str
+) -> None:
+    messages = [stored(m, line_endings) for m in WIRE_MESSAGES]
+    if line_endings == "unix":
+        assert b"\r\n" not in messages[0]  # stored with LF: the test means something
+    key = bundle_key("shared", T0, "node1")
+    data = gzip_mbox(messages, T0)
+    (tmp_path / "up").write_bytes(data)
+    await node.store.put(key, str(tmp_path / "up"), manifest(key, data, len(messages), T0))
+    dest = tmp_path / "dest"
+    assert (await pull(*http_args(node, dest), "--unpack", "maildir", "--wire")) == (0, "")
+    box = mailbox.Maildir(dest / "shared" / "wire", factory=None, create=False)
+    assert sorted(box.get_bytes(k) for k in box.keys()) == sorted(WIRE_MESSAGES)
+    assert state_of(dest)["bundles"][key]["unpacked"] == {"wire": True}
+    assert not (dest / "shared" / "maildir").exists()
+    # The stored form is still there to unpack, beside the wire form.
+    assert (await pull(*http_args(node, dest), "--unpack", "maildir")) == (0, "")
+    box = mailbox.Maildir(dest / "shared" / "maildir", factory=None, create=False)
+    assert sorted(box.get_bytes(k) for k in box.keys()) == sorted(messages)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpack_wire_reports_a_message_not_stored_by_spamtrap(
+    node: Node, tmp_path: Path
+) -> None:
+    bundle = await node.add("shared", T0, count=2)  # no metadata block
+    dest = tmp_path / "dest"
+    code, err = await pull(*http_args(node, dest), "--unpack", "maildir", "--wire")
+    assert code == 1
+    assert f"{bundle.key}: unpacking (wire): message 1: no trap-hop Received field" in err
+    assert state_of(dest)["bundles"][bundle.key]["unpacked"] == {"wire": False}
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=2000))
+def test_any_mail_reads_as_a_notice_or_none(raw: bytes) -> None:
+    notice = read_notice(raw)
+    assert notice is None or "key" in notice.fields or notice.subject_set is not None
+
+
+FIELD_TEXT = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(
+        [
+            "http://127.0.0.1/x.mbox.gz",
+            "shared/2026-01-01T00:00:00.n.AAAAAAAAAAAAAAAA.mbox.gz",
+            "12",
+            "a" * 64,
+        ]
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    entry=st.dictionaries(
+        st.sampled_from(["key", "url", "size", "sha256", "manifest_url"]), FIELD_TEXT
+    )
+)
+def test_a_notice_entry_is_a_remote_or_a_named_problem(entry: dict[str, str]) -> None:
+    result = _remote_from(entry, "shared", "notice <x@test>")
+    if isinstance(result, Problem):
+        assert result.text.startswith("notice <x@test>")
+        return
+    # Whatever passes is safe to use: a key naming a file under DEST/shared,
+    # an http(s) URL, and a size and sha256 that can be checked.
+    assert result.key.startswith("shared/") and ".." not in result.key
+    assert result.location.split("://")[0] in ("http", "https")
+    assert result.size is None or result.size >= 0
+    assert result.sha256 is None or len(result.sha256) == 64
 
 
 def test_parse_notice_reads_the_daemons_own_notices() -> None:
@@ -611,6 +865,8 @@ async def test_a_damaged_state_file_stops_the_run_and_is_kept(node: Node, tmp_pa
         ["--set", "s", "--dest", "d", "--s3", "http://bucket/x"],
         ["--set", "s", "--dest", "d", "--mail", "m", "--unpack", "zip"],
         ["--set", "s", "--dest", "d", "--mail", "m", "--overlap", "-1"],
+        ["--set", "s", "--dest", "d", "--mail", "m", "--wire"],
+        ["--set", "s", "--dest", "d", "--mail", "m", "--unpack", "mbox", "--wire"],
     ],
 )
 def test_usage_errors_exit_2(

@@ -294,7 +294,7 @@ def test_two_instances_share_port_and_data_dir(tmp_path: Path) -> None:
         manifest = bundle.with_name(bundle.name.removesuffix(".mbox.gz") + MANIFEST_SUFFIX)
         assert json.loads(manifest.read_text())["node"] == node, manifest
         for _, message in read_mbox(str(bundle)):
-            assert f"X-Spamtrap-Node: {node}\r\n".encode() in message
+            assert f"X-Spamtrap-Node: {node}\n".encode() in message
             stored[node] += re.findall(r"token ([0-9a-f]{32})", message.decode(errors="replace"))
     # Nothing lost and nothing overwritten by the other node's bundle: each
     # node's bundles hold exactly as many messages as that node accepted.

@@ -13,6 +13,10 @@ each a list of the same mappings::
       header: List-Id
       regex: 'news\\.example\\.org'
 
+Every regexp is checked at load for shapes that backtrack catastrophically
+(spamtrap.regex_safety), and searches at most :data:`MAX_VALUE_CHARS` of a
+value, so a rule costs milliseconds on any message.
+
 Operators edit the files often, so they reload without a restart: on
 SIGHUP, and when a file changes (checked every ``reload_interval``). A file
 that fails to load (YAML error, bad regexp, unknown key) keeps its previous
@@ -34,9 +38,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from spamtrap.collate import message_headers
-from spamtrap.config import Config, ListRule
+from spamtrap.config import Config, ListRule, forged_header_problem
 from spamtrap.filters import Discard
 from spamtrap.message import META_FIELDS, Envelope
+from spamtrap.regex_safety import compile_safe
 
 log = Logger()
 
@@ -44,6 +49,13 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as config's names
 _HEADER_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 2.2: printable ASCII, no colon
 _OWN_META_RE = re.compile(r"x_[a-z0-9_]+")  # metadata added by stages
 _KEYS = ("name", "regex", "header", "meta")
+# A rule's regexp sees at most this much of each value. Regexps that
+# backtrack catastrophically are refused at load; what is accepted is at
+# most quadratic (an unanchored "\w+@" on a run of letters), so the cut
+# keeps one search under a few milliseconds whatever the message holds.
+# RFC 5322 2.1.1 lines are at most 998 characters; a To of 100 addresses
+# fits too; a quadratic regexp costs at most ~15 ms on one.
+MAX_VALUE_CHARS = 2048
 _STR = "tag:yaml.org,2002:str"
 
 # (path, line or None, message)
@@ -147,8 +159,8 @@ def _rule(node: yaml.Node, path: str, problems: list[Problem]) -> ListRule | Non
         problems.append((path, line, error))
         return None
     try:
-        regex = re.compile(values["regex"], re.IGNORECASE)
-    except (re.error, OverflowError, RecursionError) as e:
+        regex = compile_safe(values["regex"], re.IGNORECASE)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
         problems.append((path, line, f"rule {values['name']!r}: bad regular expression: {e}"))
         return None
     return ListRule(values["name"], regex, values.get("header"), values.get("meta"))
@@ -164,6 +176,8 @@ def _check(values: dict[str, str]) -> str | None:
         return f"rule {name!r} needs exactly one of 'header' or 'meta' ({which})"
     if header is not None and not _HEADER_RE.fullmatch(header):
         return f"rule {name!r}: not a header field name: {header!r}"
+    if header is not None and (forged := forged_header_problem(header)):
+        return f"rule {name!r}: {forged}"
     if meta is not None and meta not in META_FIELDS and not _OWN_META_RE.fullmatch(meta):
         known = ", ".join(META_FIELDS)
         return f"rule {name!r}: unknown metadata field {meta!r} (known: {known}, or x_...)"
@@ -211,7 +225,7 @@ class ListsStage:
                 values = headers.get(rule.header.lower(), [])
             else:
                 values = env.values(rule.meta or "")
-            if any(rule.regex.search(v) for v in values):
+            if any(rule.regex.search(v[:MAX_VALUE_CHARS]) for v in values):
                 return Discard(f"list:{rule.name}")
         return None
 

@@ -14,6 +14,11 @@ failed, logged with its set, key and channel and counted in
 next attempt would start more than GIVE_UP_AFTER after its first. Notices
 live in memory only: a stop or a crash forgets the ones still waiting.
 
+Every notice carries the bundle's download URL and its manifest's URL:
+the store's own public URL (S3), or else the URL at which this node's web
+server serves the bundle, ``http.public_url`` + ``/bundles/<key>``, as the
+web layer's listings and feeds do.
+
 Privacy: a private set's channels may not also be another set's channels
 (a ValueError at construction), so a private set's bundle URLs reach only
 its own subscribers.
@@ -35,6 +40,7 @@ from twisted.python.failure import Failure
 from spamtrap.config import Config, SetConfig
 from spamtrap.metrics import Metrics
 from spamtrap.notify import mail, webhook
+from spamtrap.store import BUNDLE_SUFFIX, MANIFEST_SUFFIX
 
 log = Logger()
 
@@ -113,6 +119,37 @@ def check_private_channels(sets: Iterable[SetConfig]) -> None:
                 )
 
 
+def notice_urls(manifest: dict[str, Any], public_url: str) -> tuple[str, str | None]:
+    """The bundle's download URL and its manifest's: the store's own URL
+    (``manifest["url"]``, set by BundleSet from ``store.url``) if it has
+    one, else this node's ``/bundles/<key>`` under ``public_url``."""
+    url = manifest.get("url")
+    if not url:
+        url = f"{public_url.rstrip('/')}/bundles/{manifest['key']}"
+    path = urlsplit(url).path
+    # The manifest sits beside the bundle under the same name (both stores,
+    # and this node's web server, serve it there). A URL whose path does not
+    # end in the bundle's name (a presigned or rewritten one) gets none.
+    if path.endswith(BUNDLE_SUFFIX) and url.endswith(BUNDLE_SUFFIX):
+        return url, url[: -len(BUNDLE_SUFFIX)] + MANIFEST_SUFFIX
+    return url, None
+
+
+def listen_port(description: str) -> int | None:
+    """The TCP port of a server endpoint description (``tcp:8025``,
+    ``tcp6:port=8025:interface=::1``, ``ssl:443:...``), None for others."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    for i, arg in enumerate(rest.split(":")):
+        name, eq, value = arg.partition("=")
+        if eq and name == "port":
+            return int(value) if value.isdigit() else None
+        if not eq and i == 0:
+            return int(arg) if arg.isdigit() else None
+    return None
+
+
 def _bucket_and_prefix(store_url: str | None) -> tuple[str, str]:
     parts = urlsplit(store_url or "")
     if parts.scheme == "s3":
@@ -153,6 +190,9 @@ class Notifier:
                 http_client = _default_http_client(reactor)
             self._webhook = webhook.WebhookSender(http_client, self._clock)
         self._bucket, self._prefix = _bucket_and_prefix(config.store.url)
+        self._public_url = config.http.public_url
+        if self._mail is not None or self._webhook is not None:
+            self._warn_unreachable(config)
         # Until metrics.py has the counter, notices are logged only.
         self._counter = getattr(metrics, "notifications", None)
         self._rng = rng if rng is not None else random.Random()
@@ -161,6 +201,34 @@ class Notifier:
         self._stopped = False
         self._stop_timer: DelayedCall | None = None
         self._stop_waiters: list[Deferred[None]] = []
+
+    def _warn_unreachable(self, config: Config) -> None:
+        """Log what makes the notices' URLs unusable: they point at this
+        node's web server (any store but S3), and a loopback public_url
+        (the default http://localhost:8025) reaches it only from this
+        machine, and only if HTTP listens on that port."""
+        if urlsplit(config.store.url or "").scheme == "s3":
+            return
+        parts = urlsplit(self._public_url)
+        if not mail.is_loopback(parts.hostname or ""):
+            return  # a proxy or another port in front is the operator's business
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        ports = [p for p in map(listen_port, config.http.listen) if p is not None]
+        if ports and port not in ports:
+            log.warn(
+                "notify: http.public_url {url} names port {port}, but HTTP listens on "
+                "{listen}: the URLs in notices lead nowhere; set http.public_url",
+                url=self._public_url,
+                port=port,
+                listen=", ".join(config.http.listen),
+            )
+        else:
+            log.warn(
+                "notify: http.public_url is {url}, a loopback address: the URLs in "
+                "notices work only on this machine; set http.public_url to the "
+                "address consumers download from",
+                url=self._public_url,
+            )
 
     # -- starting deliveries -------------------------------------------------
 
@@ -186,6 +254,8 @@ class Notifier:
         if set_config is None:
             log.warn("notify: no set {set} configured; {key} not announced", set=name, key=key)
             return
+        url, manifest_url = notice_urls(manifest, self._public_url)
+        manifest = {**manifest, "url": url, "manifest_url": manifest_url}
         now = self._clock.seconds()
         # Every body is built before any delivery starts: a bad manifest
         # fails the whole notice rather than half of it.

@@ -42,7 +42,11 @@ FIELDS = [
     ("Last-Received", "last_received"),
     ("Node", "node"),
     ("Format", "format"),
+    # Added after the first release: new fields go at the end.
+    ("Manifest-URL", "manifest_url"),
 ]
+
+_URL_KEYS = ("url", "manifest_url")
 
 # Printable ASCII without space: everything else in a value is
 # percent-encoded, so a value can neither break the header block (CR, LF)
@@ -84,8 +88,10 @@ def notice(manifest: dict[str, Any], sender: str, to: str, now: float) -> bytes:
         ("Auto-Submitted", "auto-generated"),
         ("Precedence", "bulk"),
     ]
-    # A store without public URLs gives url None: the field is left out.
-    body = [(n, header_value(manifest[k])) for n, k in FIELDS if manifest[k] is not None]
+    # The Notifier always fills in url and manifest_url; a manifest handed
+    # in without them leaves them out. Any other field missing is an error.
+    values = [(n, manifest.get(k) if k in _URL_KEYS else manifest[k]) for n, k in FIELDS]
+    body = [(n, header_value(v)) for n, v in values if v is not None]
     text = "".join(f"{n}: {v}\n" for n, v in headers) + "\n"
     text += "".join(f"{n}: {v}\n" for n, v in body)
     return text.encode("ascii")

@@ -2,8 +2,9 @@
 
 Tools that already consume S3 "ObjectCreated" notifications (Lambda-style
 handlers, queue consumers) can read it unchanged; the full manifest and the
-download URL ride along under ``"spamtrap"``. With a secret, the exact body
-bytes are signed: ``X-Spamtrap-Signature: sha256=<hex HMAC-SHA256>``.
+download URLs (``url``, ``manifest_url``) ride along under ``"spamtrap"``.
+With a secret, the exact body bytes are signed:
+``X-Spamtrap-Signature: sha256=<hex HMAC-SHA256>``.
 """
 
 from __future__ import annotations
