@@ -1,7 +1,7 @@
 """spamtrap's benchmarks, side by side with the reference servers in one run.
 
     python -m bench.run [intake] [multiproc] [hold] [latency] [e2e] [redis_workers]
-                        [faults] [--quick]
+                        [faults] [hostile] [--quick]
 
 With no scenario names, all run. Results print as Markdown and are saved to
 bench/out/<scenario>.json. Every load is bounded in count and time, and only
@@ -497,6 +497,13 @@ def faults() -> None:
     save("faults", fault_bench.run(QUICK))
 
 
+def hostile() -> None:
+    """SMTP session times while the workers filter hostile content (issue 11)."""
+    from bench import hostile as hostile_bench
+
+    hostile_bench.main()
+
+
 SCENARIOS = {
     "intake": intake,
     "multiproc": multiproc,
@@ -507,6 +514,7 @@ SCENARIOS = {
     "s3": s3,
     "redis_workers": redis_workers,
     "faults": faults,
+    "hostile": hostile,
 }
 
 

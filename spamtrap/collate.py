@@ -17,6 +17,7 @@ import re
 
 from spamtrap.config import Condition, SetConfig
 from spamtrap.message import MAX_HEADER_BYTES, Envelope
+from spamtrap.regex_safety import MAX_VALUE_CHARS
 
 # Headers are searched at most MAX_HEADER_BYTES far in (defined beside the
 # spoofed-field scan): a message with no blank line after its header must
@@ -61,7 +62,8 @@ class Collator:
                 values = headers.get(cond.header.lower(), [])
             else:
                 values = env.values(cond.meta or "")
-            return any(cond.regex.search(v) for v in values)
+            # Bounded like the lists stage's rules (regex_safety).
+            return any(cond.regex.search(v[:MAX_VALUE_CHARS]) for v in values)
 
         return [
             s.name

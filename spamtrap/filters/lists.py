@@ -41,7 +41,7 @@ from spamtrap.collate import message_headers
 from spamtrap.config import Config, ListRule, forged_header_problem
 from spamtrap.filters import Discard
 from spamtrap.message import META_FIELDS, Envelope
-from spamtrap.regex_safety import compile_safe
+from spamtrap.regex_safety import MAX_VALUE_CHARS, compile_safe
 
 log = Logger()
 
@@ -49,13 +49,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as config's names
 _HEADER_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 2.2: printable ASCII, no colon
 _OWN_META_RE = re.compile(r"x_[a-z0-9_]+")  # metadata added by stages
 _KEYS = ("name", "regex", "header", "meta")
-# A rule's regexp sees at most this much of each value. Regexps that
-# backtrack catastrophically are refused at load; what is accepted is at
-# most quadratic (an unanchored "\w+@" on a run of letters), so the cut
-# keeps one search under a few milliseconds whatever the message holds.
-# RFC 5322 2.1.1 lines are at most 998 characters; a To of 100 addresses
-# fits too; a quadratic regexp costs at most ~15 ms on one.
-MAX_VALUE_CHARS = 2048
 _STR = "tag:yaml.org,2002:str"
 
 # (path, line or None, message)

@@ -11,6 +11,19 @@ parts and depth, and per message a budget of zip entries and decompressed
 zip bytes (``filters.virus``). Zip entries are read in bounded chunks, never
 whole, so a zip bomb costs a few KiB. Bad input gives no verdict, never an
 exception.
+
+A limit that is reached is a verdict, not a pass: what lies beyond it was
+not looked at, and only malware hides an ``.exe`` four zips deep or as
+entry 1,002. The reasons are ``zip-limit:depth`` (a zip nested deeper than
+``max_zip_depth``, a zip quine too), ``zip-limit:entries`` (more than
+``max_zip_entries`` in one message), ``zip-limit:bytes`` (more decompressed
+bytes than ``max_zip_bytes`` needed) and ``zip-limit:ratio`` (an entry that
+says it inflates more than :data:`MAX_ZIP_RATIO` times, past
+:data:`MIN_BOMB_BYTES`: a zip bomb).
+
+Time: every regexp here is linear; the MIME walk splits multiparts with
+``bytes.find`` and decodes base64 in 1 MiB slices, and zlib inflates in
+``READ_CHUNK`` steps, so no single call holds the GIL for long.
 """
 
 from __future__ import annotations
@@ -43,6 +56,11 @@ MAX_TEXT_BYTES = 16 * 1024 * 1024
 MAX_PARTS = 1000
 MAX_DEPTH = 10
 READ_CHUNK = 64 * 1024
+# An entry declaring a decompressed size above MIN_BOMB_BYTES and more than
+# MAX_ZIP_RATIO times its compressed size is a bomb. Deflate tops out near
+# 1032:1; text and office files stay below 20:1, a MiB of zeros is 1000:1.
+MAX_ZIP_RATIO = 100
+MIN_BOMB_BYTES = 16 * 1024 * 1024
 
 _MACHO = {
     b"\xfe\xed\xfa\xce",  # 32-bit, big-endian
@@ -150,6 +168,10 @@ def file_names(part: Part) -> list[str]:
     return [n for n in names if n]
 
 
+class _ZipLimitError(Exception):
+    """A zip limit was reached; ``args[0]`` says which."""
+
+
 @dataclass
 class _Budget:
     """What one message may still cost in zip work."""
@@ -220,7 +242,10 @@ class VirusStage:
         if reason:
             return reason
         if head.startswith(ZIP_MAGIC) and self.max_zip_depth > 0:
-            reason = self._scan_zip(part.body(len(part.raw)), 1, budget)
+            try:
+                reason = self._scan_zip(part.body(len(part.raw)), 1, budget)
+            except _ZipLimitError as e:
+                return f"zip-limit:{e.args[0]}"
             return f"zip:{reason}" if reason else None
         return None
 
@@ -233,7 +258,7 @@ class VirusStage:
         with archive:
             for info in archive.infolist():
                 if budget.entries <= 0:
-                    return None
+                    raise _ZipLimitError("entries")
                 budget.entries -= 1
                 ext = extension(info.filename)
                 if ext in self.extensions:
@@ -247,8 +272,15 @@ class VirusStage:
                     or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
                 ):
                     continue
+                if (
+                    info.file_size > MIN_BOMB_BYTES
+                    and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1)
+                ):
+                    raise _ZipLimitError("ratio")
                 try:
                     reason = self._scan_entry(archive, info, depth, budget)
+                except _ZipLimitError:
+                    raise
                 except Exception:  # noqa: BLE001 - as above: a broken entry is no verdict
                     reason = None
                 if reason:
@@ -266,30 +298,35 @@ class VirusStage:
             reason = content_reason(head)
             if reason:
                 return reason
-            if not head.startswith(ZIP_MAGIC) or depth >= self.max_zip_depth:
+            if not head.startswith(ZIP_MAGIC):
                 return None
+            if depth >= self.max_zip_depth:
+                raise _ZipLimitError("depth")
             # An inner zip must be whole to be opened: only one that fits in
             # what is left of the budget is.
             if info.file_size - len(head) > budget.bytes:
-                return None
+                raise _ZipLimitError("bytes")
             rest = _read(f, budget.bytes, budget)
             if f.read(1):
-                return None
+                raise _ZipLimitError("bytes")
             reason = self._scan_zip(head + rest, depth + 1, budget)
             return f"zip:{reason}" if reason else None
 
 
 def _read(f: IO[bytes], n: int, budget: _Budget) -> bytes:
     """Up to ``n`` decompressed bytes, in chunks, charged to the budget."""
-    chunks = []
+    chunks: list[bytes] = []
+    cut = n > budget.bytes
     n = min(n, budget.bytes)
     while n > 0:
         chunk = f.read(min(n, READ_CHUNK))
         if not chunk:
-            break
+            return b"".join(chunks)  # the entry ended first
         chunks.append(chunk)
         n -= len(chunk)
         budget.bytes -= len(chunk)
+    if cut and f.read(1):
+        raise _ZipLimitError("bytes")  # more to read than the budget allows
     return b"".join(chunks)
 
 
