@@ -8,7 +8,7 @@ DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc 
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-wheel lintian procmail mutt tmux
 
-.PHONY: run test lint deps venv debs bench clean check-config
+.PHONY: run test lint deps venv debs exim bench clean check-config
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ debs:
 	fi
 
 deps: venv debs
+
+# A private Exim for the forwarder tests (apt-get download + dpkg-deb -x into
+# .venv/exim4; it does not replace postfix). The tests fetch it on first use.
+exim: venv
+	$(PY) -m tests.exim
 
 run: venv
 	$(VENV)/bin/twistd -n spamtrap $(ARGS)

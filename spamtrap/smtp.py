@@ -46,11 +46,13 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from spamtrap import proxy, relay
+from spamtrap import spill as spill_mod
 from spamtrap.config import Config
+from spamtrap.errors import IntakeUnavailableError
 from spamtrap.message import Envelope, iso_time, new_message_id, new_session_id, rfc2822_date
 from spamtrap.metrics import Metrics
-from spamtrap.queue import QueueUnavailableError
 from spamtrap.smtp_parse import Dialect, bucket, param_value, parse_path
+from spamtrap.spill import Spill, SpillDir
 from spamtrap.traps import TrapMatcher
 
 log = Logger()
@@ -181,6 +183,13 @@ class TrapSMTP(smtp.ESMTP):
         self._greet_timer: Any = None
         self._session_deadline = math.inf
         self._stop_deadline = math.inf  # set by shutdown()
+        # DATA over the memory budget goes to a spill file (spamtrap/spill.py):
+        # then self._data holds only the last bytes, _data_base counts the
+        # raw bytes before them.
+        self._spill: Spill | None = None
+        self._data_base = 0
+        self._data_counted = 0  # this session's share of factory.data_in_memory
+        self._spill_paused = False
         self._mailed = False  # a MAIL was accepted in this session
         self._counted_as: str | None = None  # the factory's per-IP key
         self._idle_period: float | None = None  # None: no idle timeout
@@ -262,6 +271,10 @@ class TrapSMTP(smtp.ESMTP):
             if t is not None and t.active():
                 t.cancel()
         self._timer = None
+        self._count_data(0)
+        if self._spill is not None:
+            self._spill.discard()
+            self._spill = None
         self.factory.release(self)
 
     # -- timeouts -------------------------------------------------------------
@@ -624,11 +637,15 @@ class TrapSMTP(smtp.ESMTP):
             return self._xforward, "xforward"
         if self._xclient is not None and self._xclient.addr:
             client = self._xclient.copy()
-            if self._helo_arg is not None:  # sent after XCLIENT, on the client's behalf
+            # XCLIENT HELO= wins: Postfix's smtpd_proxy sends its own
+            # "EHLO $smtpd_proxy_ehlo" after XCLIENT. A later EHLO counts
+            # only when XCLIENT gave no HELO.
+            if client.helo is None and self._helo_arg is not None:
                 client.helo = _text(self._helo_arg)
             return client, "xclient"
-        # No XFORWARD: the relay's own Received line says who its client was.
-        derived = relay.derive_client(content)
+        # No XFORWARD: the relay's own Received lines say who its client was,
+        # read down past the hops of trusted relays and loopback.
+        derived = relay.derive_client(content, self.factory.trusts_hop)
         if derived is not None:
             return derived, "derived"
         return None, "unknown"
@@ -652,10 +669,14 @@ class TrapSMTP(smtp.ESMTP):
         self.sendCode(220, b"2.0.0 Ready to start TLS")
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
-        # RFC 3207 4.2: forget everything learnt before the handshake.
+        # RFC 3207 4.2: forget everything learnt before the handshake,
+        # what a relay said of its client included.
         self._helo_arg = None
         self._helo_verb = b""
         self._txn = None
+        self._xforward = None
+        self._xclient = None
+        self._relay_helo = None
 
     # -- DATA -----------------------------------------------------------------
 
@@ -699,10 +720,13 @@ class TrapSMTP(smtp.ESMTP):
                 # Past the limit: keep only what can still hold the terminator.
                 self._data_overflow = True
                 del data[:-4]
+            self._hold_or_spill()
             return False
         self._buf += data[end + skip :]
         self._state = COMMAND
         self._set_idle(self.timeout)
+        if self._data_ended(data, end):
+            return True
         if self._data_overflow or end > limit + len(_SENTINEL):
             self._txn = None
             self._data = bytearray()
@@ -718,7 +742,7 @@ class TrapSMTP(smtp.ESMTP):
         self._deliver(content)
         return True
 
-    def _deliver(self, content: bytes) -> None:
+    def _deliver(self, content: bytes) -> defer.Deferred[Any]:
         txn = self._txn
         assert txn is not None
         self._txn = None
@@ -729,6 +753,7 @@ class TrapSMTP(smtp.ESMTP):
         d.addCallbacks(
             self._delivered, self._not_delivered, callbackArgs=(env,), errbackArgs=(env,)
         )
+        return d
 
     def _delivered(self, _: Any, env: Envelope) -> None:
         m = self.factory.metrics
@@ -737,7 +762,7 @@ class TrapSMTP(smtp.ESMTP):
         self._resume(250, b"2.0.0 Ok: queued as " + env.msg_id.encode())
 
     def _not_delivered(self, failure: Any, env: Envelope) -> None:
-        if failure.check(QueueUnavailableError):
+        if failure.check(IntakeUnavailableError):
             # queue.on_unreachable: tempfail. Counted, logged once per outage.
             self.factory.metrics.messages_rejected.labels(reason="queue").inc()
             self._resume(451, b"4.3.0 Queue unavailable, try again later")
@@ -762,6 +787,106 @@ class TrapSMTP(smtp.ESMTP):
         # transaction: a peer pipelining faster than the spool acks must not
         # grow the buffer by a read per reply.
         self._unhold()
+
+    # -- DATA over the memory budget: the spill -------------------------------
+
+    def _count_data(self, n: int) -> None:
+        self.factory.data_in_memory += n - self._data_counted
+        self._data_counted = n
+
+    def _hold_or_spill(self) -> None:
+        """After a read that did not end the DATA: keep it in memory, or move
+        it to a spill file and keep only the bytes the next scan needs."""
+        data = self._data
+        spill = self._spill
+        cfg = self.factory.config.smtp
+        if self._data_overflow:
+            if spill is not None:  # rejected anyway: no more writing
+                spill.discard()
+                self._spill = None
+            self._count_data(len(data))
+            return
+        if spill is None:
+            self._count_data(len(data))
+            f = self.factory
+            if f.spill is None or (
+                len(data) <= cfg.data_spill_threshold
+                and f.data_in_memory <= cfg.data_memory_budget
+            ):
+                return
+            unstuff = b"\r\n" if self._crlf_client else b"\n"
+            spill = self._spill = f.spill.open(unstuff, skip=len(_SENTINEL))
+            spill.on_drained = self._spill_drained
+        if self._data_base + len(data) - len(_SENTINEL) > cfg.max_message_size:
+            # As _data_chunk does in memory: keep what can hold the terminator.
+            self._data_overflow = True
+            spill.discard()
+            self._spill = None
+            self._data = bytearray(data[-4:])
+            self._count_data(4)
+            return
+        cut = len(data) - spill_mod.CONTEXT
+        if cut > 0:
+            spill.feed(bytes(memoryview(data)[:cut]))
+            self._data_base += cut
+            # A new, small bytearray: deleting from the front would keep the
+            # old allocation.
+            self._data = bytearray(memoryview(data)[cut:])
+        self._count_data(len(self._data))
+        if spill.pending_bytes > spill_mod.PENDING_MAX and not self._spill_paused:
+            # The disk is slower than the peer: stop reading it meanwhile.
+            self._spill_paused = True
+            self.transport.pauseProducing()
+
+    def _spill_drained(self) -> None:
+        if self._spill_paused:
+            self._spill_paused = False
+            if not self._paused and self._state is not CLOSED:
+                self.transport.resumeProducing()
+
+    def _data_ended(self, data: bytearray, end: int) -> bool:
+        """At the end of data (``end`` as _data_chunk found it): True if the
+        message was spilled and is now on its way (or refused), False for
+        _data_chunk to go on with one held in memory."""
+        self._count_data(0)
+        spill, self._spill = self._spill, None
+        base, self._data_base = self._data_base, 0
+        if spill is None:
+            return False
+        limit = self.factory.config.smtp.max_message_size
+        if self._data_overflow or base + end > limit + len(_SENTINEL):
+            spill.discard()
+            self._data_overflow = True  # _data_chunk answers 552
+            return False
+        spill.feed(bytes(data[: end + 2] if self._crlf_client else data[: end + 1]))
+        self._data = bytearray()
+        # Input is held while the content is read back, as while the spool
+        # writes it.
+        self._waiting = True
+        self._idle_period = None
+        size = spill.size
+        f = self.factory
+        assert f.spill is not None
+        d = defer.ensureDeferred(spill.content(f.config.smtp.data_memory_budget))
+        d.addCallbacks(self._spill_read, self._spill_failed, callbackArgs=(size,))
+        return True
+
+    def _spill_read(self, content: bytes, size: int) -> None:
+        spills = self.factory.spill
+        assert spills is not None
+        if self._state is CLOSED:  # never acknowledged: the client retries
+            spills.unreserve(size)
+            return
+        self._waiting = False
+        d = self._deliver(content)
+        del content  # the envelope holds it until the spool has it
+        d.addBoth(lambda r: (spills.unreserve(size), r)[1])
+
+    def _spill_failed(self, failure: Any) -> None:
+        log.failure("spilled DATA from {peer} lost", failure, peer=self.peer[0])
+        self.factory.metrics.messages_rejected.labels(reason="spool").inc()
+        self._txn = None
+        self._resume(451, b"4.3.0 Error: queue file write error, try again")
 
     # -- PROXY protocol -------------------------------------------------------
 
@@ -871,12 +996,14 @@ class TrapSMTP(smtp.ESMTP):
             with_ += "S"
         if proto:
             with_ = proto  # as the relay received it (Postfix does the same)
-        received = (
-            f"from {helo or 'unknown'} ({rdns or 'unknown'} [{peer_host}])\r\n"
-            f"\tby {f.host_text} (spamtrap) with {with_} id {msg_id}\r\n"
-            f"\t(envelope-from <{mail_from}>)\r\n"
-            f"\tfor <{rcpts[0]}>; {rfc2822_date(now)}"
-        )
+        # Pieces between folds, kept apart so that a CR LF TAB a sender or
+        # relay put in a value is escaped, not taken for a fold.
+        received = [
+            f"from {helo or 'unknown'} ({rdns or 'unknown'} [{peer_host}])",
+            f"by {f.host_text} (spamtrap) with {with_} id {msg_id}",
+            f"(envelope-from <{mail_from}>)",
+            f"for <{rcpts[0]}>; {rfc2822_date(now)}",  # last: split_block ends the block here
+        ]
         return Envelope(
             msg_id=msg_id,
             received_at=now,
@@ -885,8 +1012,23 @@ class TrapSMTP(smtp.ESMTP):
             data=content,
             feed=txn.feed,
             meta=meta,
-            received_line=received,
+            received=received,
         )
+
+
+def _in_networks(host: str, networks: list[Any]) -> bool:
+    """Whether the address ``host`` is in one of ``networks``; an IPv4-mapped
+    IPv6 address counts as its IPv4 one (a dual-stack listener sees IPv4
+    peers so)."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 class TrapSMTPFactory(protocol.ServerFactory):
@@ -900,8 +1042,12 @@ class TrapSMTPFactory(protocol.ServerFactory):
         clock: Any,
         tls_context: Any = None,
         resolve_ptr: Callable[[str], defer.Deferred[str]] | None = None,
+        spill: SpillDir | None = None,
     ) -> None:
         self.config = config
+        # Where DATA over smtp.data_memory_budget goes; None: kept in memory.
+        self.spill = spill
+        self.data_in_memory = 0  # bytes of unfinished DATA held, all sessions
         self.submit = submit
         self.metrics = metrics
         self.clock = clock
@@ -910,7 +1056,7 @@ class TrapSMTPFactory(protocol.ServerFactory):
         self.host_text = self.host.decode("ascii")
         # by (whether STARTTLS is offered, whether the peer is a trusted relay)
         self.ehlo_replies: dict[tuple[bool, bool], bytes] = {}
-        # Input held without a line end before the session is cut off.
+        # The longest command line, its line end included (longer: 500, dropped).
         self.buffer_cap = max(config.smtp.max_command_line, 512)
         self.tls_context = tls_context
         self.resolve_ptr = resolve_ptr
@@ -929,25 +1075,24 @@ class TrapSMTPFactory(protocol.ServerFactory):
         return TrapSMTP(self)
 
     def trusts_proxy(self, host: str) -> bool:
-        if not self.trusted:
-            return False
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+        """Whether ``host`` may send a PROXY header (proxy_protocol.trusted_networks)."""
+        return _in_networks(host, self.trusted)
 
     def trusts_relay(self, host: str) -> bool:
         """Whether ``host`` is an MX relay whose word on the client counts."""
-        if not self.relays:
-            return False
+        return _in_networks(host, self.relays)
+
+    def trusts_hop(self, host: str) -> bool:
+        """Whether a Received line's from-address is a hop inside the relay
+        chain: a trusted relay, or loopback (content filters such as amavis
+        hand mail back to Postfix over loopback)."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers so
-        return any(ip in net for net in self.relays)
+            ip = ip.ipv4_mapped
+        return ip.is_loopback or any(ip in net for net in self.relays)
 
     def admit(self, session: TrapSMTP) -> str | None:
         """Host protection, not backpressure: returns a refusal reason or None.

@@ -30,18 +30,28 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from spamtrap import rdns, tls
+from spamtrap import memory, rdns, tls
 from spamtrap.bundle import BundleSet
 from spamtrap.collate import Collator
 from spamtrap.config import ROLES, Config, ConfigError, default_config, load_config, parse_redis_url
 from spamtrap.endpoints import DEFAULT_BACKLOG
 from spamtrap.filters.registry import build_stages
+from spamtrap.interfaces import EntryT, Intake, WorkSource
 from spamtrap.metrics import Metrics
 from spamtrap.notify import Notifier
 from spamtrap.pipeline import Pipeline
-from spamtrap.queue import Forwarder, QueueIntake, QueueLink, QueueSource, QueueWriter, describe
+from spamtrap.queue import (
+    Forwarder,
+    QueueIntake,
+    QueueLink,
+    QueueSource,
+    QueueWriter,
+    StreamEntry,
+    describe,
+)
 from spamtrap.smtp import TrapSMTPFactory
-from spamtrap.spool import Spool, SpoolError
+from spamtrap.spill import SpillDir
+from spamtrap.spool import Spool, SpoolEntry, SpoolError, SpoolIntake
 from spamtrap.store import StoreConfigError, open_store
 from spamtrap.web import make_site
 
@@ -162,34 +172,42 @@ class SpamtrapService(service.MultiService):
         self.forwarder: Forwarder | None = None
         self.source: QueueSource | None = None
         # Where a message goes at the end of DATA, before its 250.
-        self.submit = self._spool_submit
+        self.intake: Intake = SpoolIntake(self.spool)
         if cfg.queue.url is not None:
             self.link = QueueLink(cfg.queue, self.metrics, reactor)
             if self.takes_mail:
                 writer = QueueWriter(self.link, self.metrics)
-                intake = QueueIntake(writer, self.spool, cfg.queue.on_unreachable, self.metrics)
-                self.submit = intake.submit
+                self.intake = QueueIntake(
+                    writer, self.spool, cfg.queue.on_unreachable, self.metrics
+                )
                 self.forwarder = Forwarder(self.spool, writer, self.metrics, reactor, self.pool)
             if self.filters:
                 # The consumer name is the node name: a restarted worker
                 # finds the messages it held before, in its pending list.
                 self.source = QueueSource(self.link, cfg.node, self.metrics)
+        self.submit = self.intake.submit
         # Uploads get their own small pool: saturated filters must not delay
         # signing and file reads for the store (that would cause "busy" skips).
         self.store_pool = ThreadPool(minthreads=1, maxthreads=4, name="spamtrap-store")
         self.store = open_store(cfg.store.url, data, reactor, self.store_pool, config=cfg.store)
         # Built before the bundle sets: each announces its stored bundles through it.
         self.notifier = Notifier(cfg, self.metrics, reactor)
-        self.pipeline = Pipeline(
-            self.source if self.source is not None else self.spool,
-            build_stages(cfg, reactor),
-            Collator(cfg.sets),
-            {},
-            self.metrics,
-            reactor,
-            self.pool,
-            cfg.filters.workers,
-            cfg,
+
+        def pipeline_from(work: WorkSource[EntryT]) -> Pipeline[EntryT]:
+            return Pipeline(
+                work,
+                build_stages(cfg, reactor),
+                Collator(cfg.sets),
+                {},
+                self.metrics,
+                reactor,
+                self.pool,
+                cfg.filters.workers,
+                cfg,
+            )
+
+        self.pipeline: Pipeline[StreamEntry] | Pipeline[SpoolEntry] = (
+            pipeline_from(self.source) if self.source is not None else pipeline_from(self.spool)
         )
         self.bundles = {
             s.name: BundleSet(
@@ -199,7 +217,8 @@ class SpamtrapService(service.MultiService):
                 self.store,
                 self.metrics,
                 reactor,
-                self.pool,
+                # Sealing and fsync run in the store pool, off the filter threads.
+                self.store_pool,
                 self.pipeline.stored,
                 store_config=cfg.store,
                 on_published=self.notifier.published,
@@ -207,6 +226,8 @@ class SpamtrapService(service.MultiService):
             for s in cfg.sets
         }
         self.pipeline.bundles = self.bundles
+        # DATA over smtp.data_memory_budget waits here (spamtrap/spill.py).
+        self.spill = SpillDir(os.path.join(data, "spill", cfg.node), reactor)
         self.smtp_factory = TrapSMTPFactory(
             cfg,
             self.submit,
@@ -219,6 +240,7 @@ class SpamtrapService(service.MultiService):
                 else None
             ),
             resolve_ptr=rdns.make_lookup() if cfg.smtp.rdns and self.takes_mail else None,
+            spill=self.spill,
         )
         self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, self.pool)
         self.smtp_ports: list[Any] = []
@@ -227,9 +249,6 @@ class SpamtrapService(service.MultiService):
         # the ports are closed then, and the process exits 1.
         self.start_failed = False
         self._components_started = False
-
-    def _spool_submit(self, env: Any) -> defer.Deferred[Any]:
-        return self.spool.append(env.to_record(), env.received_at)
 
     def health(self) -> dict[str, Any]:
         """``status`` is ok, degraded (with ``problems``: mail is refused or
@@ -282,6 +301,8 @@ class SpamtrapService(service.MultiService):
         # it back quickly after each of its system calls, or SMTP latency
         # grows with filter load (CPython's default wait is 5 ms).
         sys.setswitchinterval(0.001)
+        # Before any thread starts: RSS must fall again after large messages.
+        memory.tune_malloc()
         service.MultiService.startService(self)
         if not hasattr(self, "_listening"):
             self._listening = self._listen()
@@ -293,6 +314,7 @@ class SpamtrapService(service.MultiService):
         if self.takes_mail:
             try:
                 self.spool.start()
+                self.spill.clean()  # leftovers were never acknowledged
             except (SpoolError, OSError) as e:
                 log.critical("cannot open the spool: {err}; exiting", err=e)
                 self._exit_non_zero()
@@ -378,6 +400,7 @@ class SpamtrapService(service.MultiService):
             return
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
         yield self.smtp_factory.shutdown()
+        self.spill.stop()  # every session is closed: nothing spills any more
         if self.forwarder is not None:
             # What the spool holds goes to Redis if it answers; else it stays
             # spooled and is forwarded at the next start.
