@@ -111,6 +111,21 @@ class Metrics:
             ["set"],
             registry=r,
         )
+        self.bundles_state = Gauge(
+            "spamtrap_bundles_state",
+            "Bundles by lifecycle state (open|sealing|ready|uploading|retry_wait); the final"
+            " states are counted by spamtrap_bundles, _skipped and _dropped",
+            ["set", "state"],
+            registry=r,
+        )
+        self.bundles_dropped = Counter(
+            "spamtrap_bundles_dropped",
+            "Bundles given up without acknowledging their messages, which the spool replays:"
+            " a write error (write-error), a seal error (seal-error) or a cancelled stop"
+            " (abandoned)",
+            ["set", "reason"],
+            registry=r,
+        )
         # Notifications
         self.notifications = Counter(
             "spamtrap_notifications",

@@ -11,21 +11,29 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
 
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from spamtrap import mbox
 from spamtrap.collate import Collator
 from spamtrap.config import Config
 from spamtrap.dedup import Deduper
+from spamtrap.errors import WorkSourceError
 from spamtrap.filters import Outcome, Stage, run_stages
+from spamtrap.interfaces import (
+    EntryT,
+    WorkerReactor,
+    WorkSource,
+    as_reactor_from_threads,
+    as_reactor_time,
+)
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
 from spamtrap.redact import EnvelopeRedactor
-from spamtrap.spool import SpoolError
 
 log = Logger()
 
@@ -94,16 +102,19 @@ def evaluate(
     return Result(env, outcome, sets, deliveries)
 
 
-class Pipeline:
+class Pipeline(Generic[EntryT]):
+    """Takes messages from a ``WorkSource`` (``spool``: the local spool or
+    the Redis stream), and is the ``BundleSink`` its bundles call back."""
+
     def __init__(
         self,
-        spool: Any,
+        spool: WorkSource[EntryT],
         stages: Sequence[tuple[str, Stage]],
         collator: Collator,
         bundles: dict[str, Any],
         metrics: Metrics,
-        reactor: Any,
-        pool: Any,
+        reactor: WorkerReactor,
+        pool: ThreadPool,
         workers: int,
         config: Config | None = None,
     ) -> None:
@@ -117,7 +128,7 @@ class Pipeline:
         self.workers = workers
         self.running = False
         self._loops: list[defer.Deferred[None]] = []
-        self._gets: set[defer.Deferred[Any]] = set()
+        self._gets: set[defer.Deferred[EntryT]] = set()
         self._busy = 0
         # Per-set copies: redaction of trap addresses and dedup windows.
         cfg = config or Config()
@@ -131,7 +142,7 @@ class Pipeline:
         self.wire_sets = {s.name for s in cfg.sets if s.line_endings == "wire"}
 
     # BundleSet's on_stored callback: runs in the reactor thread.
-    def stored(self, tokens: list[Token]) -> None:
+    def stored(self, tokens: Sequence[Token]) -> None:
         done = []
         for token in tokens:
             if not isinstance(token, Pending):
@@ -152,7 +163,7 @@ class Pipeline:
             self._gets.add(get)
             try:
                 entry = await get
-            except (defer.CancelledError, SpoolError):
+            except (defer.CancelledError, WorkSourceError):
                 return  # stopping
             finally:
                 self._gets.discard(get)
@@ -162,7 +173,7 @@ class Pipeline:
             self._busy += 1  # held from here on: drain() must wait for it
             try:
                 if self.spool.depth < BATCH - 1 and self.running:
-                    await task.deferLater(self.reactor, BATCH_WAIT, lambda: None)
+                    await task.deferLater(as_reactor_time(self.reactor), BATCH_WAIT, lambda: None)
                 more = self.spool.take(BATCH - 1)
                 self._busy += len(more)
                 batch += more
@@ -170,8 +181,10 @@ class Pipeline:
             finally:
                 self._busy -= len(batch)
 
-    async def _process(self, batch: list[Any]) -> None:
-        results = await deferToThreadPool(self.reactor, self.pool, self._work_batch, batch)
+    async def _process(self, batch: list[EntryT]) -> None:
+        results = await deferToThreadPool(
+            as_reactor_from_threads(self.reactor), self.pool, self._work_batch, batch
+        )
         # Counted and acked once per batch: the reactor's share stays small.
         verdicts: Counter[tuple[str, str, str]] = Counter()
         unrouted = []
@@ -191,7 +204,7 @@ class Pipeline:
         for (stage, verdict, reason), n in verdicts.items():
             self.metrics.filter_verdicts.labels(stage=stage, verdict=verdict, reason=reason).inc(n)
 
-    def _work_batch(self, batch: list[Any]) -> list[Result | None]:
+    def _work_batch(self, batch: list[EntryT]) -> list[Result | None]:
         """In a pool thread: read, decide, and write into the sets' bundles.
 
         Each step runs for the whole batch: one read (see read_entries), the
@@ -205,7 +218,7 @@ class Pipeline:
         for entry, record in zip(batch, records, strict=True):
             token: Token | None = None
             try:
-                if isinstance(record, SpoolError):
+                if isinstance(record, WorkSourceError):
                     raise record
                 result, token = self._decide(entry, record, adds)
             except Exception:  # noqa: BLE001 - one bad record must not stop the batch
@@ -215,20 +228,14 @@ class Pipeline:
             tokens.append(token)
         failed: set[Token] = set()
         for name, items in adds.items():
-            lost = self.bundles[name].add_many(items)
-            if lost:
-                log.error(
-                    "set {set}: {n} message(s) could not be written; they stay spooled",
-                    set=name,
-                    n=len(lost),
-                )
-                failed.update(lost)
+            # add_many logs a failed write once, with the bundle and spool keys.
+            failed.update(self.bundles[name].add_many(items))
         if failed:
             return [None if t in failed else r for t, r in zip(tokens, results, strict=True)]
         return results
 
     def _decide(
-        self, entry: Any, record: bytes, adds: dict[str, list[tuple[bytes, float, Token]]]
+        self, entry: EntryT, record: bytes, adds: dict[str, list[tuple[bytes, float, Token]]]
     ) -> tuple[Result, Token | None]:
         """The decision for one message; its bundle entries go to ``adds``."""
         env = Envelope.from_record(record)

@@ -310,7 +310,7 @@ def test_add_many_rotates_at_max_bytes_like_add(tmp_path: Any) -> None:
 
 def fill_the_disk(h: Any) -> None:
     """Make the open bundle's file fail every write, as a full disk would."""
-    bundle = h.bundles._open[0]
+    bundle = h.bundles.writer.shards[0]
     assert bundle is not None
     real = bundle.file
 
