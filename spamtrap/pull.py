@@ -66,6 +66,7 @@ from typing import IO, Any, Protocol, TextIO
 from spamtrap import __version__
 from spamtrap.mbox import MboxReader
 from spamtrap.message import wire_bytes
+from spamtrap.published import subject_set
 from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, MANIFEST_SUFFIX, valid_set_name
 
 EXIT_OK = 0
@@ -80,6 +81,7 @@ STATE_NAME = ".spamtrap-pull.json"
 STATE_VERSION = 1
 UNPACK_TARGETS = ("maildir", "mbox", "wire")
 WIRE_DIR = "wire"  # DEST/<set>/wire/: a maildir of the messages' wire bytes
+MAX_SKIPPED_REPORTED = 10  # per bundle; the rest are counted in one line
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TIME = "%Y-%m-%dT%H:%M:%S"
 USER_AGENT = f"spamtrap-pull/{__version__}"
@@ -324,10 +326,6 @@ class FeedSource(_UrlSource):
         return _collect(results)
 
 
-# Our notices' Subject (spamtrap.notify.mail.subject); a list may prefix it.
-_NOTICE_SUBJECT = re.compile(r"\[spamtrap\] ([^\s:]+): \d+ messages, ")
-
-
 @dataclass
 class Notice:
     """One mail of a notice folder: its body's fields (lower-case names)."""
@@ -415,8 +413,8 @@ def read_notice(raw: bytes) -> Notice | None:
     except Exception:  # noqa: BLE001 - a mailbox holds other mail too; none may stop the run
         return None
     message_id = _header(message, "message-id")
-    match = _NOTICE_SUBJECT.search(_header(message, "subject") or "")
-    notice = Notice(message_id, {}, match.group(1) if match else None)
+    # Our notices' Subject, as the daemon writes it; a list may prefix it.
+    notice = Notice(message_id, {}, subject_set(_header(message, "subject") or ""))
     try:
         part = message.get_body(preferencelist=("plain",))
         text = part.get_content() if part is not None else None
@@ -927,19 +925,37 @@ class Puller:
             entry["mbox_offset"] = os.path.getsize(target) if os.path.exists(target) else 0
         unpacked[mode] = False
         self.state.save()
+        skipped: list[Skipped] = []
         try:
             if mode == "mbox":
                 _unpack_mbox(final, self._mbox_path(set_name), entry.get("mbox_offset", 0))
             elif mode == "wire":
                 target = os.path.join(self.dest, set_name, WIRE_DIR)
-                _unpack_maildir(final, target, key, wire_bytes)
+                skipped = _unpack_maildir(final, target, key, wire_bytes)
             else:
                 _unpack_maildir(final, os.path.join(self.dest, set_name, "maildir"), key)
         except (OSError, ValueError, EOFError, zlib.error) as e:
             self.fail(f"{key}: unpacking ({mode}): {e}")
             return
+        if mode == "wire":
+            self._report_skipped(key, skipped)
+        # Done even with messages skipped: they have no wire bytes to give,
+        # so a later run would only fail on them again.
         unpacked[mode] = True
         self.state.save()
+
+    def _report_skipped(self, key: str, skipped: list[Skipped]) -> None:
+        for s in skipped[:MAX_SKIPPED_REPORTED]:
+            named = f" ({s.message_id})" if s.message_id else ""
+            self.fail(
+                f"{key}: unpacking (wire): message {s.index}{named} skipped, "
+                f"no wire bytes: {s.error}; its stored form is in the bundle"
+            )
+        if len(skipped) > MAX_SKIPPED_REPORTED:
+            self.fail(
+                f"{key}: unpacking (wire): {len(skipped) - MAX_SKIPPED_REPORTED} more "
+                f"messages skipped ({len(skipped)} in all)"
+            )
 
 
 def _unpack_mbox(bundle: str, target: str, offset: int) -> None:
@@ -957,13 +973,42 @@ def _unpack_mbox(bundle: str, target: str, offset: int) -> None:
             os.fsync(dst.fileno())
 
 
+@dataclass
+class Skipped:
+    """A message of a bundle that ``transform`` refused (ValueError)."""
+
+    index: int  # 1-based position in the bundle
+    message_id: str | None  # its X-Spamtrap-Id, else its Message-ID
+    error: str
+
+
+# X-Spamtrap-Id first: it is ours, and unique within the corpus.
+_ID_FIELDS = re.compile(rb"^(x-spamtrap-id|message-id):[ \t]*([^\r\n]*)", re.I | re.M)
+_ID_SCAN = 64 * 1024  # the header section's start is enough to find them
+
+
+def message_id_of(message: bytes) -> str | None:
+    """The stored message's X-Spamtrap-Id, else its Message-ID, else None:
+    for naming it in an error (never parsed further)."""
+    head = message[:_ID_SCAN]
+    end = re.search(rb"\r?\n\r?\n", head)
+    found: dict[bytes, str] = {}
+    for m in _ID_FIELDS.finditer(head[: end.start()] if end else head):
+        value = m.group(2).strip().decode("ascii", "replace")
+        if value:
+            found.setdefault(m.group(1).lower(), value[:200])
+    return found.get(b"x-spamtrap-id") or found.get(b"message-id")
+
+
 def _unpack_maildir(
     bundle: str, maildir: str, key: str, transform: Callable[[bytes], bytes] | None = None
-) -> None:
+) -> list[Skipped]:
     """One file per message in ``maildir/new`` (each message through
     ``transform`` first, if given). The names are standard (time.unique.host)
     and derived from the key, so unpacking again after an interruption
-    replaces files instead of adding copies."""
+    replaces files instead of adding copies. A message ``transform``
+    refuses is not written; it is returned, and the rest go on."""
+    skipped: list[Skipped] = []
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(maildir, sub), exist_ok=True)
     m = KEY_RE.fullmatch(key)
@@ -976,12 +1021,14 @@ def _unpack_maildir(
                 try:
                     message = transform(message)
                 except ValueError as e:
-                    raise ValueError(f"message {i + 1}: {e}") from e
+                    skipped.append(Skipped(i + 1, message_id_of(message), str(e)))
+                    continue
             name = f"{stamp}.R{m.group('random')}Q{i}.{host}"
             tmp = os.path.join(maildir, "tmp", name)
             with open(tmp, "wb") as out:
                 out.write(message)
             os.replace(tmp, os.path.join(maildir, "new", name))
+    return skipped
 
 
 # -- the command -----------------------------------------------------------------

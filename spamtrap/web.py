@@ -31,6 +31,7 @@ from twisted.web import resource, server, static
 
 from spamtrap.config import Config, SetConfig
 from spamtrap.metrics import Metrics
+from spamtrap.published import download_url, served_by_web
 from spamtrap.store import BUNDLE_SUFFIX, KEY_RE
 
 _log = Logger()
@@ -187,7 +188,8 @@ class _SetPages(_Page):
         super().__init__()
         self._store = store
         self._sets: dict[str, SetConfig] = {s.name: s for s in config.sets}
-        self._public_url = config.http.public_url.rstrip("/")
+        self._public_url = config.http.public_url
+        self._web_served = served_by_web(config.store.url)
         self._reactor = reactor
         self._pool = pool
 
@@ -207,14 +209,15 @@ class _SetPages(_Page):
         return None
 
     def _with_url(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """A copy of a manifest with the bundle's download URL: the store's
-        own (S3) if it has one, else this server's."""
+        """A copy of a manifest with the bundle's download URL, by the rule
+        notices use too (:func:`spamtrap.published.download_url`): the
+        store's own (S3) if it has one, else this server's for the local
+        store, else None (an S3 store without a URL for the key: a
+        download here would only redirect to that missing URL)."""
         key = str(manifest.get("key", ""))
         url_for = getattr(self._store, "url", None)
         url = url_for(key) if url_for is not None else None
-        if url is None:
-            url = f"{self._public_url}/bundles/{key}"
-        return {**manifest, "url": url}
+        return {**manifest, "url": download_url(key, url, self._public_url, self._web_served)}
 
     def _answer_later(self, request: server.Request, what: str, work: Callable[[], bytes]) -> Any:
         """Run ``work`` (blocking: it lists the store) in the pool and send

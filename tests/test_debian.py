@@ -467,8 +467,10 @@ def test_deb_builds_installs_runs_on_bookworm_python_and_purges(tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == -signal.SIGTERM, log.read_text(errors="replace")
         proc = None
-        if config == CONFIG:
-            check_packaged_config_stays_local(log, metrics)
+        # The run must have been on the conffile as packaged, or the check
+        # below would prove nothing about what users install.
+        assert config == CONFIG, f"the packaged {CONFIG} has no trap domain; ran on {config}"
+        check_packaged_config_stays_local(log, metrics)
 
         bundle, message, manifest = stored_message(token)
         assert bundle.stat().st_uid == pwd.getpwnam("spamtrap").pw_uid

@@ -817,6 +817,73 @@ def test_notice_urls() -> None:
     # A URL that does not end in the bundle's name has no manifest beside it.
     signed = f"https://s3.example/{key}?X-Amz-Signature=abc"
     assert notice_urls({"key": key, "url": signed}, base) == (signed, None)
+    # An S3 store without a URL for the key: this node's /bundles/<key>
+    # would redirect to that missing URL, so there is none to give.
+    assert notice_urls({"key": key, "url": None}, base, web_served=False) == (None, None)
+    assert notice_urls({"key": key, "url": s3}, base, web_served=False)[0] == s3
+
+
+def notify_errors(events: list[dict[str, Any]]) -> list[str]:
+    return [
+        formatEvent(e)
+        for e in events
+        if e.get("log_namespace", "").startswith("spamtrap.notify")
+        and e.get("log_level") is not None
+        and e["log_level"].name == "error"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_s3_store_without_a_url_sends_none_and_logs_once_per_bundle(
+    mailtrap: MailTrap, hooks: Any
+) -> None:
+    s = SetConfig(
+        name="all",
+        notify=SetNotifyConfig(
+            mail=["a-list@lists.test", "b-list@lists.test"],
+            webhooks=[WebhookConfig(url=hooks.base + "/h")],
+        ),
+    )
+    cfg = config(s, relay_port=mailtrap.port.getHost().port)
+    cfg.store.url = "s3://trapbucket/spam"  # AWS, no region: store.url() is None
+    cfg.http.public_url = "https://traps.example.org"
+    metrics = NotifyMetrics()
+    n = Notifier(cfg, metrics, reactor, Clock())
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        first, second = manifest(url=None), manifest(url=None, key="all/2.mbox.gz")
+        n.published(first)
+        n.published(second)
+        await until(lambda: metrics.count("mail", "sent") == 4)
+        await until(lambda: metrics.count("webhook", "sent") == 2)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+    for msg in mailtrap.mail_to("a-list@lists.test") + mailtrap.mail_to("b-list@lists.test"):
+        fields = body_fields(msg)
+        assert "URL" not in fields and "Manifest-URL" not in fields
+        assert "traps.example.org" not in msg.as_string()
+    for _, _, body in hooks.requests:
+        (record,) = json.loads(body)["Records"]
+        assert (record["spamtrap"]["url"], record["spamtrap"]["manifest_url"]) == (None, None)
+    errors = notify_errors(events)
+    assert len(errors) == 2  # one per bundle, not one per channel
+    assert first["key"] in errors[0] and second["key"] in errors[1]
+    assert "store.public_url" in errors[0]
+
+
+def test_a_set_without_channels_logs_no_missing_url() -> None:
+    cfg = config(SetConfig(name="all"))
+    cfg.store.url = "s3://trapbucket/spam"
+    n = Notifier(cfg, NotifyMetrics(), reactor, Clock())
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        n.published(manifest(url=None))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert notify_errors(events) == []
 
 
 def test_listen_port() -> None:

@@ -756,15 +756,60 @@ async def test_unpack_wire_rebuilds_the_bytes_sent(
 
 
 @pytest_twisted.ensureDeferred
-async def test_unpack_wire_reports_a_message_not_stored_by_spamtrap(
+async def test_unpack_wire_skips_and_reports_a_message_not_stored_by_spamtrap(
     node: Node, tmp_path: Path
 ) -> None:
-    bundle = await node.add("shared", T0, count=2)  # no metadata block
+    # The second of three has no metadata block (a foreign mbox, a mangled
+    # copy): it has no wire bytes to give, and must not cost the others.
+    messages = [stored(WIRE_MESSAGES[0], "unix"), message(7), stored(WIRE_MESSAGES[2], "unix")]
+    key = bundle_key("shared", T0, "node1")
+    data = gzip_mbox(messages, T0)
+    (tmp_path / "up").write_bytes(data)
+    await node.store.put(key, str(tmp_path / "up"), manifest(key, data, len(messages), T0))
     dest = tmp_path / "dest"
     code, err = await pull(*http_args(node, dest), "--unpack", "maildir", "--wire")
     assert code == 1
-    assert f"{bundle.key}: unpacking (wire): message 1: no trap-hop Received field" in err
-    assert state_of(dest)["bundles"][bundle.key]["unpacked"] == {"wire": False}
+    assert (
+        f"{key}: unpacking (wire): message 2 (<7@example.net>) skipped, no wire bytes: "
+        "no trap-hop Received field"
+    ) in err
+    assert err.count("skipped") == 1
+    box = mailbox.Maildir(dest / "shared" / "wire", factory=None, create=False)
+    assert sorted(box.get_bytes(k) for k in box.keys()) == sorted(
+        [WIRE_MESSAGES[0], WIRE_MESSAGES[2]]
+    )
+    # Done: the next run neither retries it nor fails again.
+    assert state_of(dest)["bundles"][key]["unpacked"] == {"wire": True}
+    assert (await pull(*http_args(node, dest), "--unpack", "maildir", "--wire")) == (0, "")
+    assert len(box.keys()) == 2
+
+
+def test_a_skipped_messages_id_is_ours_first_then_its_own() -> None:
+    from spamtrap.pull import message_id_of
+
+    ours = stored(b"Message-ID: <theirs@spam.example>\r\n\r\nbody\r\n", "unix")
+    assert message_id_of(ours) == "id1"
+    assert message_id_of(b"Subject: x\r\nMessage-Id:  <m@x> \r\n\r\nbody") == "<m@x>"
+    # Only the header section counts, and no id is no id.
+    assert message_id_of(b"Subject: x\n\nMessage-ID: <in-body@x>\n") is None
+    assert message_id_of(b"") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpack_wire_counts_what_it_does_not_name(node: Node, tmp_path: Path) -> None:
+    from spamtrap.pull import MAX_SKIPPED_REPORTED
+
+    count = MAX_SKIPPED_REPORTED + 3
+    bundle = await node.add("shared", T0, count=count)  # no metadata blocks at all
+    dest = tmp_path / "dest"
+    code, err = await pull(*http_args(node, dest), "--unpack", "maildir", "--wire")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == MAX_SKIPPED_REPORTED + 1
+    assert lines[-1].endswith(
+        f"{bundle.key}: unpacking (wire): 3 more messages skipped ({count} in all)"
+    )
+    assert state_of(dest)["bundles"][bundle.key]["unpacked"] == {"wire": True}
 
 
 @settings(max_examples=200, deadline=None)

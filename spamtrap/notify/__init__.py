@@ -15,9 +15,12 @@ next attempt would start more than GIVE_UP_AFTER after its first. Notices
 live in memory only: a stop or a crash forgets the ones still waiting.
 
 Every notice carries the bundle's download URL and its manifest's URL:
-the store's own public URL (S3), or else the URL at which this node's web
-server serves the bundle, ``http.public_url`` + ``/bundles/<key>``, as the
-web layer's listings and feeds do.
+the store's own public URL (S3), or else, for the local store, the URL at
+which this node's web server serves the bundle, ``http.public_url`` +
+``/bundles/<key>``, as the web layer's listings and feeds do (one rule, in
+:mod:`spamtrap.published`). An S3 store without a URL for the bundle (AWS,
+region not known yet) gives notices without URLs and one logged error per
+bundle: this node's web server could only redirect to that missing URL.
 
 Privacy: a private set's channels may not also be another set's channels
 (a ValueError at construction), so a private set's bundle URLs reach only
@@ -32,14 +35,15 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from spamtrap.config import Config, SetConfig
+from spamtrap.config import Config, SetConfig, WebhookConfig
+from spamtrap.interfaces import DelayedCall, NetworkReactor, NoticeChannel, ReactorTime, pick_clock
 from spamtrap.metrics import Metrics
 from spamtrap.notify import mail, webhook
+from spamtrap.published import download_url, served_by_web
 from spamtrap.store import BUNDLE_SUFFIX, MANIFEST_SUFFIX
 
 log = Logger()
@@ -119,13 +123,17 @@ def check_private_channels(sets: Iterable[SetConfig]) -> None:
                 )
 
 
-def notice_urls(manifest: dict[str, Any], public_url: str) -> tuple[str, str | None]:
+def notice_urls(
+    manifest: dict[str, Any], public_url: str, web_served: bool = True
+) -> tuple[str | None, str | None]:
     """The bundle's download URL and its manifest's: the store's own URL
     (``manifest["url"]``, set by BundleSet from ``store.url``) if it has
-    one, else this node's ``/bundles/<key>`` under ``public_url``."""
-    url = manifest.get("url")
-    if not url:
-        url = f"{public_url.rstrip('/')}/bundles/{manifest['key']}"
+    one, else, if this node's web server serves the store (``web_served``:
+    the local store), its ``/bundles/<key>`` under ``public_url``; else
+    neither (see :mod:`spamtrap.published`)."""
+    url = download_url(str(manifest["key"]), manifest.get("url"), public_url, web_served)
+    if url is None:
+        return None, None
     path = urlsplit(url).path
     # The manifest sits beside the bundle under the same name (both stores,
     # and this node's web server, serve it there). A URL whose path does not
@@ -162,8 +170,8 @@ class Notifier:
         self,
         config: Config,
         metrics: Metrics,
-        reactor: Any,
-        clock: Any = None,
+        reactor: NetworkReactor,
+        clock: ReactorTime | None = None,
         http_client: Any = None,
         smtp_connect: mail.Connect | None = None,
         *,
@@ -176,21 +184,22 @@ class Notifier:
         ``client_tls(hostname)`` replaces optionsForClientTLS for STARTTLS.
         Raises ValueError for unsafe relay or privacy settings."""
         check_private_channels(config.sets)
-        self._clock = clock if clock is not None else reactor
+        self._clock = pick_clock(clock, reactor)
         self._sets = {s.name: s for s in config.sets}
         self._relay = config.relay
-        self._mail: mail.MailSender | None = None
+        self._mail: NoticeChannel[str] | None = None
         if any(s.notify.mail for s in config.sets):
             self._mail = mail.MailSender(
                 config.relay, reactor, self._clock, config.smtp.hostname, smtp_connect, client_tls
             )
-        self._webhook: webhook.WebhookSender | None = None
+        self._webhook: NoticeChannel[WebhookConfig] | None = None
         if any(s.notify.webhooks for s in config.sets):
             if http_client is None:
                 http_client = _default_http_client(reactor)
             self._webhook = webhook.WebhookSender(http_client, self._clock)
         self._bucket, self._prefix = _bucket_and_prefix(config.store.url)
         self._public_url = config.http.public_url
+        self._web_served = served_by_web(config.store.url)
         if self._mail is not None or self._webhook is not None:
             self._warn_unreachable(config)
         # Until metrics.py has the counter, notices are logged only.
@@ -207,7 +216,7 @@ class Notifier:
         node's web server (any store but S3), and a loopback public_url
         (the default http://localhost:8025) reaches it only from this
         machine, and only if HTTP listens on that port."""
-        if urlsplit(config.store.url or "").scheme == "s3":
+        if not self._web_served:
             return
         parts = urlsplit(self._public_url)
         if not mail.is_loopback(parts.hostname or ""):
@@ -254,7 +263,17 @@ class Notifier:
         if set_config is None:
             log.warn("notify: no set {set} configured; {key} not announced", set=name, key=key)
             return
-        url, manifest_url = notice_urls(manifest, self._public_url)
+        url, manifest_url = notice_urls(manifest, self._public_url, self._web_served)
+        if url is None and (set_config.notify.mail or set_config.notify.webhooks):
+            # Once per bundle, not per channel. The notices still go out
+            # (subscribers learn that the bundle exists, and spamtrap pull
+            # reports a notice without a URL), but none can lead anywhere.
+            log.error(
+                "notify: the store has no public URL for {key} (set {set}), so its "
+                "notices carry none; set store.public_url or store.region",
+                set=name,
+                key=key,
+            )
         manifest = {**manifest, "url": url, "manifest_url": manifest_url}
         now = self._clock.seconds()
         # Every body is built before any delivery starts: a bad manifest
@@ -410,7 +429,7 @@ class Notifier:
                 d.inflight.cancel()  # -> _failed -> _give_up
 
 
-def _default_http_client(reactor: Any) -> Any:
+def _default_http_client(reactor: NetworkReactor) -> Any:
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 

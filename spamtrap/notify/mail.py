@@ -12,11 +12,9 @@ where nobody can listen in.
 from __future__ import annotations
 
 import ipaddress
-import string
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any
-from urllib.parse import quote
 
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -25,6 +23,7 @@ from twisted.python.failure import Failure
 
 from spamtrap.config import RelayConfig
 from spamtrap.message import random_base62, rfc2822_date
+from spamtrap.published import header_value, subject  # shared with spamtrap pull
 
 # The whole SMTP transaction: connect, STARTTLS, AUTH, DATA.
 ATTEMPT_TIMEOUT = 120.0
@@ -48,26 +47,11 @@ FIELDS = [
 
 _URL_KEYS = ("url", "manifest_url")
 
-# Printable ASCII without space: everything else in a value is
-# percent-encoded, so a value can neither break the header block (CR, LF)
-# nor leave us-ascii (a non-ASCII public URL becomes its URI form).
-_SAFE = "".join(c for c in string.printable if c not in string.whitespace)
-
 Connect = Callable[[str, int, Any], Any]  # (host, port, factory) -> IConnector
 
 
 class RelayConfigError(ValueError):
     """The relay settings would be unsafe or cannot work."""
-
-
-def header_value(value: object) -> str:
-    return quote(str(value), safe=_SAFE)
-
-
-def subject(manifest: dict[str, Any]) -> str:
-    return "[spamtrap] {}: {} messages, {}..{}".format(
-        *(header_value(manifest[k]) for k in ("set", "messages", "first_received", "last_received"))
-    )
 
 
 def notice(manifest: dict[str, Any], sender: str, to: str, now: float) -> bytes:
