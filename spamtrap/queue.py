@@ -38,9 +38,19 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap.config import QueueConfig
+from spamtrap.errors import IntakeUnavailableError, SourceStoppedError, WorkSourceError
+from spamtrap.interfaces import (
+    DelayedCall,
+    ReactorFromThreads,
+    ReactorTime,
+    WorkerReactor,
+    as_reactor_from_threads,
+    as_reactor_time,
+    pick_clock,
+)
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
-from spamtrap.spool import Spool, SpoolError, read_entries
+from spamtrap.spool import Spool, SpoolEntry, SpoolError, read_entries
 
 log = Logger()
 
@@ -59,8 +69,10 @@ OUTAGE_REPORT_EVERY = 300.0
 WAIT_SHARE = 0.5
 
 
-class QueueUnavailableError(Exception):
-    """Redis did not acknowledge in time (or is unreachable)."""
+class QueueUnavailableError(IntakeUnavailableError):
+    """Redis did not acknowledge in time (or is unreachable). An intake
+    refusal for SMTP (451, try later); the queue's own loops wait for Redis
+    to answer again."""
 
 
 class ReplicasMissingError(QueueUnavailableError):
@@ -163,14 +175,14 @@ class QueueLink:
         self,
         cfg: QueueConfig,
         metrics: Metrics,
-        reactor: Any,
-        client: Any = None,
-        clock: Any = None,
+        reactor: ReactorFromThreads,
+        client: Any = None,  # a redis-py client: its replies are untyped
+        clock: ReactorTime | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.reactor = reactor
-        self.clock = clock if clock is not None else reactor
+        self.reactor = as_reactor_from_threads(reactor)  # the pool's way back
+        self.clock = pick_clock(clock, reactor)
         self.client = client if client is not None else connect(cfg)
         self.stream = cfg.stream.encode()
         self.group = cfg.group.encode()
@@ -196,7 +208,7 @@ class QueueLink:
         # creates the consumer group, so nothing is read or added before.
         self._start_probe(now=True)
         self._stats = task.LoopingCall(self._read_stats)
-        self._stats.clock = self.clock
+        self._stats.clock = as_reactor_time(self.clock)
         self._stats.start(STATS_INTERVAL, now=False).addErrback(self._log_loop_failure)
 
     def stop(self) -> None:
@@ -293,7 +305,7 @@ class QueueLink:
         if not self.running or (self._probe is not None and self._probe.running):
             return
         self._probe = task.LoopingCall(self._try)
-        self._probe.clock = self.clock
+        self._probe.clock = as_reactor_time(self.clock)
         self._probe.start(self.cfg.retry_interval, now=now).addErrback(self._log_loop_failure)
 
     def _try(self) -> defer.Deferred[None]:
@@ -301,7 +313,7 @@ class QueueLink:
         d.addCallbacks(self._probe_ok, self._probe_failed)
         return d
 
-    def _probe_ok(self, _: Any) -> None:
+    def _probe_ok(self, _: object) -> None:
         if self._probe is not None and self._probe.running:
             self._probe.stop()
         self._mark_up()
@@ -499,22 +511,25 @@ class QueueIntake:
         self.policy = policy
         self.metrics = metrics
 
-    def submit(self, env: Envelope) -> defer.Deferred[Any]:
+    def submit(self, env: Envelope) -> defer.Deferred[object]:
         link = self.writer.link
         if not link.settled:
             return link.first_answer().addCallback(lambda _: self.submit(env))
         record = env.to_record()
         if not link.up:
             return defer.maybeDeferred(self._unreachable, record, env.received_at)
-        d = self.writer.add(record)
-        d.addErrback(self._add_failed, record, env.received_at)
+        d: defer.Deferred[object] = self.writer.add(record).addErrback(
+            self._add_failed, record, env.received_at
+        )
         return d
 
-    def _add_failed(self, failure: Failure, record: bytes, received_at: float) -> Any:
+    def _add_failed(
+        self, failure: Failure, record: bytes, received_at: float
+    ) -> defer.Deferred[SpoolEntry]:
         failure.trap(QueueUnavailableError)
         return self._unreachable(record, received_at)
 
-    def _unreachable(self, record: bytes, received_at: float) -> Any:
+    def _unreachable(self, record: bytes, received_at: float) -> defer.Deferred[SpoolEntry]:
         if self.policy == "tempfail":
             self.metrics.queue_unreachable.labels(action="tempfail").inc()
             raise QueueUnavailableError("Redis is unreachable")
@@ -532,8 +547,8 @@ class Forwarder:
         spool: Spool,
         writer: QueueWriter,
         metrics: Metrics,
-        reactor: Any,
-        pool: Any,
+        reactor: WorkerReactor,
+        pool: ThreadPool,
     ) -> None:
         self.spool = spool
         self.writer = writer
@@ -564,8 +579,10 @@ class Forwarder:
             finally:
                 self.busy = False
 
-    async def _forward(self, batch: list[Any]) -> None:
-        records = await deferToThreadPool(self.reactor, self.pool, read_entries, batch)
+    async def _forward(self, batch: list[SpoolEntry]) -> None:
+        records = await deferToThreadPool(
+            as_reactor_from_threads(self.reactor), self.pool, read_entries, batch
+        )
         good = [(e.key, r) for e, r in zip(batch, records, strict=True) if isinstance(r, bytes)]
         if len(good) < len(batch):
             # Left in the spool for an operator; the rest go on.
@@ -592,7 +609,7 @@ class Forwarder:
     async def drain(self) -> None:
         """While Redis answers, forward everything spooled; then stop."""
         while self.running and self.link.up and (self.spool.depth or self.busy):
-            await task.deferLater(self.reactor, 0.05, lambda: None)
+            await task.deferLater(as_reactor_time(self.reactor), 0.05, lambda: None)
         await self.stop()
 
     async def stop(self) -> None:
@@ -623,7 +640,7 @@ class QueueSource:
         self._held: set[Key] = set()
         self._acks: list[Key] = []
         self._unacked: set[Key] = set()  # the keys in _acks and in flight to Redis
-        self._ack_call: Any = None
+        self._ack_call: DelayedCall | None = None
         self._acking: defer.Deferred[None] | None = None
         self._fetching = False
         self._fetch: defer.Deferred[None] | None = None
@@ -643,10 +660,10 @@ class QueueSource:
         self._fetch.addErrback(lambda f: log.failure("Redis stream reader stopped", f))
         idle = self.cfg.claim_idle
         self._refresh = task.LoopingCall(self._refresh_held)
-        self._refresh.clock = self.clock
+        self._refresh.clock = as_reactor_time(self.clock)
         self._refresh.start(idle / 3, now=False).addErrback(QueueLink._log_loop_failure)
         self._claim = task.LoopingCall(self._claim_idle)
-        self._claim.clock = self.clock
+        self._claim.clock = as_reactor_time(self.clock)
         self._claim.start(idle / 2, now=False).addErrback(QueueLink._log_loop_failure)
 
     async def stop_reading(self) -> None:
@@ -662,7 +679,7 @@ class QueueSource:
             await self._fetch
         waiters, self._waiters = self._waiters, collections.deque()
         for d in waiters:
-            d.errback(SpoolError("queue reader stopped"))
+            d.errback(SourceStoppedError("queue reader stopped"))
 
     async def stop(self) -> None:
         """Send the last acks (one try, bounded by ``timeout``)."""
@@ -693,7 +710,7 @@ class QueueSource:
 
     def get(self) -> defer.Deferred[StreamEntry]:
         if not self._fetching and not self._buffer:
-            return defer.fail(SpoolError("queue reader stopped"))
+            return defer.fail(SourceStoppedError("queue reader stopped"))
 
         def withdraw(d: defer.Deferred[StreamEntry]) -> None:
             if d in self._waiters:
@@ -712,7 +729,7 @@ class QueueSource:
         return out
 
     @staticmethod
-    def read_entries(entries: Sequence[StreamEntry]) -> list[bytes | SpoolError]:
+    def read_entries(entries: Sequence[StreamEntry]) -> list[bytes | WorkSourceError]:
         return [e.record for e in entries]
 
     def ack_keys(self, keys: Iterable[Key]) -> None:
@@ -849,7 +866,7 @@ class QueueSource:
             if len(entries) < self.cfg.batch:
                 return
             while self._fetching and not self._has_room():
-                await task.deferLater(self.clock, CLAIM_PAUSE, lambda: None)
+                await task.deferLater(as_reactor_time(self.clock), CLAIM_PAUSE, lambda: None)
 
     def _xautoclaim(self, client: Any) -> list[tuple[bytes, Any]]:
         """(In a pool thread.) Take over entries idle for claim_idle, up to a

@@ -66,14 +66,19 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, cast
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from spamtrap.config import SpoolConfig
+from spamtrap.errors import SourceStoppedError, WorkSourceError
+from spamtrap.interfaces import ReactorFromThreads, ReactorTime, as_reactor_time, pick_clock
 from spamtrap.metrics import Metrics
+
+if TYPE_CHECKING:
+    from spamtrap.message import Envelope
 
 MAGIC = b"SPR1"
 # magic, payload length, received_at in ms, crc32 of the payload
@@ -87,8 +92,12 @@ _SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.(log|ack)$")
 log = Logger()
 
 
-class SpoolError(Exception):
+class SpoolError(WorkSourceError):
     """The spool could not store or return a message."""
+
+
+class SpoolStoppedError(SpoolError, SourceStoppedError):
+    """The spool stopped: it takes and hands out nothing any more."""
 
 
 def segment_path(directory: str, seq: int) -> str:
@@ -256,7 +265,7 @@ class _Writer:
         directory: str,
         config: SpoolConfig,
         next_seq: int,
-        deliver: Callable[..., Any],
+        deliver: Callable[..., None],
         on_batch: Callable[[_Batch], None],
         on_exit: Callable[[], None],
     ) -> None:
@@ -541,16 +550,15 @@ class Spool:
         directory: str,
         config: SpoolConfig,
         metrics: Metrics,
-        reactor: Any,
-        # An IReactorTime; typed Any because mypy without the zope plugin
-        # does not see that task.Clock (or a reactor) provides it.
-        clock: Any = None,
+        reactor: ReactorFromThreads,
+        # Timers and time; the reactor's own unless given (tests: task.Clock).
+        clock: ReactorTime | None = None,
     ) -> None:
         self._dir = directory
         self._config = config
         self._metrics = metrics
         self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
+        self._clock = pick_clock(clock, reactor)
         # The backlog as (seq, offset, size, received_at): plain tuples of
         # numbers, which the garbage collector stops tracking. A backlog of a
         # million SpoolEntry objects would make every full collection crawl.
@@ -633,7 +641,7 @@ class Spool:
         self._writer.start()
         self._shed_over_limit()
         self._age_loop = task.LoopingCall(self._shed_old)
-        self._age_loop.clock = self._clock
+        self._age_loop.clock = as_reactor_time(self._clock)
         self._age_loop.start(AGE_CHECK_INTERVAL, now=True).addErrback(
             lambda f: log.failure("spool age check stopped", f)
         )
@@ -652,7 +660,7 @@ class Spool:
             self._age_loop.stop()
         waiters, self._waiters = self._waiters, collections.deque()
         for w in waiters:
-            w.errback(SpoolError("spool stopped"))
+            w.errback(SpoolStoppedError("spool stopped"))
         if self._writer is None:
             self._finish_stop()
         else:
@@ -756,7 +764,7 @@ class Spool:
         Cancelling the Deferred withdraws the request: no entry is lost.
         """
         if self._closed:
-            return defer.fail(SpoolError("spool stopped"))
+            return defer.fail(SpoolStoppedError("spool stopped"))
         d: Deferred[SpoolEntry] = Deferred(canceller=self._cancel_get)
         self._waiters.append(d)
         self._dispatch()
@@ -911,3 +919,15 @@ class Spool:
             _unlink(ack_path(self._dir, seq))
         self._metrics.spool_recovered.inc(recovered)
         return max(logs | acks, default=0) + 1
+
+
+class SpoolIntake:
+    """A single node's ``Intake``: each message into the spool; the
+    Deferred fires with its ``SpoolEntry`` once it is synced."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def submit(self, env: Envelope) -> Deferred[object]:
+        # cast: Deferred is invariant; SMTP never reads the value.
+        return cast("Deferred[object]", self.spool.append(env.to_record(), env.received_at))

@@ -1,4 +1,5 @@
-"""Where finished bundles go: the key scheme and the Store interface.
+"""Where finished bundles go: the key scheme, and ``open_store`` (the Store
+interface itself is ``spamtrap.interfaces.Store``).
 
 A key is ``<set>/<UTC ISO-8601 to seconds>.<node>.<random base62>.mbox.gz``;
 its manifest sits beside it under the same name ending in ``.json``. Listing
@@ -11,16 +12,17 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from spamtrap.interfaces import Store as Store  # the interface lives with the other seams
 from spamtrap.message import random_base62
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
     from twisted.python.threadpool import ThreadPool
 
     from spamtrap.config import StoreConfig
+    from spamtrap.interfaces import NetworkReactor
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 SET_NAME_RE = re.compile(NAME_PATTERN)
@@ -61,25 +63,10 @@ def manifest_key(key: str) -> str:
     return key[: -len(BUNDLE_SUFFIX)] + MANIFEST_SUFFIX
 
 
-class Store(Protocol):
-    def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
-        """Store the file at ``path`` under ``key``, then the manifest (the
-        commit marker) under ``manifest_key(key)``. The caller keeps ``path``."""
-        ...
-
-    def url(self, key: str) -> str | None:
-        """The public URL of a stored key, if the store has one."""
-        ...
-
-    def describe(self) -> str:
-        """A short human description for logs."""
-        ...
-
-
 def open_store(
     url: str | None,
     data_dir: str,
-    reactor: Any,
+    reactor: NetworkReactor,
     pool: ThreadPool,
     config: StoreConfig | None = None,
 ) -> Store:

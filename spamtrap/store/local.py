@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from spamtrap.interfaces import ReactorFromThreads, as_reactor_from_threads
 from spamtrap.message import random_base62
 from spamtrap.store import KEY_RE, MANIFEST_SUFFIX, manifest_key, valid_set_name
 
@@ -43,9 +44,9 @@ def _fsync_file(path: str) -> None:
 
 
 class LocalStore:
-    def __init__(self, root: str, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, root: str, reactor: ReactorFromThreads, pool: ThreadPool) -> None:
         self.root = os.path.abspath(root)
-        self._reactor = reactor
+        self._reactor = as_reactor_from_threads(reactor)
         self._pool = pool
 
     def describe(self) -> str:

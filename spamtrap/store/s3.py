@@ -24,7 +24,7 @@ import re
 import xml.etree.ElementTree as ET  # noqa: N817 - the usual name
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 from xml.sax.saxutils import escape
 
@@ -47,6 +47,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from spamtrap.config import StoreConfig
+from spamtrap.interfaces import NetworkReactor, as_reactor_from_threads
 from spamtrap.store import (
     BUNDLE_SUFFIX,
     KEY_RE,
@@ -54,6 +55,9 @@ from spamtrap.store import (
     StoreConfigError,
     valid_set_name,
 )
+
+if TYPE_CHECKING:
+    from treq._types import _ITreqReactor
 
 log = Logger()
 
@@ -215,7 +219,7 @@ class S3Store:
         self,
         bucket: str,
         prefix: str,
-        reactor: Any,
+        reactor: NetworkReactor,
         pool: ThreadPool,
         config: StoreConfig | None = None,
         *,
@@ -230,6 +234,7 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._reactor = reactor
+        self._threads = as_reactor_from_threads(reactor)  # the pool's way back
         self._pool = pool
         self._endpoint = resolve_endpoint(config, env)
         self._region: str | None = (
@@ -256,7 +261,7 @@ class S3Store:
 
     @classmethod
     def from_url(
-        cls, url: str, reactor: Any, pool: ThreadPool, config: StoreConfig | None = None
+        cls, url: str, reactor: NetworkReactor, pool: ThreadPool, config: StoreConfig | None = None
     ) -> S3Store:
         bucket, prefix = parse_s3_url(url)
         return cls(bucket, prefix, reactor, pool, config)
@@ -304,7 +309,7 @@ class S3Store:
         next call."""
         if self._resolved:
             return succeed(None)
-        d = deferToThreadPool(self._reactor, self._pool, self._resolve, key)
+        d = deferToThreadPool(self._threads, self._pool, self._resolve, key)
         return d.addCallback(self._set_resolved)
 
     def _resolve(self, key: str) -> tuple[Any, str]:
@@ -353,7 +358,7 @@ class S3Store:
         url = self._url(object_key, query)
         where = f"s3://{self.bucket}/{object_key}"
         data, signed_headers = await deferToThreadPool(
-            self._reactor, self._pool, self._sign, method, url, dict(headers or {}), body
+            self._threads, self._pool, self._sign, method, url, dict(headers or {}), body
         )
         signed: dict[bytes | str, bytes | str] = {k: v for k, v in signed_headers.items()}
         try:
@@ -363,7 +368,8 @@ class S3Store:
                 headers=signed,
                 data=data or None,
                 allow_redirects=False,
-                reactor=self._reactor,
+                # cast: treq names its reactor with zope interfaces (see interfaces.py).
+                reactor=cast("_ITreqReactor", self._reactor),
                 timeout=BASE_TIMEOUT + len(data) / TIMEOUT_BYTES_PER_SECOND,
             )
             content = await response.content()
@@ -386,7 +392,7 @@ class S3Store:
             raise ValueError(f"not a bundle key: {key!r}")
         await self._ready(key)
         object_key = self.object_key(key)
-        size = await deferToThreadPool(self._reactor, self._pool, os.path.getsize, path)
+        size = await deferToThreadPool(self._threads, self._pool, os.path.getsize, path)
         if size > self._threshold:
             await self._put_multipart(object_key, path, size)
         else:
@@ -532,7 +538,7 @@ class S3Store:
         from twisted.internet.threads import blockingCallFromThread
 
         result: list[dict[str, Any]] = blockingCallFromThread(
-            self._reactor, self.list_manifests_async, set_name
+            self._threads, self.list_manifests_async, set_name
         )
         return result
 
