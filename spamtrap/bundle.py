@@ -32,6 +32,13 @@ finished bundles wait as a backlog of at most ``store.backlog_bytes``
 by itself once the store is back. Bundles finalised by ``stop()`` are never
 skipped.
 
+A failed write or seal (a full disk) is remembered as ``write_failure``,
+``(reason, since)``, which ``/healthz`` reports as degraded: the spool
+took the mail, but nothing is stored. While it is set, each write also
+pushes its compressed bytes out (a zlib sync flush), since buffering and
+deflate's hold-back let a write "succeed" without touching the disk; the
+first write or seal that reaches the disk clears it.
+
 Every bundle moves through the states of :mod:`spamtrap.bundle_state`
 (OPEN -> SEALING -> READY -> UPLOADING <-> RETRY_WAIT -> STORED, SKIPPED or
 DROPPED), and only ``Lifecycle.move`` changes a state: it refuses an illegal
@@ -69,7 +76,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap.bundle_file import BundleFile as _Bundle
-from spamtrap.bundle_file import BundleWriteError, unlink_quietly
+from spamtrap.bundle_file import BundleWriteError, failure_reason, unlink_quietly
 from spamtrap.bundle_state import BundleState, Lifecycle
 from spamtrap.bundle_upload import Uploader
 from spamtrap.config import SetConfig, StoreConfig
@@ -128,6 +135,36 @@ class ShardWriter:
         self.stopped = False  # set in the reactor; read under a shard lock
         self._m_messages = metrics.set_messages.labels(set=set_name)
         self._m_dropped = metrics.bundles_dropped.labels(set=set_name, reason="write-error")
+        # (why, since) while bundle writes or seals fail (a full disk):
+        # health reports it. Set and cleared by any thread, under the lock.
+        self._failing: tuple[str, float] | None = None
+        self._failing_lock = threading.Lock()
+
+    @property
+    def write_failure(self) -> tuple[str, float] | None:
+        """``(reason, since)`` while writing or sealing bundles fails, e.g.
+        ``("No space left on device", <epoch seconds of the first
+        failure>)``; None once a write reaches the disk again."""
+        return self._failing
+
+    def _write_failed(self, error: BaseException) -> None:
+        """Any thread: remember the first failure of an outage."""
+        with self._failing_lock:
+            if self._failing is None:
+                self._failing = (failure_reason(error), self._clock.seconds())
+
+    def _write_succeeded(self) -> None:
+        """Any thread: bytes reached the disk; log the end of an outage once."""
+        with self._failing_lock:
+            failing, self._failing = self._failing, None
+        if failing is not None:
+            why, since = failing
+            log.info(
+                "set {set}: bundle writes succeed again after {s:.0f}s of failures ({why})",
+                set=self._set,
+                s=self._clock.seconds() - since,
+                why=why,
+            )
 
     def add(self, entry: bytes, received_at: float, token: Any) -> None:
         shard = self._rng.randrange(len(self.shards))
@@ -182,10 +219,20 @@ class ShardWriter:
             raise RuntimeError(f"set {self._set}: add() after stop()")
         bundle = self.shards[shard]
         if bundle is None:
-            bundle = self.shards[shard] = self._new_bundle()
+            try:
+                bundle = self.shards[shard] = self._new_bundle()
+            except OSError as e:
+                self._write_failed(e)
+                raise
+        failing = self._failing is not None
         try:
             bundle.write_many(items)
+            if failing:
+                # Buffered and held back by deflate, a write "succeeds"
+                # without touching the disk: only bytes on it end an outage.
+                bundle.push()
         except Exception as e:
+            self._write_failed(e)
             # The gzip stream is now broken: drop the whole bundle. None
             # of its messages was acknowledged, so the spool replays them.
             self.shards[shard] = None
@@ -199,6 +246,8 @@ class ShardWriter:
             raise BundleWriteError(
                 self._set, bundle.key, [t for _, _, t in items], earlier, e
             ) from e
+        if failing:
+            self._write_succeeded()
         self._m_messages.inc(len(items))
         rc = self._rotate_config
         if bundle.size < rc.max_bytes and bundle.messages < rc.max_messages:
@@ -238,9 +287,12 @@ class ShardWriter:
         """In the pool: seal a detached bundle, then hand it to the reactor."""
         try:
             bundle.seal()
-        except Exception:  # noqa: BLE001 - on_seal_failed logs it; it must not strand the bundle
+        except Exception as e:  # noqa: BLE001 - on_seal_failed logs it; it must not strand the bundle
+            self._write_failed(e)
             self._reactor.callFromThread(self._on_seal_failed, bundle, Failure())
         else:
+            if self._failing is not None:
+                self._write_succeeded()
             self._reactor.callFromThread(self._on_sealed, bundle)
 
 
@@ -355,6 +407,12 @@ class BundleSet:
         BundleWriteError, not logged, if the write fails (the bundle is
         then dropped; its messages stay spooled)."""
         self.writer.add(entry, received_at, token)
+
+    @property
+    def write_failure(self) -> tuple[str, float] | None:
+        """``(reason, since)`` while this set cannot write or seal bundles
+        (see ShardWriter.write_failure); None when writes succeed."""
+        return self.writer.write_failure
 
     def add_many(self, items: Sequence[tuple[bytes, float, Any]]) -> list[Any]:
         """add() for a batch of (entry, received_at, token), each to a random

@@ -46,6 +46,14 @@ class BundleWriteError(OSError):
         self.tokens = tokens
 
 
+def failure_reason(error: BaseException) -> str:
+    """A short reason for health: an OSError's strerror ("No space left on
+    device"), else the message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
 def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -95,6 +103,13 @@ class BundleFile:
                 self.first_received = received_at
             if received_at > self.last_received:
                 self.last_received = received_at
+
+    def push(self) -> None:
+        """Blocking: write out everything compressed so far (a zlib sync
+        flush keeps the gzip stream valid), so that a disk that failed
+        writes proves it takes bytes again; raises as a write would."""
+        self._emit(self.compressor.flush(zlib.Z_SYNC_FLUSH))
+        self.file.flush()
 
     def seal(self) -> None:
         """Blocking: write the gzip trailer and make the file durable."""

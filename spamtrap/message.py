@@ -105,32 +105,39 @@ def new_message_id(node: str, now: float | None = None) -> str:
     return f"{int(t * 1000):x}.{_PROCESS_PREFIX}{_base62(next(_counter))}.{node}"
 
 
+# Between the pieces of the trap-hop Received line, in received_line.
+_FOLD = "\r\n\t"
+
 # Built once: json.dumps() with non-default arguments builds one per call.
 _RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 # -- escaping: sender-controlled text inside our header block -----------------
 
-# C0 controls, DEL and the escape character itself. Everything else, 8-bit
-# bytes (surrogateescape'd) included, is written as it came.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
+# C0 and C1 controls (NEL, U+0085, among them), DEL, the Unicode line and
+# paragraph separators and the escape character itself: str.splitlines()
+# ends a line at the C1 and Unicode ones. Everything else, 8-bit bytes
+# (surrogateescape'd) included, is written as it came.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\\\\]")
 _ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", "\t": "\\t", "\0": "\\0"}
-_ESCAPED = re.compile(r"\\(x[0-9a-fA-F]{2}|.?)", re.DOTALL)
+_ESCAPED = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.?)", re.DOTALL)
 _UNESCAPES = {"\\": "\\", "r": "\r", "n": "\n", "t": "\t", "0": "\0"}
 
 
 def _escape_char(m: re.Match[str]) -> str:
     c = m.group()
-    return _ESCAPES.get(c) or f"\\x{ord(c):02x}"
+    n = ord(c)
+    return _ESCAPES.get(c) or (f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}")
 
 
 def escape_value(value: str) -> str:
     r"""``value`` made safe for one header line, reversibly.
 
     A backslash becomes ``\\``; CR, LF, TAB and NUL become ``\r``, ``\n``,
-    ``\t``, ``\0``; any other C0 control and DEL ``\xNN`` (two lower-case hex
-    digits); a leading space ``\x20`` (header parsers drop it). Nothing else
-    changes. :func:`unescape_value` undoes it.
+    ``\t``, ``\0``; any other C0 control, DEL and the C1 controls ``\xNN``
+    (two lower-case hex digits); U+2028 and U+2029 ``\u2028``, ``\u2029``;
+    a leading space ``\x20`` (header parsers drop it). Nothing else changes.
+    :func:`unescape_value` undoes it.
     """
     # Fast path: almost every value has nothing to escape.
     if _UNSAFE.search(value) is not None:
@@ -152,7 +159,7 @@ def unescape_value(text: str) -> str:
         code = m.group(1)
         if code in _UNESCAPES:
             return _UNESCAPES[code]
-        if len(code) == 3:
+        if len(code) in (3, 5):
             return chr(int(code[1:], 16))
         raise ValueError(f"bad escape {m.group()!r} at offset {m.start()} in {text!r}")
 
@@ -170,11 +177,14 @@ MAX_HEADER_BYTES = 256 * 1024
 # end the header earlier (Python's email package also takes "\r\r\n" for an
 # empty line, which conversion makes a line end), never later: the scan
 # lists at least every field any of them sees, in both stored forms.
-_HEAD_END = re.compile(rb"(?:\A|\n)\r?\n")
-# A field name starting a line of the header. CR alone counts as a line end
-# here: Python's email package splits lines on it, so a field after a bare
-# CR is a field to it.
-_OWN_NAME = re.compile(rb"(?<![^\r\n])(x-spamtrap-[^\s:]*)[ \t]*:", re.IGNORECASE)
+# A field name starting a line of the header, matched in the lower-cased
+# header with an LF put in front and every CR made an LF (offsets stay).
+# CR alone counts as a line end here: Python's email package splits lines
+# on it, so a field after a bare CR is a field to it. The pattern starts
+# with a literal, which the regex engine skips ahead to fast (a lookbehind
+# or a character set would cost a step per byte), and its possessive
+# quantifiers never backtrack.
+_OWN_NAME = re.compile(rb"\n(x-spamtrap-[^\s:]*+)[ \t]*+:")
 # At most this many names are listed in X-Spamtrap-Spoofed; then "(+N more)".
 MAX_SPOOFED = 64
 
@@ -193,21 +203,52 @@ def line_ends_of(data: bytes) -> str:
     return "lf" if crlf == 0 else "mixed"
 
 
+def _head_end(data: bytes) -> int:
+    """Where the top header section ends (see the note above _OWN_NAME),
+    at most MAX_HEADER_BYTES in: the offset of the LF that ends its last
+    line, or 0 if the data starts with an empty line."""
+    if data[:1] == b"\n" or data[:2] == b"\r\n":
+        return 0
+    if data.find(b"\n", 0, MAX_HEADER_BYTES) < 0:  # one fast memchr for no LF at all
+        return min(len(data), MAX_HEADER_BYTES)
+    end = min(len(data), MAX_HEADER_BYTES)
+    for blank in (b"\n\n", b"\n\r\n"):
+        i = data.find(blank, 0, MAX_HEADER_BYTES)
+        if 0 <= i < end:
+            end = i
+    return end
+
+
+# The X-Spamtrap-Spoofed marker of a message whose first byte is a space or
+# TAB: every mail reader takes its first line for a continuation of our
+# trap-hop Received field (RFC 5322 2.2.3 unfolding). The bytes stay as
+# sent; this says so.
+LEADING_WSP = "leading-wsp"
+
+
 def spoofed_of(data: bytes) -> str | None:
-    """The names of the message's own ``X-Spamtrap-*`` fields, in order,
-    joined by ", " (field names hold no spaces); None if there are none.
+    """What in the message would pass for ours: ``leading-wsp`` (see
+    LEADING_WSP) first if it starts with a space or TAB, then the names of
+    its own ``X-Spamtrap-*`` fields, in order, joined by ", " (field names
+    hold no spaces); None if there is neither.
 
     Only the top header section counts (up to the first empty line, at most
-    MAX_HEADER_BYTES), as a mail reader would see it.
+    MAX_HEADER_BYTES), as a mail reader would see it. Linear, and a header
+    without the prefix costs one lower-casing copy and one search.
     """
-    m = _HEAD_END.search(data, 0, MAX_HEADER_BYTES)
-    end = m.start() if m else min(len(data), MAX_HEADER_BYTES)
-    names = [n.decode("utf-8", "surrogateescape") for n in _OWN_NAME.findall(data, 0, end)]
-    if not names:
-        return None
-    if len(names) > MAX_SPOOFED:
-        names[MAX_SPOOFED:] = [f"(+{len(names) - MAX_SPOOFED} more)"]
-    return ", ".join(names)
+    end = _head_end(data)
+    names: list[str] = [LEADING_WSP] if data[:1] in (b" ", b"\t") else []
+    low = b"\n" + data[:end].lower()  # offsets: data's + 1
+    if b"x-spamtrap-" in low:
+        low = low.replace(b"\r", b"\n")
+        found = _OWN_NAME.findall(low)
+        # Spelled as sent: the first MAX_SPOOFED from their offsets.
+        for m in itertools.islice(_OWN_NAME.finditer(low), MAX_SPOOFED):
+            a, b = m.span(1)
+            names.append(data[a - 1 : b - 1].decode("utf-8", "surrogateescape"))
+        if len(found) > MAX_SPOOFED:
+            names.append(f"(+{len(found) - MAX_SPOOFED} more)")
+    return ", ".join(names) if names else None
 
 
 # -- rebuilding what was sent ---------------------------------------------------
@@ -217,8 +258,13 @@ def split_block(stored: bytes) -> tuple[bytes, bytes]:
     """A stored message split into our metadata block and the message.
 
     The block is the ``X-Spamtrap-*`` fields at the top followed by exactly
-    one ``Received:`` field (ours: it ends the block, at the first line after
-    it that does not start with a TAB). Raises ValueError without one.
+    one ``Received:`` field, ours. Its last line is always the one starting
+    ``TAB for <`` (the pieces between our folds are escaped, so none holds a
+    line end), and the block ends after it: a message whose own first line
+    starts with a TAB or space (Spoofed ``leading-wsp``) stays the
+    message's. A block from before that rule, whose Received has no ``for``
+    line, ends at the first line that does not start with a TAB. Raises
+    ValueError without a Received field.
     """
     pos = 0
     while stored.startswith(b"X-Spamtrap-", pos):
@@ -232,11 +278,12 @@ def split_block(stored: bytes) -> tuple[bytes, bytes]:
             " not a message stored by spamtrap"
         )
     while True:
+        line = pos
         nl = stored.find(b"\n", pos)
         if nl < 0:
             raise ValueError(f"trap-hop Received field without a line end at byte {pos}")
         pos = nl + 1
-        if stored[pos : pos + 1] != b"\t":
+        if stored.startswith(b"\tfor <", line) or stored[pos : pos + 1] != b"\t":
             return stored[:pos], stored[pos:]
 
 
@@ -272,14 +319,28 @@ class Envelope:
     feed: str | None = None
     # name (a META_FIELDS key) -> values, in arrival order
     meta: dict[str, list[str]] = field(default_factory=dict)
-    # The trap-hop Received line's value: raw values between our folds
-    # (CRLF+TAB); header_block escapes the pieces and folds with its line end.
+    # The trap-hop Received line: its pieces, raw, between our folds;
+    # header_block escapes each and folds with its line end. The last piece
+    # starts "for <" (split_block relies on it).
+    received: list[str] = field(default_factory=list)
+    # The same joined by CRLF+TAB, for reading and for older callers; one
+    # that sets only this (or changes it) has it split at CRLF+TAB.
     received_line: str = ""
     # (data, line ends, spoofed names) of the last data looked at: stages
     # replace data, so it is recomputed when data is another object.
     _facts: tuple[bytes, str, str | None] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        if self.received and not self.received_line:
+            self.received_line = _FOLD.join(self.received)
+
+    def received_pieces(self) -> list[str]:
+        """The trap-hop Received pieces, following any change of received_line."""
+        if self.received and _FOLD.join(self.received) == self.received_line:
+            return self.received
+        return self.received_line.split(_FOLD) if self.received_line else []
 
     def _data_facts(self) -> tuple[bytes, str, str | None]:
         facts = self._facts
@@ -321,8 +382,8 @@ class Envelope:
             if name.startswith("x_"):
                 header = "X-Spamtrap-" + "-".join(p.capitalize() for p in name.split("_"))
                 lines.extend(f"{header}: {escape_value(v)}{eol}" for v in values)
-        if self.received_line:
-            pieces = self.received_line.split("\r\n\t")
+        pieces = self.received_pieces()
+        if pieces:
             folded = (eol + "\t").join(map(escape_value, pieces))
             lines.append(f"Received: {folded}{eol}")
         return "".join(lines).encode("utf-8", "surrogateescape")
@@ -358,7 +419,7 @@ class Envelope:
                 "rcpts": self.rcpts,
                 "feed": self.feed,
                 "meta": self.meta,
-                "received": self.received_line,
+                "received": self.received_pieces(),
             }
         ).encode("utf-8", "surrogateescape")
         return b"%d\n" % len(head) + head + self.data
@@ -370,6 +431,10 @@ class Envelope:
         head = json.loads(record[nl + 1 : nl + 1 + n].decode("utf-8", "surrogateescape"))
         if head.get("v") != 1:
             raise ValueError(f"unknown spool record version {head.get('v')!r}")
+        # "received" is a list of pieces; a string (spool files written before
+        # the pieces were kept) is the pieces joined by CRLF+TAB.
+        received = head["received"]
+        pieces = received.split(_FOLD) if isinstance(received, str) else list(received)
         return cls(
             msg_id=head["id"],
             received_at=head["t"],
@@ -378,7 +443,7 @@ class Envelope:
             data=record[nl + 1 + n :],
             feed=head["feed"],
             meta=head["meta"],
-            received_line=head["received"],
+            received=[p for p in pieces if p] if isinstance(received, str) else pieces,
         )
 
 

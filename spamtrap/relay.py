@@ -9,7 +9,8 @@ ways, and this module reads both:
   values xtext-encoded (RFC 3461 4), ``[UNAVAILABLE]`` / ``[TEMPUNAVAIL]``
   for what the relay does not know, IPv6 addresses prefixed ``IPV6:``;
 - the relay's own Received line, the first one of the message (the relay
-  prepends it), read the way SpamAssassin's trusted_networks parsing does
+  prepends it), and those under it while they name trusted hops, read the
+  way SpamAssassin's trusted_networks parsing does
   (Mail::SpamAssassin::Message::Metadata::Received): Postfix and Sendmail
   write ``from HELO (RDNS [IP])``, Exim ``from RDNS ([IP]:PORT helo=HELO)``
   or ``from [IP] (helo=HELO)``, qmail ``from RDNS (HELO helo) (IP)``.
@@ -17,16 +18,24 @@ ways, and this module reads both:
 Only peers in ``smtp.trusted_relays`` are listened to (the SMTP side checks
 that); anyone else could forge a client this way.
 
-Values come back raw (no escaping: the header block does that) but never
-contain a line feed. The Received parse reads a bounded prefix of the
+Values come back raw, CR and LF included (no escaping: the header block
+does that, visibly). The Received parse reads a bounded prefix of the
 message and runs in linear time, without regular expressions, because it
 runs in the reactor at the end of DATA.
+
+Behind a chain of relays (Postfix -> amavis -> Postfix, or two MX hosts)
+the top Received line names the previous hop, not the bot. As
+SpamAssassin's trusted_networks walk does, :func:`derive_client` reads down
+the Received lines while the from-address is a trusted hop (the caller
+says which: smtp.trusted_relays and loopback) and takes the first
+untrusted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # What the EHLO reply advertises (Postfix's attribute sets).
@@ -74,8 +83,8 @@ class Client:
 
 
 def _text(b: bytes) -> str:
-    # Raw, but a line feed would end the header line: it becomes a space.
-    return b.decode("utf-8", "surrogateescape").replace("\n", " ")
+    # Raw, line feeds included: the header block escapes them (evidence).
+    return b.decode("utf-8", "surrogateescape")
 
 
 def xtext_decode(value: bytes) -> bytes:
@@ -196,10 +205,15 @@ def apply(client: Client, attrs: dict[str, bytes | None]) -> None:
 # -- the relay's Received line --------------------------------------------------
 
 
-def top_received(content: bytes) -> str | None:
-    """The unfolded value of the first Received field in the header section,
-    or None. Reads at most MAX_HEADER_SCAN bytes; the value is capped at
-    MAX_FIELD characters."""
+# At most this many Received lines are walked down (a chain of trusted hops
+# longer than this is not a relay setup).
+MAX_HOPS = 16
+
+
+def received_values(content: bytes) -> Iterator[str]:
+    """The unfolded values of the Received fields of the header section, top
+    first. Reads at most MAX_HEADER_SCAN bytes; each value is capped at
+    MAX_FIELD characters. Line-ending CRs go; a CR inside a line stays."""
     head = content[:MAX_HEADER_SCAN]
     n = len(head)
     pos = 0
@@ -208,21 +222,25 @@ def top_received(content: bytes) -> str | None:
         end = n if nl < 0 else nl
         line = head[pos:end]
         if line in (b"", b"\r"):
-            return None  # the end of the header section
+            return  # the end of the header section
+        pos = end + 1
         if line[:9].lower() == b"received:":
             parts = [line[9:]]
             total = len(line)
-            p = end + 1
-            while p < n and head[p] in (0x20, 0x09) and total < MAX_FIELD:
-                nl = head.find(b"\n", p)
+            while pos < n and head[pos] in (0x20, 0x09):
+                nl = head.find(b"\n", pos)
                 e = n if nl < 0 else nl
-                parts.append(head[p:e])
-                total += e - p
-                p = e + 1
-            value = b" ".join(part.strip() for part in parts)[:MAX_FIELD]
-            return value.decode("utf-8", "surrogateescape").replace("\r", " ")
-        pos = end + 1
-    return None
+                if total < MAX_FIELD:
+                    parts.append(head[pos:e])
+                    total += e - pos
+                pos = e + 1
+            value = b" ".join(part.strip(b" \t\r") for part in parts)[:MAX_FIELD]
+            yield value.decode("utf-8", "surrogateescape")
+
+
+def top_received(content: bytes) -> str | None:
+    """The unfolded value of the first Received field (see received_values)."""
+    return next(received_values(content), None)
 
 
 def _split_from_part(s: str) -> tuple[str, list[str], str]:
@@ -349,9 +367,24 @@ def parse_received(value: str) -> Client | None:
     return client
 
 
-def derive_client(content: bytes) -> Client | None:
-    """The client named by the message's top Received line, or None."""
-    value = top_received(content)
-    if value is None:
-        return None
-    return parse_received(value)
+def derive_client(
+    content: bytes, trusted: Callable[[str], bool] | None = None
+) -> Client | None:
+    """The client named by the message's Received lines, or None.
+
+    The top line names the relay's client. While that client's address is a
+    trusted hop (``trusted``, e.g. another relay or a content filter over
+    loopback), the next line down is read instead, at most MAX_HOPS lines
+    and MAX_HEADER_SCAN bytes; the first untrusted one is the client. When
+    the lines run out (or one names no client) first, the last client read
+    is the answer: the innermost hop known. None if the top line names none.
+    """
+    found: Client | None = None
+    for hops, value in enumerate(received_values(content)):
+        client = parse_received(value)
+        if client is None:
+            break
+        found = client
+        if trusted is None or hops + 1 >= MAX_HOPS or not trusted(client.addr or ""):
+            break
+    return found

@@ -259,6 +259,12 @@ class SpamtrapService(service.MultiService):
         if failure is not None:
             why, since = failure
             problems.append(f"spool: write failed: {why} since {_utc(since)}")
+        # Mail still gets 250 (the spool is fine) but stays spooled unstored.
+        for name, bundle_set in self.bundles.items():
+            failure = bundle_set.write_failure
+            if failure is not None:
+                why, since = failure
+                problems.append(f"bundles: set {name}: write failed: {why} since {_utc(since)}")
         status = "stopping" if not self.running else "degraded" if problems else "ok"
         out: dict[str, Any] = {
             "status": status,

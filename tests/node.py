@@ -208,9 +208,11 @@ def bundles(data_dir: Path, set_name: str = "all") -> list[Path]:
     return sorted((data_dir / "bundles" / set_name).glob("*.mbox.gz"))
 
 
-def split_metadata(message: bytes) -> tuple[bytes, bytes]:
+def split_metadata(message: bytes, rebuild: bool = True) -> tuple[bytes, bytes]:
     """Our prepended block (X-Spamtrap-* + trap Received) and the exact bytes
-    the client sent (rebuilt from unix line ends, as consumers do)."""
+    the client sent (rebuilt from unix line ends, as consumers do); with
+    ``rebuild=False`` the message as stored instead (either block line ends)."""
     from spamtrap.message import split_block, wire_bytes
 
-    return split_block(message)[0], wire_bytes(message)
+    block, stored = split_block(message)
+    return block, (wire_bytes(message) if rebuild else stored)

@@ -336,6 +336,99 @@ def test_add_many_write_error_returns_the_lost_tokens(tmp_path: Any) -> None:
     assert h.acked == [[3]]  # 0 went down with its bundle: the spool replays it
 
 
+class Disk:
+    """Bundle files on a disk that can be full: then every write or flush
+    that would put bytes on it fails with ENOSPC."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from spamtrap import bundle_file
+
+        self.full = False
+        disk = self
+
+        class File:
+            def __init__(self, path: str, mode: str) -> None:
+                self.real = open(path, mode)  # noqa: SIM115 - closed by close()
+
+            def write(self, data: bytes) -> int:
+                if disk.full:
+                    raise OSError(28, "No space left on device")
+                return self.real.write(data)
+
+            def flush(self) -> None:
+                if disk.full:
+                    raise OSError(28, "No space left on device")
+                self.real.flush()
+
+            def fileno(self) -> int:
+                return self.real.fileno()
+
+            def close(self) -> None:
+                self.real.close()
+
+        monkeypatch.setattr(bundle_file, "open", File, raising=False)
+
+
+def test_write_failure_is_reported_from_the_first_failure_until_bytes_reach_the_disk(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(monkeypatch)
+    h = Harness(tmp_path)
+    h.add(0)
+    assert h.bundles.write_failure is None
+    disk.full = True
+    h.reactor.advance(5)
+    assert h.add_many([(1, os.urandom(200_000) + b"\n")]) == [1]
+    first = h.reactor.seconds()
+    assert h.bundles.write_failure == ("No space left on device", first)
+
+    # Still full later: a tiny message that deflate would hold back still
+    # tests the disk (a buffered write alone proves nothing), and the
+    # outage keeps its start.
+    h.reactor.advance(30)
+    with pytest.raises(OSError, match="No space"):
+        h.add(2)
+    assert h.bundles.write_failure == ("No space left on device", first)
+    assert h.parts() == []
+
+    # Space again: the next write reaches the disk and ends the outage,
+    # and its bundle (pushed mid-stream) is still one valid gzip member.
+    disk.full = False
+    h.reactor.advance(10)
+    h.add(3)
+    assert h.bundles.write_failure is None
+    h.add(4)
+    h.bundles.rotate()
+    assert h.acked == [[3, 4]]
+    assert len(unpack(h.store.stored[0][1])) == 2
+
+
+def test_a_seal_failure_is_reported_until_a_seal_succeeds(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spamtrap import bundle as bundle_mod
+
+    real_seal = bundle_mod._Bundle.seal
+
+    def failing_seal(self: Any) -> None:
+        self.file.close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bundle_mod._Bundle, "seal", failing_seal)
+    h = Harness(tmp_path)
+    h.add(0)
+    h.bundles.rotate()
+    assert h.bundles.write_failure == ("No space left on device", T)
+    assert h.acked == []
+
+    monkeypatch.setattr(bundle_mod._Bundle, "seal", real_seal)
+    h.reactor.advance(60)
+    h.add(1)  # the push succeeds first: bytes reached the disk
+    assert h.bundles.write_failure is None
+    h.bundles.rotate()
+    assert h.acked == [[1]] and h.bundles.write_failure is None
+
+
 def test_rotation_by_age_with_clock(tmp_path: Any) -> None:
     h = Harness(tmp_path, max_age=60)
     h.bundles.start()

@@ -127,14 +127,44 @@ def test_the_message_own_fields_below_our_received_stay_message() -> None:
     assert wire_bytes(stored) == data
 
 
-# Line-end-heavy bytes: CR, LF, CRLF, CRCRLF, "From " lines, 8-bit junk.
+# Line-end-heavy bytes: CR, LF, CRLF, CRCRLF, "From " lines, 8-bit junk;
+# and pieces that look like our Received's continuations, possibly first
+# (a message starting with a TAB or space continues our field for readers).
 WIRE = st.lists(
     st.sampled_from(
-        [b"\r\n", b"\n", b"\r", b"\r\r\n", b"From x", b">From ", b"a", b"\x00", b"\xff"]
+        [
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"\r\r\n",
+            b"From x",
+            b">From ",
+            b"a",
+            b"\x00",
+            b"\xff",
+            b"\t",
+            b" ",
+            b"\tfor <x@y>; date",
+            b"\tfrom forged (x [6.6.6.6])",
+        ]
     )
     | st.binary(max_size=8),
     max_size=40,
 ).map(b"".join)
+
+
+@pytest.mark.parametrize("mode", ["unix", "wire"])
+@pytest.mark.parametrize("lead", [b"\t", b" ", b"\tfor <v@trap.example>; x"])
+def test_a_message_starting_with_whitespace_keeps_its_first_line(mode: str, lead: bytes) -> None:
+    data = lead + b"from forged (x [6.6.6.6])\r\nSubject: a\r\n\r\nbody\r\n"
+    env = envelope(data)
+    stored = env.stored_bytes(mode)
+    converted = data.replace(b"\r\n", b"\n") if mode == "unix" else data
+    assert split_block(stored)[1] == converted
+    assert wire_bytes(stored) == data
+    # Readers take the first line for part of our Received: Spoofed says so.
+    assert env.values("spoofed") == ["leading-wsp"]
+    assert b"X-Spamtrap-Spoofed: leading-wsp" in stored
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=SLOW_OK)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import email
 import email.policy
 import io
+import json
 import re
+import time
 from email.message import Message
 from pathlib import Path
 
@@ -68,8 +70,10 @@ def stored_message(env: Envelope, mode: str) -> bytes:
 
 
 def raw(value: str) -> bytes:
-    # BytesParser decodes headers as ASCII with surrogateescape.
-    return value.encode("ascii", "surrogateescape")
+    # BytesParser decodes headers as ASCII with surrogateescape; an escape
+    # of a C1 control or U+2028/U+2029 unescapes to the character, which
+    # the sender sent UTF-8 encoded.
+    return value.encode("utf-8", "surrogateescape")
 
 
 def check_block(env: Envelope, message: bytes, policy: email.policy.Policy) -> Message:
@@ -137,6 +141,31 @@ def test_found_forgeries_stay_inside_our_fields(mode: str, policy: email.policy.
     assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", block.replace(b"\r\n", b"\n"))
 
 
+def test_received_pieces_keep_a_fold_sent_inside_a_value() -> None:
+    # A relay's HELO holding CR LF TAB (XFORWARD HELO=a+0D+0A+09...) is
+    # escaped inside the first piece, not taken for one of our folds.
+    env = session(b"a", b"<x@y>", [b"<v@trap.example>"], b"x\r\n")
+    assert env is not None
+    env.received[0] = env.received[0].replace("from a", "from a\r\n\tfor <x@y>; forged")
+    env.received_line = "\r\n\t".join(env.received)
+    block = env.header_block()
+    assert b"Received: from a\\r\\n\\tfor <x@y>; forged (unknown" in block
+    assert block.count(b"\r\n\t") == 3
+    back = Envelope.from_record(env.to_record())
+    assert back.received == env.received and back.header_block() == block
+
+
+def test_a_spool_record_from_before_the_pieces_still_loads() -> None:
+    env = session(b"bot.example", b"<x@y>", [b"<v@trap.example>"], b"x\r\n")
+    assert env is not None
+    head = json.loads(env.to_record().split(b"\n", 1)[1][: -len(env.data)])
+    head["received"] = "\r\n\t".join(head["received"])  # the old form: one string
+    raw_head = json.dumps(head).encode()
+    old = b"%d\n" % len(raw_head) + raw_head + env.data
+    back = Envelope.from_record(old)
+    assert back.received == env.received and back.header_block() == env.header_block()
+
+
 def test_the_spool_record_keeps_raw_values() -> None:
     env = session(FORGED_HELO, FORGED_MAIL, FORGED_RCPTS[:1], b"x\r\n")
     assert env is not None
@@ -155,6 +184,9 @@ def test_escape_scheme() -> None:
     assert escape_value("\x01\x1f\x7f") == "\\x01\\x1f\\x7f"
     assert escape_value(" lead") == "\\x20lead"
     assert escape_value("8bit \xe4 \udcff") == "8bit \xe4 \udcff"  # non-ASCII stays
+    # C1 controls and the Unicode separators end a line for str.splitlines().
+    assert escape_value("a\x85b\x9fc\u2028d\u2029e") == "a\\x85b\\x9fc\\u2028d\\u2029e"
+    assert unescape_value("\\u2028\\x85") == "\u2028\x85"
 
 
 @pytest.mark.parametrize("bad", ["\\", "a\\q", "\\x4", "\\x", "end\\"])
@@ -164,11 +196,17 @@ def test_unescape_refuses_escapes_that_are_not_ours(bad: str) -> None:
 
 
 @settings(deadline=None, suppress_health_check=SLOW_OK)
-@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("\\\r\n\t\0\x7f ")))
+@given(
+    st.text(
+        alphabet=st.characters(codec="utf-8")
+        | st.sampled_from("\\\r\n\t\0\x7f \x80\x85\x9f\u2028\u2029\udc85")
+    )
+)
 def test_escape_round_trips_and_is_one_safe_line(value: str) -> None:
     escaped = escape_value(value)
     assert unescape_value(escaped) == value
-    assert not re.search(r"[\x00-\x1f\x7f]", escaped)
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", escaped)
+    assert len(escaped.splitlines()) <= 1
     assert not escaped.startswith(" ")
 
 
@@ -186,7 +224,10 @@ def test_header_block_escapes_once() -> None:
 # SMTP commands are split on LF: an argument never holds one.
 ARG = st.binary(max_size=60).map(lambda b: b.replace(b"\n", b""))
 CONTROLS = st.lists(
-    st.sampled_from([b"\r", b"\0", b"\x7f", b"\x1b", b"\\", b"X-Spamtrap-Peer: 1 2", b" "]),
+    st.sampled_from(
+        [b"\r", b"\0", b"\x7f", b"\x1b", b"\\", b"X-Spamtrap-Peer: 1 2", b" "]
+        + [b"\xc2\x85", b"\xc2\x9f", b"\xe2\x80\xa8", b"\xe2\x80\xa9"]  # NEL, C1, U+2028/9
+    ),
     max_size=6,
 ).map(b"".join)
 FUZZ = st.builds(lambda a, b: a + b, ARG, CONTROLS) | st.builds(lambda a, b: a + b, CONTROLS, ARG)
@@ -210,6 +251,9 @@ def test_any_command_bytes_give_one_of_each_field(
     message = stored_message(env, mode)
     for policy in (email.policy.compat32, email.policy.default):
         check_block(env, message, policy)
+    # Read as UTF-8 text, str.splitlines() finds only our own line ends.
+    block = env.header_block()
+    assert len(block.decode("utf-8", "surrogateescape").splitlines()) == block.count(b"\r\n")
 
 
 # -- the message's own X-Spamtrap-* fields ----------------------------------------
@@ -262,7 +306,32 @@ def test_spoofed_scan_is_bounded_and_capped() -> None:
     far = b"Subject: x\r\n" + b"X-Filler: " + b"a" * MAX_HEADER_BYTES + b"\r\nX-Spamtrap-Id: 1\r\n"
     assert spoofed_of(far) is None
     assert spoofed_of(b"\r\nX-Spamtrap-Id: 1\r\n") is None  # no header section at all
-    assert spoofed_of(b" X-Spamtrap-Id: continuation\r\n") is None
+    # A first line that continues our Received field: marked, its name not listed.
+    assert spoofed_of(b" X-Spamtrap-Id: continuation\r\n") == "leading-wsp"
+
+
+def test_spoofed_scan_is_linear_and_cheap_without_the_prefix() -> None:
+    # Hostile headers without an empty line: cost at N and 4N lines grows
+    # linearly (~4x; a quadratic scan would be ~16x).
+    shapes = [b"X-Spamtrap-Ab: c\r\n", b"X-Spamtrap-Ab c\r\n", b"x-SpAmTrAp-", b"\r", b"a\n"]
+
+    def cost(data: bytes) -> float:
+        best = float("inf")
+        for _ in range(3):  # the best of three: the machine is shared
+            start = time.process_time()
+            for _ in range(5):
+                spoofed_of(data)
+            best = min(best, time.process_time() - start)
+        return best
+
+    for unit in shapes:
+        n = MAX_HEADER_BYTES // 4 // len(unit)
+        small, large = cost(unit * n), cost(unit * 4 * n)
+        assert large < 8 * small + 0.005, (unit, small, large)
+    # The common case (no X-Spamtrap- name at all) is one copy and one search.
+    plain = b"Subject: hello\r\n" * (MAX_HEADER_BYTES // 16)
+    many = b"X-Spamtrap-Ab: c\r\n" * (MAX_HEADER_BYTES // 18)
+    assert spoofed_of(plain) is None and cost(plain) < cost(many)
 
 
 # A header line ending, an empty line, a header-ish line: the pieces Python's

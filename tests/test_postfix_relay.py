@@ -36,15 +36,17 @@ def run_through_postfix(tmp_path: Path, xforward: str) -> tuple[bytes, int]:
         "smtp:\n  hostname: trap.test\n  trusted_relays: [127.0.0.1/32]\n"
     )
     node = Node(tmp_path / "data", config=cfg).start()
-    mta = PrivatePostfix(
-        main={
-            "relay_domains": "trap.example",
-            "transport_maps": f"inline:{{ trap.example=smtp:[127.0.0.1]:{node.smtp_port} }}",
-            "smtp_send_xforward_command": xforward,
-            "smtp_helo_name": RELAY_HELO,
-        }
-    )
+    mta: PrivatePostfix | None = None
     try:
+        # Built inside try: if it raises, the node is still stopped.
+        mta = PrivatePostfix(
+            main={
+                "relay_domains": "trap.example",
+                "transport_maps": f"inline:{{ trap.example=smtp:[127.0.0.1]:{node.smtp_port} }}",
+                "smtp_send_xforward_command": xforward,
+                "smtp_helo_name": RELAY_HELO,
+            }
+        )
         mta.start()
         with smtplib.SMTP(timeout=30, local_hostname=BOT_HELO, source_address=(BOT_IP, 0)) as c:
             c.connect("127.0.0.1", mta.port)
@@ -64,7 +66,8 @@ def run_through_postfix(tmp_path: Path, xforward: str) -> tuple[bytes, int]:
         else:
             raise AssertionError(f"Postfix did not deliver:\n{mta.log()}\n{node.log()}")
     finally:
-        mta.cleanup()
+        if mta is not None:
+            mta.cleanup()
         node.stop()
     stored = [msg for p in bundles(node.data_dir) for _, msg in read_mbox(str(p))]
     assert len(stored) == 1, (sorted(node.data_dir.rglob("*")), node.log())

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 
 from spamtrap import relay
 from spamtrap.config import Config, ConfigError, SetConfig, parse_config
-from spamtrap.message import META_FIELDS, Envelope
+from spamtrap.message import META_FIELDS, Envelope, escape_value
 from tests.smtp_helpers import Harness
 
 RELAY_IP = "192.0.2.25"
@@ -174,12 +174,26 @@ def test_xforward_xtext_is_decoded() -> None:
 def test_xforward_xtext_cr_lf_cannot_forge_a_field() -> None:
     h = session()
     ehlo_keywords(h)
-    h.send(b"XFORWARD ADDR=203.0.113.5 HELO=x+0D+0AX-Spamtrap-Feed:+20forged\r\n")
+    h.send(b"XFORWARD ADDR=203.0.113.5 HELO=x+0D+0A+09X-Spamtrap-Feed:+20forged\r\n")
     assert h.codes() == [250]
     env = deliver(h)
-    (helo,) = env.meta["helo"]
-    assert "\n" not in helo
-    assert not any(ln.startswith(b"X-Spamtrap-Feed") for ln in env.header_block().splitlines())
+    # The raw value is kept (evidence); the block shows it escaped, in the
+    # Helo field and inside the Received piece, never as a fold or a field.
+    assert env.meta["helo"] == ["x\r\n\tX-Spamtrap-Feed: forged"]
+    block = env.header_block()
+    assert not any(ln.startswith(b"X-Spamtrap-Feed") for ln in block.splitlines())
+    assert b"X-Spamtrap-Helo: x\\r\\n\\tX-Spamtrap-Feed: forged\r\n" in block
+    assert b"Received: from x\\r\\n\\tX-Spamtrap-Feed: forged (unknown [203.0.113.5])" in block
+    assert block.count(b"\r\n\t") == 3  # our own folds only
+
+
+def test_a_cr_in_the_relays_received_line_is_kept_and_escaped() -> None:
+    h = session()
+    ehlo_keywords(h)
+    received = b"Received: from pc\r4711 (bot.dsl.example [203.0.113.5])\r\n\tby mx1; date\r\n"
+    env = deliver(h, received + BOT_MSG)
+    assert env.meta["helo"] == ["pc\r4711"]
+    assert b"Received: from pc\\r4711 (bot.dsl.example [203.0.113.5])" in env.header_block()
 
 
 def test_xforward_ipv6_prefix() -> None:
@@ -287,16 +301,42 @@ def test_xclient_restarts_the_session_for_the_client() -> None:
     assert env.received_line.startswith("from bots-own-helo (bot.dsl.example [203.0.113.5])")
 
 
-def test_xclient_helo_attribute_until_the_next_ehlo() -> None:
+def test_xclient_helo_attribute_wins_over_a_later_ehlo() -> None:
     h = session()
     ehlo_keywords(h)
     h.send(b"XCLIENT ADDR=203.0.113.5 HELO=from-xclient\r\n")
     assert h.codes() == [220]
     assert deliver(h).meta["helo"] == ["from-xclient"]
-    # XCLIENT lasts the session; a new EHLO replaces only the HELO
-    ehlo_keywords(h, b"after")
+    # Postfix's smtpd_proxy says "EHLO $smtpd_proxy_ehlo" after XCLIENT:
+    # that is the relay's name, not the bot's.
+    ehlo_keywords(h, b"relay-proxy-ehlo")
+    env = deliver(h)
+    assert env.meta["helo"] == ["from-xclient"] and env.meta["peer"] == ["203.0.113.5 0"]
+    assert env.received_line.startswith("from from-xclient (unknown [203.0.113.5])")
+    # Without HELO= (or with it unavailable) the later EHLO is the client's.
+    h.replies()
+    h.send(b"XCLIENT HELO=[UNAVAILABLE]\r\n")
+    assert h.codes() == [220]
+    ehlo_keywords(h, b"bots-own")
+    assert deliver(h).meta["helo"] == ["bots-own"]
+
+
+def test_starttls_forgets_what_the_relay_said() -> None:
+    # RFC 3207 4.2: nothing learnt before the TLS handshake counts after it.
+    h = Harness(config(), peer=RELAY_IP, tls=True)
+    h.replies()
+    ehlo_keywords(h)
+    h.send(b"XCLIENT ADDR=203.0.113.5 HELO=bot\r\n")
+    assert h.codes() == [220]
+    ehlo_keywords(h)
+    h.send(b"XFORWARD ADDR=203.0.113.6\r\n")
+    assert h.codes() == [250]
+    h.send(b"STARTTLS\r\n")
+    assert h.codes() == [220]
+    ehlo_keywords(h, b"mx1-after-tls")
     m = deliver(h).meta
-    assert m["helo"] == ["after"] and m["peer"] == ["203.0.113.5 0"]
+    assert m["peer"] == [f"{RELAY_IP} 40000"] and m["helo"] == ["mx1-after-tls"]
+    assert m["relay"] == [f"{RELAY_IP} 40000 mx1-after-tls unknown"]
 
 
 def test_xclient_from_untrusted_peer_and_inside_a_transaction() -> None:
@@ -417,6 +457,56 @@ def test_trusted_relay_without_xforward_derives_the_client(
     assert "relayed" in env.meta["dialect"][0]
 
 
+HOP_BOT = b"Received: from pc-4711 (bot.dsl.example [203.0.113.5])\r\n\tby mx0.example; date\r\n"
+HOP_AMAVIS = b"Received: from localhost (localhost [127.0.0.1])\r\n\tby mx1.example; date\r\n"
+HOP_INNER = b"Received: from mx0.example (mx0.example [192.0.2.26])\r\n\tby mx1.example; date\r\n"
+
+
+@pytest.mark.parametrize(
+    "hops",
+    [
+        [HOP_AMAVIS, HOP_BOT],  # Postfix -> amavis -> Postfix
+        [HOP_INNER, HOP_BOT],  # two relays, both trusted
+        [HOP_AMAVIS, HOP_INNER, HOP_BOT],
+    ],
+)
+def test_derived_client_walks_down_trusted_hops(hops: list[bytes]) -> None:
+    h = session(relays=[RELAY_IP + "/32", "192.0.2.26/32"])
+    ehlo_keywords(h)
+    forged = b"Received: from forged (forged [198.18.0.1]) by pc-4711; date\r\n"
+    env = deliver(h, b"".join(hops) + forged + BOT_MSG)
+    m = env.meta
+    assert m["peer"] == ["203.0.113.5 0"] and m["helo"] == ["pc-4711"]
+    assert m["rdns"] == ["bot.dsl.example"]
+    assert m["relay"] == [f"{RELAY_IP} 40000 mx1.example derived"]
+
+
+def test_derived_walk_stops_at_the_first_untrusted_hop() -> None:
+    # 192.0.2.26 is not trusted here: it is the client, whatever is below.
+    content = HOP_INNER + HOP_BOT + BOT_MSG
+    client = relay.derive_client(content, lambda ip: ip == RELAY_IP)
+    assert client is not None and client.addr == "192.0.2.26"
+    # Only trusted hops down to the end: the innermost one read.
+    client = relay.derive_client(HOP_AMAVIS + BOT_MSG, lambda ip: True)
+    assert client is not None and client.addr == "127.0.0.1"
+    # The walk is bounded in hops.
+    many = HOP_AMAVIS * (relay.MAX_HOPS + 3) + HOP_BOT + BOT_MSG
+    client = relay.derive_client(many, lambda ip: True)
+    assert client is not None and client.addr == "127.0.0.1"
+
+
+def test_trusted_networks_match_ipv4_mapped_peers() -> None:
+    # A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d.
+    cfg = config(relays=["192.0.2.0/24"])
+    cfg.smtp.proxy_protocol.trusted_networks = ["198.51.100.0/24"]
+    f = Harness(cfg).factory
+    assert f.trusts_proxy("::ffff:198.51.100.4") and f.trusts_proxy("198.51.100.4")
+    assert f.trusts_relay("::ffff:192.0.2.9") and not f.trusts_relay("::ffff:203.0.113.1")
+    assert not f.trusts_proxy("not-an-ip") and not f.trusts_proxy("::ffff:192.0.2.9")
+    assert f.trusts_hop("::1") and f.trusts_hop("::ffff:127.0.0.1") and f.trusts_hop("192.0.2.9")
+    assert not f.trusts_hop("203.0.113.1")
+
+
 def test_untrusted_peer_never_derives_from_received() -> None:
     h = session(peer="198.51.100.9")
     ehlo_keywords(h, b"bot")
@@ -468,11 +558,31 @@ def test_received_parse_is_linear_on_hostile_input() -> None:
         b"Received: from a " + b"bby " * 500 + b"\r\n\r\n",
         b"Received: from a (" + b"helo=" * 400 + b")\r\n\r\n",
     ]
-    start = time.process_time()
     for h in hostile:
-        for _ in range(50):
-            relay.derive_client(h)
-    assert time.process_time() - start < 2.0
+        relay.derive_client(h)
+    # Each shape at N and 4N repeats: linear costs ~4x, quadratic ~16x.
+    shapes = [
+        (b"Received: from ", b"(" + b"[", b""),
+        (b"Received: from a ", b"([1.2.3.4 ", b""),
+        (b"Received: from a ", b"bby ", b""),
+        (b"Received: from a (", b"helo=", b")"),
+        (b"Received: from a (", b"(b [1.2.3.4]) ", b")"),
+    ]
+
+    def cost(prefix: bytes, unit: bytes, suffix: bytes, n: int) -> float:
+        content = prefix + unit * n + suffix + b"\r\n\r\n"
+        best = float("inf")
+        for _ in range(3):  # the best of three: the machine is shared
+            start = time.process_time()
+            for _ in range(20):
+                relay.parse_received(content[9:].decode("latin-1"))
+            best = min(best, time.process_time() - start)
+        return best
+
+    for prefix, unit, suffix in shapes:
+        small = cost(prefix, unit, suffix, 150)
+        large = cost(prefix, unit, suffix, 600)
+        assert large < 8 * small + 0.005, (unit, small, large)
 
 
 # -- properties ---------------------------------------------------------------
@@ -493,9 +603,12 @@ def test_arbitrary_xforward_never_crashes_or_forges_a_field(
     code = h.codes()
     assert code and code[0] in (250, 501)
     env = deliver(h)
-    for values in env.meta.values():
-        assert all("\n" not in v for v in values)
     block = env.header_block()
+    # Raw values may hold CR and LF (evidence); the block shows them escaped.
+    for values in env.meta.values():
+        for v in values:
+            if "\n" in v or "\r" in v:
+                assert escape_value(v).encode("utf-8", "surrogateescape") in block
     assert block.endswith(b"\r\n")
     names = []
     for line in block.split(b"\n")[:-1]:

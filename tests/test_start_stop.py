@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,49 @@ def test_the_stop_message_says_what_stays_in_the_spool(tmpfs: object, tmp_path: 
     assert "spamtrap node full stopped cleanly; the spool is empty" in node.log()
     (bundle,) = bundles(data)
     assert len(list(read_mbox(str(bundle)))) == 5
+
+
+def poll_health(node: Node, code: int, seconds: float = 30) -> dict[str, object]:
+    """/healthz once it answers ``code``: bundles are written after the 250."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got, doc = health(node)
+        if got == code or time.monotonic() > deadline:
+            assert got == code, doc
+            return doc
+        time.sleep(0.1)
+
+
+def test_a_full_bundle_disk_makes_health_degraded_until_writes_succeed(
+    tmpfs: object, tmp_path: Path
+) -> None:
+    # The spool has room, the open bundles' disk does not: mail gets its
+    # 250 and stays spooled, and /healthz must say so.
+    data = tmp_path / "data"
+    opened = tmpfs(data / "open")  # type: ignore[operator]
+    node = Node(data, extra=["--node", "full"]).start()
+    try:
+        smtp = RawSMTP(node.host, node.smtp_port)
+        code, doc = health(node)
+        assert (code, doc["status"]) == (200, "ok"), doc
+
+        filler = fill(opened)
+        for _ in range(3):
+            send_expecting(smtp, message(200_000), 250)
+        doc = poll_health(node, 503)
+        assert doc["status"] == "degraded", doc
+        (problem,) = doc["problems"]  # type: ignore[misc]
+        assert re.fullmatch(
+            r"bundles: set all: write failed: No space left on device"
+            r" since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
+            problem,
+        ), problem
+
+        filler.unlink()
+        send_expecting(smtp, message(200_000), 250)
+        doc = poll_health(node, 200)
+        assert (doc["status"], "problems" in doc) == ("ok", False), doc
+        smtp.close()
+    finally:
+        node.stop()
+    assert re.search(r"set all: bundle writes succeed again after \d+s of failures", node.log())
