@@ -137,7 +137,7 @@ def names(cfg: dict[str, Any]) -> Names:
     (domain,) = cfg["traps"]["domains"]
     (feed,) = cfg["feeds"]
     assert set(cfg["sets"]) == {"direct", "feeds"}, "the guide's two sets"
-    assert feed["extract_attached"] is True and feed["strip_received"] == 1
+    assert feed["extract_attached"] is True and feed["strip_received_by"] == ["mx.donor.example"]
     return Names(
         domain,
         feed["id"],
@@ -252,22 +252,23 @@ class Forwarded:
 
 
 def alias_forward(token: str) -> Forwarded:
-    """After an /etc/aliases expansion on the donor's mail store behind its MX.
+    """After an /etc/aliases expansion on the donor's MX (Postfix).
 
-    Postfix's local(8) adds X-Original-To and Delivered-To; the store's
-    smtpd added the Received line for the hop from the donor's MX (the
-    guide's strip_received: 1). The MX's own line records the spammer.
+    Postfix's local(8) adds X-Original-To and Delivered-To and re-submits
+    the message, which adds a ``Received: by mx.donor.example (Postfix)``
+    line with no ``from`` part: the donor hop the guide's
+    ``strip_received_by: [mx.donor.example]`` removes. The MX's own line
+    below it records the spammer and stays.
     """
     donor_added = (
         b"X-Original-To: spamtrap@donor.example\r\n"
         b"Delivered-To: spamtrap@donor.example\r\n"
-        b"Received: from mx1.donor.example (mx1.donor.example [192.0.2.25])\r\n"
-        b"\tby store.donor.example (Postfix) with ESMTPS id 4Xb1Yz2Kq9z9v\r\n"
-        b"\tfor <spamtrap@donor.example>; Sun, 22 Nov 2026 13:31:12 +0000 (UTC)\r\n"
+        b"Received: by mx.donor.example (Postfix) id 4Xb1Yz2Kq9z9v;\r\n"
+        b"\tSun, 22 Nov 2026 13:31:12 +0000 (UTC)\r\n"
     )
     original = (
         b"Received: from bot.example (unknown [198.51.100.7])\r\n"
-        b"\tby mx1.donor.example (Postfix) with ESMTP id 4Xb1Yy6Zr1z4w\r\n"
+        b"\tby mx.donor.example (Postfix) with ESMTP id 4Xb1Yy6Zr1z4w\r\n"
         b"\tfor <spamtrap@donor.example>; Sun, 22 Nov 2026 13:31:10 +0000 (UTC)\r\n"
         b'From: "Lottery" <win@lotto.example>\r\nTo: spamtrap@donor.example\r\n'
         + f"Subject: newcomer {token}\r\n".encode()
@@ -459,7 +460,7 @@ def stored(state: Path, set_name: str) -> list[Stored]:
         for _, message in read_mbox(str(path)):
             block, original = split_metadata(message)
             meta: dict[str, list[str]] = {}
-            for name, value in re.findall(rb"(?m)^(X-Spamtrap-[\w-]+): (.*)\r$", block):
+            for name, value in re.findall(rb"(?m)^(X-Spamtrap-[\w-]+): (.*?)\r?$", block):
                 meta.setdefault(name.decode(), []).append(value.decode())
             out.append(Stored(meta["X-Spamtrap-Id"][0], meta, original))
     return out
