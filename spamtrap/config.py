@@ -97,8 +97,9 @@ class SMTPConfig:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     proxy_protocol: ProxyConfig = field(default_factory=ProxyConfig)
-    # MX relays (CIDR) whose XFORWARD/XCLIENT name the real client; from
-    # them the client also comes from their top Received line. Empty = none.
+    # MX relays (CIDR) whose XFORWARD/XCLIENT name the real client; without
+    # those, the client is read from the message's Received lines, walking
+    # down while the hop is a trusted relay or loopback. Empty = none.
     trusted_relays: list[str] = field(default_factory=list)
     # Reverse DNS of the peer, looked up without delaying the 250.
     rdns: bool = False

@@ -969,7 +969,9 @@ class EnvelopeRedactor:
             env,
             data=redact_with(env.data, traps),
             meta=meta,
-            received_line=redact_text(env.received_line, traps),
+            # Piece by piece, so a redacted value never joins or splits a fold.
+            received=[redact_text(p, traps) for p in env.received_pieces()],
+            received_line="",
             mail_from=redact_text(env.mail_from, traps),
             rcpts=[redact_text(r, traps) for r in env.rcpts],
         )

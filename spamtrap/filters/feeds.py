@@ -361,7 +361,7 @@ def derived(env: Envelope, n: int, data: bytes) -> Envelope:
         data=data,
         feed=env.feed,
         meta=meta,
-        received_line=env.received_line,
+        received=list(env.received_pieces()),
     )
 
 
