@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from spamtrap.config import WebhookConfig
     from spamtrap.errors import WorkSourceError
     from spamtrap.message import Envelope
+    from spamtrap.store import Download
 
 # A work entry's key: (segment, offset) in the spool, (ms, seq) of a stream id.
 EntryKey = tuple[int, int]
@@ -223,7 +224,18 @@ class BundleSink(Protocol[TokenT_contra]):
 
 @runtime_checkable
 class Store(Protocol):
-    """Where finished bundles go (``spamtrap.store`` has the key scheme)."""
+    """Where finished bundles go (``spamtrap.store`` has the key scheme).
+
+    A store gets its own thread pool at construction and runs all of its
+    blocking work there (file writes and fsyncs, listings, signing), never
+    in the caller's pool; ``close`` stops that pool. Every method is called
+    in the reactor thread."""
+
+    @property
+    def served_by_web(self) -> bool:
+        """Whether this node's web server serves the store's files itself
+        (``open_download`` answers ``LocalFile``) rather than redirecting."""
+        ...
 
     def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
         """Store the file at ``path`` under ``key``, then the manifest (the
@@ -238,9 +250,21 @@ class Store(Protocol):
         """A short human description for logs."""
         ...
 
-    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
-        """(Blocking, in a pool thread.) The parsed manifests of a set,
-        newest first; damaged ones are skipped."""
+    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+        """The parsed manifests of a set, newest first; damaged ones are
+        skipped. ValueError for an invalid set name."""
+        ...
+
+    def open_download(self, key: str) -> Download:
+        """What to answer a download of ``key`` (a bundle or a manifest,
+        taken literally: no percent-decoding): a ``LocalFile`` to stream,
+        a ``Redirect``, or None if there is no such stored key. Cheap (at
+        most a few stat calls), so it runs in the reactor thread."""
+        ...
+
+    def close(self) -> Deferred[None]:
+        """At service stop: cancel what is in flight, close connections and
+        stop the store's pool. The store is unusable afterwards."""
         ...
 
 

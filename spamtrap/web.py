@@ -12,6 +12,11 @@ begins with the UTC time its bundle was opened, so key order is time order;
 the cursor of a bundle is its key's name without the set and the suffix,
 e.g. ``2026-11-22T13:05:00.node1.4wHkcYIyIeNMVh2H``. ``since`` may be any
 string: a bare time such as ``2026-11-22T13`` starts at that hour.
+
+The web layer knows the store only through ``spamtrap.interfaces.Store``:
+``open_download`` says what to answer a download (a ``LocalFile`` streamed
+from here, a ``Redirect``, or None), and ``list_manifests`` runs in the
+store's own pool, never in the filters'.
 """
 
 from __future__ import annotations
@@ -23,16 +28,16 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server, static
 
 from spamtrap.config import Config, SetConfig
+from spamtrap.interfaces import Store
 from spamtrap.metrics import Metrics
-from spamtrap.published import download_url, served_by_web
-from spamtrap.store import BUNDLE_SUFFIX, KEY_RE
+from spamtrap.published import download_url
+from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, LocalFile, Redirect
 
 _log = Logger()
 
@@ -62,28 +67,38 @@ GET /healthz                       health as JSON; 503 when not ok
 """
 
 
-def make_site(
-    store: Any,
+def make_root(
+    store: Store,
     config: Config,
     metrics: Metrics,
     health: Callable[[], dict[str, Any]],
-    reactor: Any,
-    pool: ThreadPool,
-) -> server.Site:
-    """The whole HTTP service. ``store`` is served by key if it has
-    ``path_for`` (a LocalStore); ``pool`` runs its blocking listings."""
+) -> resource.Resource:
+    """The resource tree of the HTTP service (what ``make_site`` serves,
+    and what tests drive with ``treq.testing.StubTreq``)."""
     root = _Page()
     children: dict[bytes, resource.Resource] = {
         b"": _Index(),
-        b"bundles": _Bundles(store, config, reactor, pool),
-        b"feeds": _Feeds(store, config, reactor, pool),
+        b"bundles": _Bundles(store, config),
+        b"feeds": _Feeds(store, config),
         b"metrics": _Metrics(metrics),
         b"healthz": _Health(health),
     }
     for name, child in children.items():
         # Without mypy-zope, mypy does not know a Resource is an IResource.
         root.putChild(name, child)  # type: ignore[arg-type]
-    site = _Site(root, reactor=reactor)
+    return root
+
+
+def make_site(
+    store: Store,
+    config: Config,
+    metrics: Metrics,
+    health: Callable[[], dict[str, Any]],
+    reactor: Any,
+) -> server.Site:
+    """The whole HTTP service over ``store``, whose listings run in the
+    store's own pool."""
+    site = _Site(make_root(store, config, metrics, health), reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory" log line per listen
     return site
@@ -184,14 +199,11 @@ class _SetPages(_Page):
 
     isLeaf = True
 
-    def __init__(self, store: Any, config: Config, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, store: Store, config: Config) -> None:
         super().__init__()
         self._store = store
         self._sets: dict[str, SetConfig] = {s.name: s for s in config.sets}
         self._public_url = config.http.public_url
-        self._web_served = served_by_web(config.store.url)
-        self._reactor = reactor
-        self._pool = pool
 
     def _refused(self, request: server.Request, set_name: str) -> bytes | None:
         """The error page if this request may not list ``set_name``, else None.
@@ -215,16 +227,21 @@ class _SetPages(_Page):
         store, else None (an S3 store without a URL for the key: a
         download here would only redirect to that missing URL)."""
         key = str(manifest.get("key", ""))
-        url_for = getattr(self._store, "url", None)
-        url = url_for(key) if url_for is not None else None
-        return {**manifest, "url": download_url(key, url, self._public_url, self._web_served)}
+        url = download_url(key, self._store.url(key), self._public_url, self._store.served_by_web)
+        return {**manifest, "url": url}
 
-    def _answer_later(self, request: server.Request, what: str, work: Callable[[], bytes]) -> Any:
-        """Run ``work`` (blocking: it lists the store) in the pool and send
-        its JSON body when it is done."""
+    def _answer_later(
+        self,
+        request: server.Request,
+        what: str,
+        set_name: str,
+        body: Callable[[list[dict[str, Any]]], bytes],
+    ) -> Any:
+        """List ``set_name`` (the store does it in its own pool) and send
+        ``body(manifests)`` as JSON when the listing is done."""
         reply = _DelayedReply(request)
-        d = deferToThreadPool(self._reactor, self._pool, work)
-        d.addCallbacks(reply.json, reply.failed, errbackArgs=(what,))
+        d: Deferred[list[dict[str, Any]]] = maybeDeferred(self._store.list_manifests, set_name)
+        d.addCallback(body).addCallbacks(reply.json, reply.failed, errbackArgs=(what,))
         return server.NOT_DONE_YET
 
 
@@ -244,24 +261,20 @@ class _Bundles(_SetPages):
 
     def _download(self, request: server.Request, key: str) -> Any:
         content_type = next((t for s, t in CONTENT_TYPES.items() if key.endswith(s)), None)
-        path_for = getattr(self._store, "path_for", None)
-        if content_type is None:
+        if content_type is None or KEY_RE.fullmatch(key) is None:
             return _error(request, 404, "no such bundle")
-        if path_for is None:
+        download = self._store.open_download(key)
+        if isinstance(download, Redirect):
             # An S3 store: objects are public by key there; send the client on.
-            url = self._store.url(key) if KEY_RE.fullmatch(key) else None
-            if url is None:
-                return _error(request, 404, "no such bundle")
-            request.redirect(url.encode("ascii"))
+            request.redirect(download.url.encode("ascii"))
             return b""
-        path = path_for(key)
-        if path is None:
+        if not isinstance(download, LocalFile):
             return _error(request, 404, "no such bundle")
-        # Defence in depth: whatever the store answered, serve only regular
-        # files really inside its root (no symlink out of it).
-        real = os.path.realpath(path)
-        root = os.path.realpath(self._store.root)
-        if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
+        # The store checked that the file is regular and inside it (no
+        # symlink out); a regular file is checked again here, as static.File
+        # would list a directory.
+        real = download.path
+        if not os.path.isfile(real):
             return _error(request, 404, "no such bundle")
         request.setHeader(b"cache-control", IMMUTABLE)
         try:
@@ -283,11 +296,14 @@ class _Bundles(_SetPages):
         if refused is not None:
             return refused
         return self._answer_later(
-            request, f"listing set {set_name}", lambda: self._listing_body(set_name)
+            request,
+            f"listing set {set_name}",
+            set_name,
+            lambda manifests: self._listing_body(set_name, manifests),
         )
 
-    def _listing_body(self, set_name: str) -> bytes:
-        bundles = [self._with_url(m) for m in self._store.list_manifests(set_name)]
+    def _listing_body(self, set_name: str, manifests: list[dict[str, Any]]) -> bytes:
+        bundles = [self._with_url(m) for m in manifests]
         return json.dumps({"set": set_name, "bundles": bundles}).encode("utf-8") + b"\n"
 
 
@@ -316,12 +332,17 @@ class _Feeds(_SetPages):
             return _error(request, 400, f"limit: expected a number from 1 to {FEED_LIMIT_MAX}")
         limit = min(int(limit_text), FEED_LIMIT_MAX)
         return self._answer_later(
-            request, f"feed of set {set_name}", lambda: self._page(set_name, since, limit)
+            request,
+            f"feed of set {set_name}",
+            set_name,
+            lambda manifests: self._page(set_name, manifests, since, limit),
         )
 
-    def _page(self, set_name: str, since: str, limit: int) -> bytes:
+    def _page(
+        self, set_name: str, manifests: list[dict[str, Any]], since: str, limit: int
+    ) -> bytes:
         newer = []
-        for manifest in self._store.list_manifests(set_name):
+        for manifest in manifests:
             cursor = _cursor(manifest, set_name)
             if cursor is not None and cursor > since:
                 newer.append((cursor, manifest))

@@ -250,7 +250,7 @@ def test_entries_to_local_store_round_trip(tmp_path: Any, monkeypatch: pytest.Mo
         "last_received": "2026-11-22T13:31:25Z",
         "node": "node1",
     }
-    assert store.list_manifests("all") == [doc]
+    assert store.read_manifests("all") == [doc]
     assert h.parts() == []
     assert h.metric("spamtrap_bundles_total") == 1
     assert h.metric("spamtrap_bundle_bytes_total") == len(data)
@@ -616,7 +616,7 @@ def test_concurrent_adds_lose_nothing(tmp_path: Any) -> None:
     total = threads_n * per_thread
     assert sorted(tok for tokens in h.acked for tok in tokens) == list(range(total))
     got: list[bytes] = []
-    for doc in store.list_manifests("all"):
+    for doc in store.read_manifests("all"):
         path = store.path_for(doc["key"])
         assert path is not None
         msgs = [m for _, m in read_mbox(path)]

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.iweb import IAgent
 
 from spamtrap.config import Config, SetConfig, StoreConfig
@@ -28,7 +29,6 @@ from tests.test_web import (
     TOKEN,
     FakeStore,
     InlineReactor,
-    ManualPool,
     listing_request,
     private_manifests,
     render,
@@ -53,8 +53,8 @@ class ListedS3Store(S3Store):
         )
         self.manifests = manifests
 
-    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
-        return self.manifests if set_name == "private" else []
+    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+        return succeed(self.manifests if set_name == "private" else [])
 
 
 def site_config(store_url: str | None) -> Config:
@@ -66,11 +66,9 @@ def site_config(store_url: str | None) -> Config:
 
 
 def listed_urls(store: Any, config: Config) -> list[str | None]:
-    pool = ManualPool()
-    site = make_site(store, config, Metrics(), dict, InlineReactor(), pool)  # type: ignore[arg-type]
+    site = make_site(store, config, Metrics(), dict, InlineReactor())
     request = listing_request()
-    render(site, request)
-    pool.run_all()
+    render(site, request)  # both stores answer their listing at once
     assert request.responseCode in (None, 200), b"".join(request.written)
     return [b["url"] for b in json.loads(b"".join(request.written))["bundles"]]
 

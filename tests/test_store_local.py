@@ -12,13 +12,15 @@ from twisted.python.failure import Failure
 
 from spamtrap.store import (
     KEY_RE,
+    LocalFile,
+    StoreClosedError,
     StoreConfigError,
     bundle_key,
     manifest_key,
     open_store,
 )
 from spamtrap.store.local import LocalStore
-from tests.doubles import SyncPool
+from spamtrap.testing import SyncPool
 
 T = calendar.timegm((2026, 11, 22, 13, 31, 15))
 # The documented name: <set>/<UTC ISO-8601 to seconds>.<node>.<base62 16>.mbox.gz
@@ -223,8 +225,71 @@ def test_list_manifests_newest_first_skipping_broken(store: LocalStore, tmp_path
     result_of(store.put(broken, make_source(tmp_path), b"{not json"))
     other = bundle_key("other", T, "node1")
     result_of(store.put(other, make_source(tmp_path), b"{}\n"))
-    listed = store.list_manifests("all")
+    listed = result_of(store.list_manifests("all"))
     assert [m["key"] for m in listed] == [keys[1], keys[2], keys[0]]
-    assert store.list_manifests("nothing-here") == []
+    assert store.read_manifests("all") == listed
+    assert result_of(store.list_manifests("nothing-here")) == []
     with pytest.raises(ValueError):
-        store.list_manifests("../all")
+        result_of(store.list_manifests("../all"))
+
+
+def test_listing_runs_in_the_stores_own_pool(tmp_path: Any) -> None:
+    pool = SyncPool()
+    store = LocalStore(str(tmp_path / "bundles"), FakeReactor(), cast(Any, pool))
+    result_of(store.list_manifests("all"))
+    assert pool.calls == 1
+
+
+def stored_key(store: LocalStore, tmp_path: Any) -> str:
+    key = bundle_key("all", T, "node1")
+    result_of(store.put(key, make_source(tmp_path), b"{}\n"))
+    return key
+
+
+def test_open_download_gives_the_checked_file(store: LocalStore, tmp_path: Any) -> None:
+    key = stored_key(store, tmp_path)
+    download = store.open_download(key)
+    assert download == LocalFile(os.path.realpath(os.path.join(store.root, key)))
+    assert isinstance(download, LocalFile)
+    with open(download.path, "rb") as f:
+        assert f.read() == b"\x1f\x8bgzip bytes"
+    manifest = store.open_download(manifest_key(key))
+    assert isinstance(manifest, LocalFile) and manifest.path.endswith(".json")
+    assert store.open_download(bundle_key("all", T, "node1")) is None  # not stored
+    assert store.open_download(f"../{key}") is None
+    assert store.served_by_web is True
+
+
+def test_open_download_refuses_a_symlinked_bundle_leading_outside(
+    store: LocalStore, tmp_path: Any
+) -> None:
+    key = stored_key(store, tmp_path)
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"secret")
+    evil = bundle_key("all", T + 1, "node1")
+    os.symlink(str(outside), os.path.join(store.root, evil))
+    assert store.open_download(evil) is None
+    # A symlink to another file inside the store is served as that file.
+    inside = bundle_key("all", T + 2, "node1")
+    os.symlink(os.path.join(store.root, key), os.path.join(store.root, inside))
+    assert store.open_download(inside) == store.open_download(key)
+
+
+def test_open_download_refuses_a_directory(store: LocalStore, tmp_path: Any) -> None:
+    stored_key(store, tmp_path)
+    directory = bundle_key("all", T + 3, "node1")
+    os.makedirs(os.path.join(store.root, directory))
+    assert store.open_download(directory) is None
+
+
+def test_close_stops_the_pool_and_refuses_more_work(tmp_path: Any) -> None:
+    pool = SyncPool()
+    pool.start()
+    store = LocalStore(str(tmp_path / "bundles"), FakeReactor(), cast(Any, pool))
+    result_of(store.close())
+    assert pool.joined and not pool.started
+    with pytest.raises(StoreClosedError):
+        result_of(store.put(bundle_key("all", T, "node1"), make_source(tmp_path), b"{}\n"))
+    with pytest.raises(StoreClosedError):
+        result_of(store.list_manifests("all"))
+    result_of(store.close())  # a second close is harmless

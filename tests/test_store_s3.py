@@ -34,7 +34,14 @@ from zope.interface import implementer
 from spamtrap.bundle import BundleSet
 from spamtrap.config import RotateConfig, SetConfig, StoreConfig
 from spamtrap.mbox import entry
-from spamtrap.store import StoreConfigError, bundle_key, manifest_key, open_store
+from spamtrap.store import (
+    Redirect,
+    StoreClosedError,
+    StoreConfigError,
+    bundle_key,
+    manifest_key,
+    open_store,
+)
 from spamtrap.store.s3 import MIN_PART, S3Error, S3Store, parse_error
 from tests.seaweedfs import SeaweedFS, clean_env
 from tests.seaweedfs import seaweedfs as seaweedfs  # the fixture
@@ -249,6 +256,69 @@ def test_endpoint_and_region_follow_the_aws_conventions(pool: ThreadPool) -> Non
     assert "region from the AWS config" in unresolved.describe()
 
 
+def test_open_download_redirects_to_the_public_object(pool: ThreadPool) -> None:
+    store = store_with(pool, {}, endpoint="http://x", public_url="https://cdn.example/t/")
+    assert store.served_by_web is False
+    assert store.open_download(KEY) == Redirect(store.url(KEY) or "")
+    assert store.open_download(KEY[: -len(".mbox.gz")] + ".json") == Redirect(
+        "https://cdn.example/t/p/all/2026-11-22T13%3A31%3A15.n.AAAAAAAAAAAAAAAA.json"
+    )
+    for bad in ("all/x.mbox.gz", f"../{KEY}", KEY + "/", ""):
+        assert store.open_download(bad) is None
+    # AWS with the region not known yet: no URL, so nothing to redirect to.
+    assert store_with(pool, {}).open_download(KEY) is None
+
+
+@implementer(IAgent)
+class SilentAgent:
+    """An agent whose requests never get an answer (until cancelled)."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Any = None,
+        bodyProducer: Any = None,  # noqa: N803 - IAgent's name
+    ) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_cancels_what_is_in_flight_and_stops_the_pool(tmp_path: Path) -> None:
+    own = ThreadPool(minthreads=1, maxthreads=2, name="test-s3-close")
+    own.start()
+    agent = SilentAgent()
+    recording: Any = agent  # an IAgent; zope interfaces do not type-check
+    store = S3Store(
+        "traps",
+        "p",
+        reactor,
+        own,
+        StoreConfig(endpoint="http://127.0.0.1:9"),
+        environ={},
+        credentials=Credentials("k", "s"),
+        agent=recording,
+    )
+    path, data = bundle_file(tmp_path, 1000, 11)
+    put = store.put(KEY, str(path), manifest_for(KEY, data))
+    listing = store.list_manifests("all")
+    await until(lambda: len(agent.pending) == 2, "both requests sent")
+    await store.close()
+    assert own.joined
+    for d in (put, listing):
+        with pytest.raises(StoreClosedError, match="the store was closed"):
+            await d
+    with pytest.raises(StoreClosedError):
+        await store.put(KEY, str(path), manifest_for(KEY, data))
+    with pytest.raises(StoreClosedError):
+        await store.list_manifests("all")
+
+
 def test_url_styles_and_public_url(pool: ThreadPool) -> None:
     virtual = store_with(pool, {}, endpoint="https://objects.example", path_style=False)
     assert virtual.url(KEY) == (
@@ -380,10 +450,10 @@ async def test_list_manifests_newest_first_over_several_pages(
     s3.put_object(Bucket="traps", Key="listing/all/stray.json", Body=b"{}")
     store.list_page_size = 3  # 11 keys under all/: four pages
 
-    got = await store.list_manifests_async("all")
+    got = await store.list_manifests("all")
     assert got == [json.loads(m) for m in reversed(manifests)]
     with pytest.raises(ValueError, match="invalid set name"):
-        await store.list_manifests_async("../x")
+        await store.list_manifests("../x")
 
 
 @pytest_twisted.ensureDeferred
@@ -435,7 +505,7 @@ async def test_seaweedfs_round_trip_public_by_key_listing_denied(
     with pytest.raises(urllib.error.HTTPError) as denied:
         anonymous_get(f"{seaweedfs.endpoint}/traps?list-type=2&prefix=rt/")
     assert denied.value.code == 403
-    listed = await store.list_manifests_async("all")
+    listed = await store.list_manifests("all")
     assert [m["key"] for m in listed] == list(reversed(keys))
 
 
@@ -543,7 +613,7 @@ async def test_seaweedfs_wrong_credentials_are_logged_then_retried(
     clock.advance(0.1)  # the first retry is due within retry_initial
     await until(lambda: acked == [["token"]], "the retry to store the bundle")
     assert errors(metrics) == 1
-    listed = await store.list_manifests_async("all")
+    listed = await store.list_manifests("all")
     assert [m["messages"] for m in listed] == [1]
 
 
@@ -588,7 +658,7 @@ async def test_seaweedfs_killed_mid_upload_then_the_backlog_uploads_by_itself(
         )
         for r in ("busy", "queue-full", "backlog-full")
     )
-    listed = await store.list_manifests_async("all")
+    listed = await store.list_manifests("all")
     assert len(listed) == 3
     s3 = seaweedfs.client()
     for doc in listed:

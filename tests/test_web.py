@@ -1,14 +1,27 @@
 """The HTTP side: downloads, listings, metrics and health.
 
-Most tests run the real Site on 127.0.0.1 with the default reactor and
-fetch with treq. Traversal attempts go out as raw bytes on a socket,
-because HTTP clients normalise "..", and the point is what the server does
-with what an attacker really sends. The property test drives the resource
-tree with DummyRequest to stay fast.
+Most tests drive the resource tree (``make_root``) with treq's
+``StubTreq``: real HTTP requests and responses, in memory, no socket. The
+store's pool there is a ``SyncPool``, so a listing is answered at once.
 
-FakeStore.path_for trusts its key (it only joins and checks existence), so
-the traversal tests prove web.py's own checks; the LocalStore tests prove
-the combination with the real store.
+Some tests need a real listening Site on 127.0.0.1, and keep it:
+- traversal attempts go out as raw bytes on a socket, because HTTP clients
+  (StubTreq's included) normalise "..", and the point is what the server
+  does with what an attacker really sends;
+- the Range tests count the bytes a real transport sends, with static.File's
+  producers paced by it, and HEAD is checked on the wire (Content-Length
+  without a body);
+- the ``Server: spamtrap`` header is set by spamtrap's own Site, which
+  StubTreq replaces with a plain one;
+- the real LocalStore test checks that a listing runs in the store's own
+  pool thread, not in the reactor thread.
+The property test and the tests of delayed answers drive the tree with
+DummyRequest and a pool that runs when the test says so.
+
+FakeStore.open_download trusts its key (it only joins and checks
+existence), so the traversal tests prove web.py's own checks; the
+LocalStore tests prove the combination with the real store, whose
+``open_download`` refuses symlinks out of it.
 """
 
 from __future__ import annotations
@@ -27,10 +40,12 @@ import pytest_twisted
 import treq
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
+from treq.testing import StubTreq
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
@@ -38,8 +53,11 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from spamtrap.config import Config, SetConfig
+from spamtrap.interfaces import Store
 from spamtrap.metrics import Metrics
-from spamtrap.web import MAX_RANGES, make_site, plan_ranges
+from spamtrap.store import Download, LocalFile
+from spamtrap.testing import MemoryStore, SyncPool
+from spamtrap.web import MAX_RANGES, make_root, make_site, plan_ranges
 
 TOKEN = "tok-private-0123456789"
 SHARED_TOKEN = "tok-shared-5555555555"
@@ -101,24 +119,62 @@ def build_store(base: Path) -> Layout:
     return layout
 
 
-class FakeStore:
-    """Exactly the API web.py uses, naively implemented."""
+class InlineReactor:
+    """Just enough reactor for deferToThreadPool, on one thread."""
 
-    def __init__(self, root: Path, manifests: dict[str, list[dict[str, Any]]]) -> None:
-        self.root = str(root)
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class FakeStore:
+    """The Store contract, naively implemented: downloads trust the key;
+    listings run in the store's own ``pool`` (a SyncPool unless given)."""
+
+    served_by_web = True
+
+    def __init__(
+        self,
+        root: Path,
+        manifests: dict[str, list[dict[str, Any]]],
+        pool: Any = None,
+        reactor: Any = None,
+    ) -> None:
+        self._root = str(root)
         self.manifests = manifests
+        self.pool = pool if pool is not None else SyncPool()
+        self._reactor = reactor if reactor is not None else InlineReactor()
         self.listed_in_reactor_thread: list[bool] = []
         self.fail_listing: Exception | None = None
 
-    def path_for(self, key: str) -> str | None:
-        path = os.path.join(self.root, key)
-        return path if os.path.exists(path) else None
+    def describe(self) -> str:
+        return "fake store"
 
-    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+    def url(self, key: str) -> str | None:
+        return None
+
+    def put(self, key: str, path: str, manifest: bytes) -> defer.Deferred[None]:
+        raise NotImplementedError("the web layer never stores")
+
+    def open_download(self, key: str) -> Download:
+        path = os.path.join(self._root, key)
+        return LocalFile(path) if os.path.exists(path) else None
+
+    def list_manifests(self, set_name: str) -> defer.Deferred[list[dict[str, Any]]]:
+        return deferToThreadPool(self._reactor, self.pool, self._list, set_name)
+
+    def _list(self, set_name: str) -> list[dict[str, Any]]:
         self.listed_in_reactor_thread.append(isInIOThread())
         if self.fail_listing is not None:
             raise self.fail_listing
         return self.manifests.get(set_name, [])
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+def test_fake_store_keeps_the_contract(tmp_path: Path) -> None:
+    store: Store = FakeStore(tmp_path, {})  # mypy checks the contract
+    assert isinstance(store, Store)
 
 
 def private_manifests() -> list[dict[str, Any]]:
@@ -153,13 +209,13 @@ async def start_server(
     stack: list[Callable[[], Any]], store_factory: Callable[[Layout, ThreadPool], Any], base: Path
 ) -> Server:
     layout = build_store(base)
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-web")
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-web")  # the store's own
     pool.start()
     stack.append(pool.stop)
     store = store_factory(layout, pool)
     metrics = Metrics()
     health: dict[str, Any] = {"status": "ok"}
-    site = make_site(store, make_config(), metrics, lambda: dict(health), reactor, pool)
+    site = make_site(store, make_config(), metrics, lambda: dict(health), reactor)
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
     stack.append(port.stopListening)
     number = port.getHost().port
@@ -177,11 +233,62 @@ async def server(tmp_path: Path):
     try:
         yield await start_server(
             stack,
-            lambda layout, pool: FakeStore(layout.root, {"private": private_manifests()}),
+            lambda layout, pool: FakeStore(
+                layout.root, {"private": private_manifests()}, pool, reactor
+            ),
             tmp_path,
         )
     finally:
         await unwind(stack)
+
+
+# --- the resource tree in memory (StubTreq) ----------------------------------
+
+BASE = "http://spamtrap.test"
+
+
+@dataclass
+class Web:
+    """make_root over a FakeStore, driven by StubTreq."""
+
+    stub: StubTreq
+    layout: Layout
+    store: FakeStore
+    metrics: Metrics
+    health: dict[str, Any]
+
+    async def fetch(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        response = await self._settle(self.stub.request(method, BASE + path, **kwargs))
+        body = await self._settle(self.stub.content(response))
+        return response, body
+
+    async def _settle(self, d: defer.Deferred[Any]) -> Any:
+        """StubTreq moves bytes only when flushed, and static.File's producer
+        writes each chunk from the global cooperator (a reactor turn): flush,
+        turn, until ``d`` has its result."""
+        done: list[bool] = []
+
+        def fired(result: Any) -> Any:
+            done.append(True)
+            return result
+
+        d.addBoth(fired)
+        for _ in range(10_000):
+            self.stub.flush()
+            if done:
+                return await d
+            await task.deferLater(reactor, 0, lambda: None)
+        raise AssertionError("StubTreq request did not finish")
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Web:
+    layout = build_store(tmp_path)
+    store = FakeStore(layout.root, {"private": private_manifests()})
+    metrics = Metrics()
+    health: dict[str, Any] = {"status": "ok"}
+    root = make_root(store, make_config(), metrics, lambda: dict(health))
+    return Web(StubTreq(root), layout, store, metrics, health)
 
 
 async def fetch(method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
@@ -231,27 +338,51 @@ async def raw_request(port: int, method: bytes, target: bytes) -> tuple[int, dic
 
 
 @pytest_twisted.ensureDeferred
-async def test_download_streams_exact_bytes_with_headers(server: Server) -> None:
-    response, body = await fetch("GET", f"{server.base}/bundles/all/{NAME}.mbox.gz")
+async def test_download_streams_exact_bytes_with_headers(web: Web) -> None:
+    response, body = await web.fetch("GET", f"/bundles/all/{NAME}.mbox.gz")
     assert response.code == 200
-    assert body == server.layout.bundle
+    assert body == web.layout.bundle
     assert header(response, "content-type") == "application/gzip"
     # twisted's client turns Content-Length into .length (else UNKNOWN_LENGTH).
-    assert response.length == len(server.layout.bundle)
+    assert response.length == len(web.layout.bundle)
     assert header(response, "cache-control") == "public, max-age=31536000, immutable"
     # Content-Encoding: gzip would make clients gunzip the published file
     # (treq asks for gzip and would decode; it leaves an empty header).
     assert not header(response, "content-encoding")
-    assert header(response, "server") == "spamtrap"
 
 
 @pytest_twisted.ensureDeferred
-async def test_download_manifest_is_json(server: Server) -> None:
-    response, body = await fetch("GET", f"{server.base}/bundles/all/{NAME}.json")
+async def test_every_response_names_spamtrap_as_the_server(server: Server) -> None:
+    # On a real socket: StubTreq serves the tree with its own Site.
+    for method, path in [
+        ("GET", f"/bundles/all/{NAME}.mbox.gz"),
+        ("GET", f"/bundles/all/{NAME[:-1]}X.mbox.gz"),
+        ("GET", "/nope"),
+        ("POST", "/metrics"),
+        ("GET", "/healthz"),
+    ]:
+        response, _ = await fetch(method, server.base + path)
+        assert header(response, "server") == "spamtrap", (method, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_that_is_not_a_regular_file_is_404(web: Web) -> None:
+    # Whatever the store answers, static.File must never list a directory.
+    directory = f"all/{NAME[:-1]}D.mbox.gz"
+    (web.layout.root / directory).mkdir()
+    assert isinstance(web.store.open_download(directory), LocalFile)
+    response, body = await web.fetch("GET", f"/bundles/{directory}")
+    assert response.code == 404
+    assert body == b"no such bundle\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_manifest_is_json(web: Web) -> None:
+    response, body = await web.fetch("GET", f"/bundles/all/{NAME}.json")
     assert response.code == 200
     assert header(response, "content-type") == "application/json"
-    assert body == server.layout.manifest
-    assert json.loads(body)["sha256"] == hashlib.sha256(server.layout.bundle).hexdigest()
+    assert body == web.layout.manifest
+    assert json.loads(body)["sha256"] == hashlib.sha256(web.layout.bundle).hexdigest()
 
 
 @pytest_twisted.ensureDeferred
@@ -285,7 +416,8 @@ async def test_range_request_resumes_a_download(server: Server) -> None:
 async def ranged(port: int, spec: str, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
     """A raw request with ``Range: spec``; the answer as sent, every byte counted."""
     request = (
-        method + f" /bundles/all/{NAME}.mbox.gz HTTP/1.1\r\nHost: x\r\n"
+        method
+        + f" /bundles/all/{NAME}.mbox.gz HTTP/1.1\r\nHost: x\r\n"
         f"Range: {spec}\r\nConnection: close\r\n\r\n".encode()
     )
     client = _RawClient(request)
@@ -438,9 +570,11 @@ def test_planned_ranges_never_exceed_the_file(
         assert all(a[1] + 1 < b[0] for a, b in zip(plan, plan[1:], strict=False))
         assert sum(last - first + 1 for first, last in plan) <= size
     # Every byte asked for (by a well-formed spec) is in the plan, none other.
-    if all(a is not None or b is not None for a, b in specs) and all(
-        a is None or b is None or a <= b for a, b in specs
-    ) and specs:
+    if (
+        all(a is not None or b is not None for a, b in specs)
+        and all(a is None or b is None or a <= b for a, b in specs)
+        and specs
+    ):
         plan = plan_ranges(b"bytes=" + text.encode(), size)
         asked = set()
         for a, b in specs:
@@ -462,13 +596,12 @@ def test_planned_ranges_never_exceed_the_file(
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_unknown_key_is_404_text(server: Server, path: str) -> None:
-    response, body = await fetch("GET", server.base + path)
+async def test_unknown_key_is_404_text(web: Web, path: str) -> None:
+    response, body = await web.fetch("GET", path)
     assert response.code == 404
     assert header(response, "content-type") == "text/plain; charset=utf-8"
     # A missing bundle may appear later: the 404 must not be cached.
     assert header(response, "cache-control") == "no-store"
-    assert header(response, "server") == "spamtrap"
     assert len(body) < 100 and b"<" not in body
 
 
@@ -512,27 +645,27 @@ async def test_traversal_attempts_are_404_and_never_read_outside(server: Server)
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 @pytest_twisted.ensureDeferred
-async def test_other_methods_are_405(server: Server, method: str) -> None:
+async def test_other_methods_are_405(web: Web, method: str) -> None:
     for path in (f"/bundles/all/{NAME}.mbox.gz", "/bundles/private/", "/metrics", "/healthz"):
-        response, body = await fetch(method, server.base + path, data=b"x")
+        response, body = await web.fetch(method, path, data=b"x")
         assert response.code == 405, path
         assert header(response, "allow") == "GET, HEAD"
-        assert header(response, "server") == "spamtrap"
         assert b"Traceback" not in body
-    assert (server.layout.root / f"all/{NAME}.mbox.gz").read_bytes() == server.layout.bundle
+    assert (web.layout.root / f"all/{NAME}.mbox.gz").read_bytes() == web.layout.bundle
+    assert web.store.listed_in_reactor_thread == []
 
 
 # --- listings ----------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_listing_without_a_configured_token_is_403(server: Server) -> None:
-    response, body = await fetch(
-        "GET", f"{server.base}/bundles/all/", headers={"Authorization": f"Bearer {TOKEN}"}
+async def test_listing_without_a_configured_token_is_403(web: Web) -> None:
+    response, body = await web.fetch(
+        "GET", "/bundles/all/", headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert response.code == 403
     assert body == b"listing is disabled for this set\n"
-    assert server.store.listed_in_reactor_thread == []
+    assert web.store.listed_in_reactor_thread == []
 
 
 @pytest.mark.parametrize(
@@ -540,33 +673,27 @@ async def test_listing_without_a_configured_token_is_403(server: Server) -> None
     [None, "Bearer wrong", f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer "],
 )
 @pytest_twisted.ensureDeferred
-async def test_listing_without_the_right_token_is_401(
-    server: Server, authorization: str | None
-) -> None:
+async def test_listing_without_the_right_token_is_401(web: Web, authorization: str | None) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    response, body = await fetch("GET", f"{server.base}/bundles/private/", headers=headers)
+    response, body = await web.fetch("GET", "/bundles/private/", headers=headers)
     assert response.code == 401
     assert header(response, "www-authenticate") == 'Bearer realm="spamtrap"'
-    assert header(response, "server") == "spamtrap"
     assert b"ZZZZ" not in body
-    assert server.store.listed_in_reactor_thread == []
+    assert web.store.listed_in_reactor_thread == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_listing_an_unknown_set_is_404(server: Server) -> None:
-    response, _ = await fetch(
-        "GET", f"{server.base}/bundles/nosuch/", headers={"Authorization": f"Bearer {TOKEN}"}
+async def test_listing_an_unknown_set_is_404(web: Web) -> None:
+    response, _ = await web.fetch(
+        "GET", "/bundles/nosuch/", headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert response.code == 404
 
 
 @pytest.mark.parametrize("path", ["/bundles/private/", "/bundles/private"])
 @pytest_twisted.ensureDeferred
-async def test_listing_with_the_token(server: Server, path: str) -> None:
-    assert isInIOThread()  # else the "not in the reactor thread" check below proves nothing
-    response, body = await fetch(
-        "GET", server.base + path, headers={"Authorization": f"bearer  {TOKEN}"}
-    )
+async def test_listing_with_the_token(web: Web, path: str) -> None:
+    response, body = await web.fetch("GET", path, headers={"Authorization": f"bearer  {TOKEN}"})
     assert response.code == 200
     assert header(response, "content-type") == "application/json"
     assert header(response, "cache-control") == "no-store"
@@ -576,21 +703,18 @@ async def test_listing_with_the_token(server: Server, path: str) -> None:
     for m in expected:
         m["url"] = f"https://spam.example:8443/bundles/{m['key']}"
     assert doc["bundles"] == expected  # newest first, as the store gave them
-    # The blocking call ran in the pool, and the store's dicts were not touched.
-    assert server.store.listed_in_reactor_thread == [False]
-    assert all("url" not in m for m in server.store.manifests["private"])
+    # The store listed once, in its own pool; its dicts were not touched.
+    assert web.store.pool.calls == 1
+    assert all("url" not in m for m in web.store.manifests["private"])
 
 
-def manual_site(store: Any) -> tuple[Any, ManualPool]:
-    pool = ManualPool()
-    return make_site(store, make_config(), Metrics(), dict, InlineReactor(), pool), pool  # type: ignore[arg-type]
+def manual_site(store: Any) -> Any:
+    return make_site(store, make_config(), Metrics(), dict, InlineReactor())
 
 
-class InlineReactor:
-    """Just enough reactor for deferToThreadPool, on one thread."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
+def manual_store(manifests: dict[str, list[dict[str, Any]]], root: Path) -> FakeStore:
+    """A FakeStore whose pool runs its listings when the test says so."""
+    return FakeStore(root, manifests, ManualPool())
 
 
 class ManualPool:
@@ -631,13 +755,13 @@ def render(site: Any, request: DummyRequest) -> Any:
     return result
 
 
-def test_listing_answers_only_when_the_pool_is_done(tmp_path: Path) -> None:
-    store = FakeStore(tmp_path, {"private": private_manifests()})
-    site, pool = manual_site(store)
+def test_listing_answers_only_when_the_stores_pool_is_done(tmp_path: Path) -> None:
+    store = manual_store({"private": private_manifests()}, tmp_path)
+    site = manual_site(store)
     request = listing_request()
     assert render(site, request) is NOT_DONE_YET
     assert request.written == [] and not request.finished
-    pool.run_all()
+    store.pool.run_all()
     assert request.finished == 1
     assert request.responseCode == 200
     assert [b["key"] for b in json.loads(b"".join(request.written))["bundles"]] == [
@@ -646,41 +770,38 @@ def test_listing_answers_only_when_the_pool_is_done(tmp_path: Path) -> None:
 
 
 def test_listing_for_a_client_that_went_away_writes_nothing(tmp_path: Path) -> None:
-    site, pool = manual_site(FakeStore(tmp_path, {"private": private_manifests()}))
+    store = manual_store({"private": private_manifests()}, tmp_path)
+    site = manual_site(store)
     request = listing_request()
     assert render(site, request) is NOT_DONE_YET
     # What server.Request does when the connection drops: errback notifyFinish.
     request.processingFailed(Failure(ConnectionLost()))
-    pool.run_all()  # must neither write nor finish (a real Request would raise)
+    store.pool.run_all()  # must neither write nor finish (a real Request would raise)
     assert request.written == []
     assert request.finished == 0
 
 
 def test_listing_store_failure_is_a_500_without_details(tmp_path: Path) -> None:
-    store = FakeStore(tmp_path, {})
+    store = manual_store({}, tmp_path)
     store.fail_listing = OSError("disk on fire at /var/lib/spamtrap")
-    site, pool = manual_site(store)
+    site = manual_site(store)
     request = listing_request()
     render(site, request)
-    pool.run_all()
+    store.pool.run_all()
     assert request.responseCode == 500
     assert b"".join(request.written) == b"listing set private failed\n"
 
 
-class S3Like:
+def S3Like() -> MemoryStore:  # noqa: N802 - reads as the class it stands for
     """A store with public URLs and no local files, like the S3 store."""
-
-    root = "/nonexistent"
-
-    def url(self, key: str) -> str:
-        return f"http://objects.invalid/traps/{key}"
-
-    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
-        return []
+    store = MemoryStore(base_url="http://objects.invalid/traps")
+    key = f"all/{NAME}.mbox.gz"
+    store.add(key, b"bundle bytes", manifest_for(key, b"bundle bytes"))
+    return store
 
 
 def test_s3_store_download_redirects_to_the_public_object(tmp_path: Path) -> None:
-    site, _ = manual_site(S3Like())
+    site = manual_site(S3Like())
     request = DummyRequest([b"bundles", b"all", f"{NAME}.mbox.gz".encode()])
     render(site, request)
     assert request.responseCode == 302
@@ -690,7 +811,7 @@ def test_s3_store_download_redirects_to_the_public_object(tmp_path: Path) -> Non
 
 def test_s3_store_range_request_is_a_redirect_without_bytes(tmp_path: Path) -> None:
     # S3 serves the bytes (and the ranges): none of them pass through spamtrap.
-    site, _ = manual_site(S3Like())
+    site = manual_site(S3Like())
     request = DummyRequest([b"bundles", b"all", f"{NAME}.mbox.gz".encode()])
     request.requestHeaders.setRawHeaders(b"range", [b"bytes=" + b",".join([b"0-"] * 1000)])
     render(site, request)
@@ -699,8 +820,13 @@ def test_s3_store_range_request_is_a_redirect_without_bytes(tmp_path: Path) -> N
 
 
 def test_s3_store_unknown_or_bad_keys_are_404(tmp_path: Path) -> None:
-    site, _ = manual_site(S3Like())
-    for path in ([b"bundles", b"all", b"not-a-bundle.mbox.gz"], [b"bundles", b"all", b"x.txt"]):
+    site = manual_site(S3Like())
+    unstored = f"{NAME[:-1]}X.mbox.gz".encode()
+    for path in (
+        [b"bundles", b"all", b"not-a-bundle.mbox.gz"],
+        [b"bundles", b"all", b"x.txt"],
+        [b"bundles", b"all", unstored],
+    ):
         request = DummyRequest(path)
         render(site, request)
         assert request.responseCode == 404
@@ -716,10 +842,10 @@ def feed_request(path: bytes, args: dict[bytes, list[bytes]] | None = None) -> D
     return request
 
 
-def feed_page(site: Any, pool: ManualPool, **query: str) -> dict[str, Any]:
+def feed_page(site: Any, store: FakeStore, **query: str) -> dict[str, Any]:
     request = feed_request(b"private", {k.encode(): [v.encode()] for k, v in query.items()})
     render(site, request)
-    pool.run_all()
+    store.pool.run_all()
     assert request.responseCode in (None, 200), b"".join(request.written)
     doc: dict[str, Any] = json.loads(b"".join(request.written))
     return doc
@@ -731,10 +857,8 @@ def private_cursor(i: int) -> str:
 
 @pytest.mark.parametrize("path", ["/feeds/private", "/feeds/private/"])
 @pytest_twisted.ensureDeferred
-async def test_feed_with_the_token(server: Server, path: str) -> None:
-    response, body = await fetch(
-        "GET", server.base + path, headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+async def test_feed_with_the_token(web: Web, path: str) -> None:
+    response, body = await web.fetch("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.code == 200
     assert header(response, "content-type") == "application/json"
     assert header(response, "cache-control") == "no-store"
@@ -748,15 +872,15 @@ async def test_feed_with_the_token(server: Server, path: str) -> None:
         "cursor": private_cursor(0),
         "more": False,
     }
-    assert server.store.listed_in_reactor_thread == [False]  # listed in the pool
+    assert web.store.pool.calls == 1  # listed in the store's own pool
 
 
 @pytest_twisted.ensureDeferred
-async def test_feed_since_and_limit_page_forward(server: Server) -> None:
+async def test_feed_since_and_limit_page_forward(web: Web) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    url = f"{server.base}/feeds/private"
+    url = "/feeds/private"
     # The oldest page first (newest first within it), then onwards from its cursor.
-    response, body = await fetch("GET", f"{url}?limit=2", headers=auth)
+    response, body = await web.fetch("GET", f"{url}?limit=2", headers=auth)
     doc = json.loads(body)
     assert [b["key"] for b in doc["bundles"]] == [
         f"private/{PRIVATE_NAMES[1]}.mbox.gz",
@@ -764,12 +888,12 @@ async def test_feed_since_and_limit_page_forward(server: Server) -> None:
     ]
     assert doc["cursor"] == private_cursor(1)
     assert doc["more"] is True
-    response, body = await fetch("GET", f"{url}?limit=2&since={doc['cursor']}", headers=auth)
+    response, body = await web.fetch("GET", f"{url}?limit=2&since={doc['cursor']}", headers=auth)
     doc = json.loads(body)
     assert [b["key"] for b in doc["bundles"]] == [f"private/{PRIVATE_NAMES[0]}.mbox.gz"]
     assert (doc["cursor"], doc["more"]) == (private_cursor(0), False)
     # Nothing newer: the cursor stays, so a client can store it blindly.
-    response, body = await fetch("GET", f"{url}?since={doc['cursor']}", headers=auth)
+    response, body = await web.fetch("GET", f"{url}?since={doc['cursor']}", headers=auth)
     assert json.loads(body) == {
         "set": "private",
         "bundles": [],
@@ -777,7 +901,7 @@ async def test_feed_since_and_limit_page_forward(server: Server) -> None:
         "more": False,
     }
     # A bare time is a cursor too: everything from that hour on.
-    response, body = await fetch("GET", f"{url}?since=2026-02-01T00", headers=auth)
+    response, body = await web.fetch("GET", f"{url}?since=2026-02-01T00", headers=auth)
     assert [b["key"] for b in json.loads(body)["bundles"]] == [
         f"private/{n}.mbox.gz" for n in PRIVATE_NAMES[:2]
     ]
@@ -807,17 +931,15 @@ async def test_feed_since_and_limit_page_forward(server: Server) -> None:
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_feed_refusals(
-    server: Server, path: str, authorization: str | None, code: int
-) -> None:
+async def test_feed_refusals(web: Web, path: str, authorization: str | None, code: int) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
-    response, body = await fetch("GET", server.base + path, headers=headers)
+    response, body = await web.fetch("GET", path, headers=headers)
     assert response.code == code
     assert header(response, "content-type") == "text/plain; charset=utf-8"
     assert b"ZZZZ" not in body and b"YYYY" not in body  # no key leaks out
     if code == 401:
         assert header(response, "www-authenticate") == 'Bearer realm="spamtrap"'
-    assert server.store.listed_in_reactor_thread == []
+    assert web.store.listed_in_reactor_thread == []
 
 
 def test_feed_skips_manifests_that_are_not_this_sets_bundles(tmp_path: Path) -> None:
@@ -829,8 +951,8 @@ def test_feed_skips_manifests_that_are_not_this_sets_bundles(tmp_path: Path) -> 
         {"size": 3},
         ["not", "a", "dict"],
     ]
-    site, pool = manual_site(FakeStore(tmp_path, {"private": junk + good}))
-    doc = feed_page(site, pool)
+    store = manual_store({"private": junk + good}, tmp_path)
+    doc = feed_page(manual_site(store), store)
     assert [b["key"] for b in doc["bundles"]] == [m["key"] for m in good]
 
 
@@ -839,19 +961,19 @@ def test_feed_uses_the_stores_own_urls(tmp_path: Path) -> None:
         def url(self, key: str) -> str:
             return f"https://bucket.example/spam/{key}"
 
-    site, pool = manual_site(S3LikeStore(tmp_path, {"private": private_manifests()}))
-    doc = feed_page(site, pool, limit="1")
+    store = S3LikeStore(tmp_path, {"private": private_manifests()}, ManualPool())
+    doc = feed_page(manual_site(store), store, limit="1")
     assert doc["bundles"][0]["url"] == (
         f"https://bucket.example/spam/private/{PRIVATE_NAMES[2]}.mbox.gz"
     )
 
 
 def test_feed_answers_only_when_the_pool_is_done(tmp_path: Path) -> None:
-    site, pool = manual_site(FakeStore(tmp_path, {"private": private_manifests()}))
+    store = manual_store({"private": private_manifests()}, tmp_path)
     request = feed_request(b"private")
-    assert render(site, request) is NOT_DONE_YET
+    assert render(manual_site(store), request) is NOT_DONE_YET
     assert request.written == []
-    pool.run_all()
+    store.pool.run_all()
     assert request.finished == 1
 
 
@@ -869,11 +991,12 @@ cursor_names = st.builds(
 @given(names=st.sets(cursor_names, max_size=25), limit=st.integers(1, 7))
 def test_feed_paging_yields_every_bundle_once_in_order(names: set[str], limit: int) -> None:
     manifests = [{"key": f"private/{n}.mbox.gz", "size": 1} for n in names]
-    site, pool = manual_site(FakeStore(Path("/nonexistent"), {"private": manifests}))
+    store = manual_store({"private": manifests}, Path("/nonexistent"))
+    site = manual_site(store)
     seen: list[str] = []
     since = ""
     for _ in range(len(names) + 2):
-        doc = feed_page(site, pool, since=since, limit=str(limit))
+        doc = feed_page(site, store, since=since, limit=str(limit))
         page = [b["key"][len("private/") : -len(".mbox.gz")] for b in doc["bundles"]]
         assert page == sorted(page, reverse=True)  # newest first
         assert len(page) <= limit
@@ -890,40 +1013,39 @@ def test_feed_paging_yields_every_bundle_once_in_order(names: set[str], limit: i
 
 
 @pytest_twisted.ensureDeferred
-async def test_metrics(server: Server) -> None:
-    server.metrics.messages_accepted.inc(3)
-    response, body = await fetch("GET", f"{server.base}/metrics")
+async def test_metrics(web: Web) -> None:
+    web.metrics.messages_accepted.inc(3)
+    response, body = await web.fetch("GET", "/metrics")
     assert response.code == 200
     assert header(response, "content-type") == "text/plain; version=0.0.4; charset=utf-8"
     assert b"\nspamtrap_messages_accepted_total 3.0\n" in body
 
 
 @pytest_twisted.ensureDeferred
-async def test_healthz_follows_status(server: Server) -> None:
-    server.health.update(status="ok", spool_depth=0)
-    response, body = await fetch("GET", f"{server.base}/healthz")
+async def test_healthz_follows_status(web: Web) -> None:
+    web.health.update(status="ok", spool_depth=0)
+    response, body = await web.fetch("GET", "/healthz")
     assert response.code == 200
     assert header(response, "content-type") == "application/json"
     assert json.loads(body) == {"status": "ok", "spool_depth": 0}
 
-    server.health.update(status="degraded", store="unreachable")
-    response, body = await fetch("GET", f"{server.base}/healthz")
+    web.health.update(status="degraded", store="unreachable")
+    response, body = await web.fetch("GET", "/healthz")
     assert response.code == 503
     assert json.loads(body)["store"] == "unreachable"
 
 
 @pytest_twisted.ensureDeferred
-async def test_index_and_unknown_paths(server: Server) -> None:
-    response, body = await fetch("GET", f"{server.base}/")
+async def test_index_and_unknown_paths(web: Web) -> None:
+    response, body = await web.fetch("GET", "/")
     assert response.code == 200
     assert header(response, "content-type") == "text/plain; charset=utf-8"
     routes = (b"/bundles/<set>/<name>.mbox.gz", b"/bundles/<set>/", b"/feeds/<set>", b"/metrics")
     for route in (*routes, b"/healthz"):
         assert route in body
     for path in ("/nope", "/metrics/extra", "/healthz/", "//metrics", "/bundles", "/bundles/"):
-        response, body = await fetch("GET", server.base + path)
+        response, body = await web.fetch("GET", path)
         assert response.code == 404, path
-        assert header(response, "server") == "spamtrap"
         assert header(response, "content-type") == "text/plain; charset=utf-8"
 
 
@@ -935,11 +1057,19 @@ async def test_real_local_store_listing_and_downloads(tmp_path: Path) -> None:
     from spamtrap.store import bundle_key, manifest_key
     from spamtrap.store.local import LocalStore
 
+    class RecordingLocalStore(LocalStore):
+        listed_in_reactor_thread: list[bool] = []
+
+        def read_manifests(self, set_name: str) -> list[dict[str, Any]]:
+            self.listed_in_reactor_thread.append(isInIOThread())
+            return super().read_manifests(set_name)
+
+    assert isInIOThread()  # else the "not in the reactor thread" check below proves nothing
     stack: list[Callable[[], Any]] = []
     try:
         srv = await start_server(
             stack,
-            lambda layout, pool: LocalStore(str(layout.root), reactor, pool),
+            lambda layout, pool: RecordingLocalStore(str(layout.root), reactor, pool),
             tmp_path,
         )
         # Stored out of order: the listing must still come newest first.
@@ -958,6 +1088,8 @@ async def test_real_local_store_listing_and_downloads(tmp_path: Path) -> None:
         assert response.code == 200
         listed = json.loads(body)["bundles"]
         assert [b["key"] for b in listed] == [keys[1], keys[2], keys[0]]
+        # In the store's own pool thread: not the reactor, not the filters.
+        assert srv.store.listed_in_reactor_thread == [False]
 
         for entry in listed:
             assert entry["url"].startswith("https://spam.example:8443/bundles/private/")
@@ -978,14 +1110,42 @@ async def test_real_local_store_listing_and_downloads(tmp_path: Path) -> None:
         await unwind(stack)
 
 
+@pytest_twisted.ensureDeferred
+async def test_memory_store_over_stubtreq_redirects_and_lists_its_urls() -> None:
+    store = MemoryStore(base_url="https://bucket.example/spam")
+    keys = [f"private/{n}.mbox.gz" for n in PRIVATE_NAMES]
+    for key in reversed(keys):  # stored oldest first
+        store.add(key, key.encode(), manifest_for(key, key.encode()))
+    stub = StubTreq(make_root(store, make_config(), Metrics(), dict))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    response = await stub.get(f"{BASE}/bundles/private/", headers=auth)
+    doc = json.loads(await stub.content(response))
+    assert [b["key"] for b in doc["bundles"]] == keys
+    assert [b["url"] for b in doc["bundles"]] == [f"https://bucket.example/spam/{k}" for k in keys]
+    assert store.listed == ["private"]
+    response = await stub.get(f"{BASE}/bundles/{keys[0]}", allow_redirects=False)
+    assert response.code == 302
+    assert header(response, "location") == f"https://bucket.example/spam/{keys[0]}"
+    assert await stub.content(response) == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_store_makes_a_listing_a_500() -> None:
+    store = MemoryStore()
+    await store.close()
+    stub = StubTreq(make_root(store, make_config(), Metrics(), dict))
+    response = await stub.get(f"{BASE}/feeds/private", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.code == 500
+    assert await stub.content(response) == b"feed of set private failed\n"
+
+
 # --- property: no path reaches outside the store, none fails -----------------
 
 
 @pytest.fixture(scope="module")
 def property_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Layout]:
     layout = build_store(tmp_path_factory.mktemp("web-property"))
-    site, _ = manual_site(FakeStore(layout.root, {}))
-    return site, layout
+    return manual_site(FakeStore(layout.root, {})), layout
 
 
 INTERESTING_SEGMENTS = [

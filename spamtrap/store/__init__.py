@@ -1,5 +1,6 @@
-"""Where finished bundles go: the key scheme, and ``open_store`` (the Store
-interface itself is ``spamtrap.interfaces.Store``).
+"""Where finished bundles go: the key scheme, what a download is
+(``LocalFile``, ``Redirect``), and ``open_store`` (the Store interface
+itself is ``spamtrap.interfaces.Store``).
 
 A key is ``<set>/<UTC ISO-8601 to seconds>.<node>.<random base62>.mbox.gz``;
 its manifest sits beside it under the same name ending in ``.json``. Listing
@@ -12,7 +13,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from spamtrap.interfaces import Store as Store  # the interface lives with the other seams
@@ -40,6 +42,29 @@ KEY_RE = re.compile(
 
 class StoreConfigError(Exception):
     """The store URL cannot be used."""
+
+
+class StoreClosedError(Exception):
+    """The store was closed (the service is stopping): nothing more is done."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A download the web layer streams itself: a regular file, symlinks
+    resolved, that the store has checked lies inside its own directory."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A download served elsewhere (S3): the web layer sends the client on."""
+
+    url: str
+
+
+# What ``Store.open_download`` answers; None means "no such bundle".
+Download: TypeAlias = LocalFile | Redirect | None
 
 
 def valid_set_name(name: str) -> bool:

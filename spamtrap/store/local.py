@@ -2,7 +2,9 @@
 
 Every file appears atomically (temp file in the same directory, fsync,
 rename, fsync of the directory), the object before the manifest, so a
-manifest on disk always means a complete bundle beside it.
+manifest on disk always means a complete bundle beside it. All of it, and
+the listings, run in the store's own pool; downloads are streamed by the
+web layer from the ``LocalFile`` that ``open_download`` checked.
 """
 
 from __future__ import annotations
@@ -12,13 +14,21 @@ import os
 import shutil
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap.interfaces import ReactorFromThreads, as_reactor_from_threads
 from spamtrap.message import random_base62
-from spamtrap.store import KEY_RE, MANIFEST_SUFFIX, manifest_key, valid_set_name
+from spamtrap.store import (
+    KEY_RE,
+    MANIFEST_SUFFIX,
+    Download,
+    LocalFile,
+    StoreClosedError,
+    manifest_key,
+    valid_set_name,
+)
 
 
 def _fsync_dir(path: str) -> None:
@@ -44,10 +54,28 @@ def _fsync_file(path: str) -> None:
 
 
 class LocalStore:
+    # This node's web server streams the files (open_download: LocalFile).
+    served_by_web = True
+
     def __init__(self, root: str, reactor: ReactorFromThreads, pool: ThreadPool) -> None:
         self.root = os.path.abspath(root)
         self._reactor = as_reactor_from_threads(reactor)
         self._pool = pool
+        self._closed = False
+
+    def _in_pool(self, f: Any, *args: Any) -> Deferred[Any]:
+        """``f(*args)`` in the store's pool; StoreClosedError once closed."""
+        if self._closed:
+            return fail(StoreClosedError(f"{self.describe()} is closed"))
+        return maybeDeferred(deferToThreadPool, self._reactor, self._pool, f, *args)
+
+    def close(self) -> Deferred[None]:
+        """Refuse new work and stop the pool; stopping waits for the writes
+        already running, which must not be cut off between fsyncs."""
+        self._closed = True
+        if not getattr(self._pool, "joined", True):
+            self._pool.stop()
+        return succeed(None)
 
     def describe(self) -> str:
         return f"local directory {self.root}"
@@ -57,7 +85,7 @@ class LocalStore:
         return None
 
     def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
-        return deferToThreadPool(self._reactor, self._pool, self._put, key, path, manifest)
+        return self._in_pool(self._put, key, path, manifest)
 
     def _put(self, key: str, path: str, manifest: bytes) -> None:
         if KEY_RE.fullmatch(key) is None or not key.endswith(".mbox.gz"):
@@ -106,18 +134,29 @@ class LocalStore:
         """The file for ``key``, or None if the key is not a stored bundle or
         manifest. ``key`` is taken literally: percent-decoding is the web
         layer's job, and anything that is not exactly ``set/name`` with a
-        valid name is refused (``..``, absolute paths, backslashes, NUL)."""
+        valid name is refused (``..``, absolute paths, backslashes, NUL).
+        The answer is a regular file really inside the root, symlinks
+        resolved: a symlinked set directory or bundle must not lead out."""
         if KEY_RE.fullmatch(key) is None:
             return None
         set_name, name = key.split("/")
-        path = os.path.join(self.root, set_name, name)
-        # Defence in depth: a symlinked set directory must not lead outside.
+        real = os.path.realpath(os.path.join(self.root, set_name, name))
         root = os.path.realpath(self.root)
-        if os.path.commonpath([os.path.realpath(path), root]) != root:
+        if os.path.commonpath([real, root]) != root:
             return None
-        return path if os.path.isfile(path) else None
+        return real if os.path.isfile(real) else None
 
-    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+    def open_download(self, key: str) -> Download:
+        path = self.path_for(key)
+        return LocalFile(path) if path is not None else None
+
+    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+        """``read_manifests`` in the store's pool."""
+        if not valid_set_name(set_name):
+            return fail(ValueError(f"invalid set name {set_name!r}"))
+        return self._in_pool(self.read_manifests, set_name)
+
+    def read_manifests(self, set_name: str) -> list[dict[str, Any]]:
         """Blocking: the parsed manifests of a set, newest first (by key).
 
         Unreadable or malformed manifests are skipped: a listing must not

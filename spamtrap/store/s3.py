@@ -52,6 +52,9 @@ from spamtrap.store import (
     BUNDLE_SUFFIX,
     KEY_RE,
     MANIFEST_SUFFIX,
+    Download,
+    Redirect,
+    StoreClosedError,
     StoreConfigError,
     valid_set_name,
 )
@@ -215,6 +218,10 @@ def _transport_error(error: BaseException) -> tuple[str, str]:
 
 
 class S3Store:
+    # Objects are public by key in the bucket: this node's web server only
+    # redirects to them (open_download: Redirect).
+    served_by_web = False
+
     def __init__(
         self,
         bucket: str,
@@ -251,6 +258,9 @@ class S3Store:
         self._resolved = False
         self.list_page_size = 1000  # keys per ListObjectsV2 page (S3's most)
         self._connections: HTTPConnectionPool | None = None
+        # put and list_manifests in progress, cancelled by close().
+        self._in_flight: set[Deferred[Any]] = set()
+        self._closed = False
         if agent is None:
             self._connections = HTTPConnectionPool(reactor, persistent=True)
             self._connections.maxPersistentPerHost = self._concurrency + 2
@@ -294,6 +304,25 @@ class S3Store:
         if self._endpoint is None and self._region is None:
             return None  # AWS, region not read from the AWS config yet
         return self._url(object_key)
+
+    def open_download(self, key: str) -> Download:
+        """A redirect to the public object: no byte of a bundle passes
+        through this node. None for a malformed key or without a URL."""
+        url = self.url(key) if KEY_RE.fullmatch(key) else None
+        return Redirect(url) if url is not None else None
+
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
+        self._in_flight.add(d)
+
+        def done(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.describe()} is closed")
 
     def describe(self) -> str:
         where = self._endpoint or (
@@ -374,6 +403,8 @@ class S3Store:
             )
             content = await response.content()
         except Exception as e:  # noqa: BLE001 - every transport failure becomes an S3Error
+            if self._closed:
+                raise StoreClosedError(f"{operation} of {where}: the store was closed") from e
             code, reason = _transport_error(e)
             raise S3Error(0, code, f"{reason} ({url})", where, operation) from e
         if not 200 <= response.code < 300:
@@ -385,9 +416,10 @@ class S3Store:
     # -- put -------------------------------------------------------------------
 
     def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
-        return ensureDeferred(self._put(key, path, manifest))
+        return self._track(ensureDeferred(self._put(key, path, manifest)))
 
     async def _put(self, key: str, path: str, manifest: bytes) -> None:
+        self._refuse_if_closed()
         if KEY_RE.fullmatch(key) is None or not key.endswith(BUNDLE_SUFFIX):
             raise ValueError(f"not a bundle key: {key!r}")
         await self._ready(key)
@@ -532,23 +564,16 @@ class S3Store:
 
     # -- listing -------------------------------------------------------------------
 
-    def list_manifests(self, set_name: str) -> list[dict[str, Any]]:
-        """Blocking, for a pool thread (the web listings): the asynchronous
-        listing, run in the reactor and waited for."""
-        from twisted.internet.threads import blockingCallFromThread
-
-        result: list[dict[str, Any]] = blockingCallFromThread(
-            self._threads, self.list_manifests_async, set_name
-        )
-        return result
-
-    def list_manifests_async(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
         """The parsed manifests of a set, newest first (by key), as
-        LocalStore.list_manifests gives them. Listing needs the credentials:
-        anonymous users may only read objects whose key they know."""
-        return ensureDeferred(self._list_manifests(set_name))
+        LocalStore.list_manifests gives them; the requests go out from the
+        reactor, the signing runs in the store's pool. Listing needs the
+        credentials: anonymous users may only read objects whose key they
+        know."""
+        return self._track(ensureDeferred(self._list_manifests(set_name)))
 
     async def _list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+        self._refuse_if_closed()
         if not valid_set_name(set_name):
             raise ValueError(f"invalid set name {set_name!r}")
         await self._ready(f"{set_name}/")
@@ -605,8 +630,16 @@ class S3Store:
     # -- lifecycle -----------------------------------------------------------------
 
     def close(self) -> Deferred[None]:
-        """Close idle kept-alive connections (at shutdown, and in tests)."""
-        if self._connections is None:
-            return succeed(None)
-        d: Deferred[None] = self._connections.closeCachedConnections()
-        return d
+        """At service stop: cancel the puts and listings in flight (a
+        cancelled put fails with StoreClosedError; its bundle stays for the
+        next start), close kept-alive connections, stop the pool."""
+        return ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        self._closed = True
+        for d in list(self._in_flight):
+            d.cancel()
+        if self._connections is not None:
+            await self._connections.closeCachedConnections()
+        if not getattr(self._pool, "joined", True):
+            self._pool.stop()
