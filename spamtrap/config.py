@@ -17,7 +17,7 @@ import re
 import socket
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -467,8 +467,11 @@ class ConfigIssue:
     line: int | None  # 1-based; None when the problem has no single place
     path: str  # where in the config, e.g. "sets.private.match[0].regex"
     message: str
+    option: str | None = None  # the command-line option the value came from
 
     def format(self, filename: str) -> str:
+        if self.option is not None:
+            return f"{self.option}: {self.message}"
         where = filename if self.line is None else f"{filename}:{self.line}"
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
@@ -482,8 +485,9 @@ class ConfigError(Exception):
         super().__init__("\n".join(issue.format(filename) for issue in errors))
 
 
-def load_config(path: str) -> Config:
-    """Read and check a YAML config file. Raises ConfigError."""
+def load_config(path: str, overrides: Sequence[Override] = ()) -> Config:
+    """Read and check a YAML config file, with ``overrides`` merged in
+    (see merge_overrides). Raises ConfigError."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -494,16 +498,20 @@ def load_config(path: str) -> Config:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ConfigError([ConfigIssue(line, "", "the file is not UTF-8 text")], path)
-    return parse_config(text, path)
+    return parse_config(text, path, overrides)
 
 
-def parse_config(text: str, filename: str = "<string>") -> Config:
-    """Check YAML text and build a Config. Raises ConfigError."""
+def parse_config(
+    text: str, filename: str = "<string>", overrides: Sequence[Override] = ()
+) -> Config:
+    """Check YAML text, with ``overrides`` merged in, and build a Config.
+    Raises ConfigError."""
     walker = _Walker()
     cfg = None
     try:
         root = _compose(text, walker.issues)
         if root is not None:
+            merge_overrides(root, overrides)
             cfg = walker.build(Config, root, "")
     except RecursionError:
         # Hostile input (e.g. thousands of nested brackets) must still end
@@ -513,6 +521,72 @@ def parse_config(text: str, filename: str = "<string>") -> Config:
         walker.issues.sort(key=lambda i: (i.line is None, i.line or 0))
         raise ConfigError(walker.issues, filename)
     return typing.cast(Config, cfg)
+
+
+# The embedded default (twistd spamtrap without --config), as a document
+# the command-line overrides are merged into: it parses to default_config().
+DEFAULT_DOCUMENT = "traps: {catch_all: true}\n"
+
+
+@dataclass(frozen=True)
+class Override:
+    """A command-line option that sets one key, e.g. ``--queue URL`` sets
+    ``queue.url``. Merged into the document before the one validation, so
+    the option is checked by the key's own rule; its errors name it."""
+
+    option: str  # "--queue"
+    path: str  # "queue.url"
+    value: str
+
+
+class _OptionMark(yaml.Mark):
+    """Where a merged-in value came from: an option, not a file line."""
+
+    def __init__(self, option: str) -> None:
+        super().__init__(option, 0, 0, 0, None, 0)
+        self.option = option
+
+
+def option_of(node: yaml.Node | None) -> str | None:
+    """The command-line option ``node`` was merged in from, if any."""
+    mark = node.start_mark if node is not None else None
+    return mark.option if isinstance(mark, _OptionMark) else None
+
+
+def merge_overrides(root: yaml.MappingNode, overrides: Sequence[Override]) -> None:
+    """Set each override's key in the composed document, replacing what
+    the file gives there and adding the sections it lacks. A section that
+    is not a mapping in the file is left as it is: its own error is
+    reported, and the option waits until the file is fixed."""
+    for o in overrides:
+        mark = _OptionMark(o.option)
+        *sections, key = o.path.split(".")
+        node: yaml.Node = root
+        for name in [*sections, key]:
+            if not isinstance(node, yaml.MappingNode):
+                break
+            found = _entry(node, name)
+            if name == key:
+                value = yaml.ScalarNode(_STR_TAG, o.value, mark, mark)
+                if found is None:
+                    node.value.append((yaml.ScalarNode(_STR_TAG, key, mark, mark), value))
+                else:
+                    index = [k for k, _ in node.value].index(found[0])
+                    node.value[index] = (found[0], value)
+            elif found is None or _is_null(found[1]):
+                section = yaml.MappingNode(_MAP_TAG, [], mark, mark)
+                if found is None:
+                    node.value.append((yaml.ScalarNode(_STR_TAG, name, mark, mark), section))
+                else:
+                    index = [k for k, _ in node.value].index(found[0])
+                    node.value[index] = (found[0], section)
+                node = section
+            else:
+                node = found[1]
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
 
 
 def _compose(text: str, issues: list[ConfigIssue]) -> yaml.MappingNode | None:
@@ -891,6 +965,15 @@ def _choice(*choices: str) -> Parser:
     return parse
 
 
+def _role(value: object) -> str:
+    s = _string(value)
+    if s not in ROLES:
+        close = difflib.get_close_matches(s, ROLES, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown role {s!r}: takes one of {', '.join(ROLES)}{hint}")
+    return s
+
+
 def _extension(value: object) -> str:
     s = _string(value).strip().lower().lstrip(".")
     if not s or "." in s or "/" in s:
@@ -1027,7 +1110,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (ListRule, "meta"): _Rule(_meta_field),
     (ListsConfig, "reload_interval"): _Rule(_duration(positive=True)),
     (CustomStageConfig, "callable"): _Rule(_callable_path),
-    (Config, "role"): _Rule(_choice(*ROLES)),
+    (Config, "role"): _Rule(_role),
     (QueueConfig, "url"): _Rule(parse_redis_url),
     (QueueConfig, "username"): _Rule(_nonempty),
     (QueueConfig, "password"): _Rule(_nonempty),
@@ -1085,8 +1168,9 @@ class _Walker:
         self._constructor = yaml.constructor.SafeConstructor()
 
     def error(self, node: yaml.Node | None, path: str, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.issues.append(ConfigIssue(line, path, message))
+        option = option_of(node)
+        line = node.start_mark.line + 1 if node is not None and option is None else None
+        self.issues.append(ConfigIssue(line, path, message, option))
 
     def clean(self, path: str) -> bool:
         """No problem was found at or below ``path``.
@@ -1368,11 +1452,12 @@ def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
 def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
     if cfg.role != "all" and cfg.queue.url is None and w.clean("role") and w.clean("queue"):
         found = _entry(node, "role")
-        w.error(
-            found[1] if found else node,
-            "role",
-            f"role {cfg.role!r} needs queue.url (the Redis the other role reads or writes)",
+        need = (
+            "a queue: --queue redis://HOST:PORT"
+            if found and option_of(found[1])
+            else "queue.url (the Redis the other role reads or writes)"
         )
+        w.error(found[1] if found else node, "role", f"role {cfg.role!r} needs {need}")
     if cfg.role == "worker" and cfg.filters.workers == 0 and w.clean("filters"):
         found = _entry(node, "role")
         w.error(

@@ -9,7 +9,7 @@ or at once when the stages discard it or no set wants it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -102,26 +102,56 @@ def evaluate(
     return Result(env, outcome, sets, deliveries)
 
 
+class StoredAcks(Generic[EntryT]):
+    """The ``BundleSink`` the bundle sets call back: a message leaves the
+    work source once every bundle holding it is stored.
+
+    Its own object so the bundle sets can be built before the pipeline
+    that writes into them: each needs the other, and neither is patched
+    after construction."""
+
+    def __init__(self, work: WorkSource[EntryT]) -> None:
+        self.work = work
+
+    # BundleSet's on_stored callback: runs in the reactor thread.
+    def stored(self, tokens: Sequence[Token]) -> None:
+        done = []
+        for token in tokens:
+            if not isinstance(token, Pending):
+                done.append(token)
+                continue
+            token.remaining -= 1
+            if token.remaining == 0:
+                done.append(token.key)
+        self.work.ack_keys(done)
+
+
 class Pipeline(Generic[EntryT]):
     """Takes messages from a ``WorkSource`` (``spool``: the local spool or
-    the Redis stream), and is the ``BundleSink`` its bundles call back."""
+    the Redis stream), and is the ``BundleSink`` its bundles call back
+    (through ``acks``: pass the one the bundle sets were given)."""
 
     def __init__(
         self,
         spool: WorkSource[EntryT],
         stages: Sequence[tuple[str, Stage]],
         collator: Collator,
-        bundles: dict[str, Any],
+        bundles: Mapping[str, Any],
         metrics: Metrics,
         reactor: WorkerReactor,
         pool: ThreadPool,
         workers: int,
         config: Config | None = None,
+        *,
+        acks: StoredAcks[EntryT] | None = None,
     ) -> None:
         self.spool = spool
         self.stages = list(stages)
         self.collator = collator
         self.bundles = bundles
+        self.acks = acks if acks is not None else StoredAcks(spool)
+        if self.acks.work is not spool:
+            raise ValueError("acks must acknowledge into the pipeline's own work source")
         self.metrics = metrics
         self.reactor = reactor
         self.pool = pool
@@ -141,17 +171,9 @@ class Pipeline(Generic[EntryT]):
         # Sets storing the wire bytes; every other set stores unix line ends.
         self.wire_sets = {s.name for s in cfg.sets if s.line_endings == "wire"}
 
-    # BundleSet's on_stored callback: runs in the reactor thread.
     def stored(self, tokens: Sequence[Token]) -> None:
-        done = []
-        for token in tokens:
-            if not isinstance(token, Pending):
-                done.append(token)
-                continue
-            token.remaining -= 1
-            if token.remaining == 0:
-                done.append(token.key)
-        self.spool.ack_keys(done)
+        """The BundleSink: see StoredAcks."""
+        self.acks.stored(tokens)
 
     def start(self) -> None:
         self.running = True

@@ -1,8 +1,12 @@
 """``twistd spamtrap``: command-line options and the service tree.
 
 makeService takes the reactor as a parameter so tests can build the whole
-tree in-process. The start and stop order matters and lives in
-:class:`SpamtrapService`:
+tree in-process, and it acquires nothing: directories, the TLS certificate,
+discard-list files, the SIGHUP handler and reactor timers are taken when the
+tree starts, by SpamtrapService itself or by its child services
+(spamtrap/startup.py). The command-line options are merged into the config
+document and checked once with it (config.merge_overrides). The start and
+stop order matters and lives in :class:`SpamtrapService`:
 
 start: spool recovery -> bundle sets -> filter pool and workers -> HTTP -> SMTP
 stop (SIGTERM): SMTP stops listening and finishes replies in progress ->
@@ -17,9 +21,7 @@ worker's pipeline reads from the stream, and "all" does both.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -30,16 +32,22 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from spamtrap import memory, rdns, tls
+from spamtrap import memory
 from spamtrap.bundle import BundleSet
 from spamtrap.collate import Collator
-from spamtrap.config import ROLES, Config, ConfigError, default_config, load_config, parse_redis_url
+from spamtrap.config import (
+    DEFAULT_DOCUMENT,
+    Config,
+    ConfigError,
+    Override,
+    load_config,
+    parse_config,
+)
 from spamtrap.endpoints import DEFAULT_BACKLOG
-from spamtrap.filters.registry import build_stages
 from spamtrap.interfaces import EntryT, Intake, WorkSource
 from spamtrap.metrics import Metrics
 from spamtrap.notify import Notifier
-from spamtrap.pipeline import Pipeline
+from spamtrap.pipeline import Pipeline, StoredAcks
 from spamtrap.queue import (
     Forwarder,
     QueueIntake,
@@ -52,6 +60,7 @@ from spamtrap.queue import (
 from spamtrap.smtp import TrapSMTPFactory
 from spamtrap.spill import SpillDir
 from spamtrap.spool import Spool, SpoolEntry, SpoolError, SpoolIntake
+from spamtrap.startup import HupLogger, ListsReloader, PTRLookup, TLSContext, build_stages
 from spamtrap.store import StoreConfigError, open_store
 from spamtrap.web import make_site
 
@@ -99,39 +108,35 @@ class Options(usage.Options):
             raise SystemExit(1) from None
 
     def postOptions(self) -> None:
-        if self["config"]:
-            try:
-                cfg = load_config(self["config"])
-            except ConfigError as e:
-                raise usage.UsageError(f"configuration errors:\n{e}")
-        else:
-            cfg = default_config()
-        if self["smtp"]:
-            cfg.smtp.listen = [self["smtp"]]
-        if self["http"]:
-            cfg.http.listen = [self["http"]]
-        if self["data-dir"]:
-            cfg.data_dir = self["data-dir"]
-        if self["store"]:
-            cfg.store.url = self["store"]
-        if self["node"]:
-            if not all(c.isalnum() or c in "-_" for c in self["node"]):
-                raise usage.UsageError("--node takes letters, digits, '-' and '_' only")
-            cfg.node = self["node"]
-        if self["queue"]:
-            try:
-                cfg.queue.url = parse_redis_url(self["queue"])
-            except ValueError as e:
-                raise usage.UsageError(f"--queue: {e}")
-        if self["role"]:
-            if self["role"] not in ROLES:
-                raise usage.UsageError(f"--role takes one of {', '.join(ROLES)}")
-            cfg.role = self["role"]
-        if cfg.role != "all" and cfg.queue.url is None:
-            raise usage.UsageError(f"role {cfg.role} needs a queue: --queue redis://HOST:PORT")
-        if cfg.role == "worker" and cfg.filters.workers == 0:
-            raise usage.UsageError("role worker with filters.workers: 0 would process nothing")
-        self.config = cfg
+        # The options are merged into the config document and checked with
+        # it, once, by the keys' own rules; their errors name the option.
+        overrides = [
+            Override(f"--{option}", path, self[option])
+            for option, path in OVERRIDES.items()
+            if self[option]
+        ]
+        try:
+            if self["config"]:
+                self.config = load_config(self["config"], overrides)
+            else:
+                self.config = parse_config(DEFAULT_DOCUMENT, "<default>", overrides)
+        except ConfigError as e:
+            (only,) = e.errors if len(e.errors) == 1 else (None,)
+            if only is not None and only.option is not None:
+                raise usage.UsageError(str(e))
+            raise usage.UsageError(f"configuration errors:\n{e}")
+
+
+# Each option and the config key it sets.
+OVERRIDES = {
+    "smtp": "smtp.listen",
+    "http": "http.listen",
+    "data-dir": "data_dir",
+    "store": "store.url",
+    "node": "node",
+    "role": "role",
+    "queue": "queue.url",
+}
 
 
 # Twisted's TCP endpoints listen with a backlog of 50: a burst of spam bots
@@ -154,8 +159,8 @@ class SpamtrapService(service.MultiService):
         self.cfg = cfg
         self.reactor = reactor
         self.metrics = Metrics()
+        # Created at start (privilegedStartService): building acquires nothing.
         data = os.path.abspath(cfg.data_dir)
-        os.makedirs(data, exist_ok=True)
         self.data_dir = data
         self.pool = ThreadPool(
             minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2, name="spamtrap-workers"
@@ -193,62 +198,85 @@ class SpamtrapService(service.MultiService):
         # Built before the bundle sets: each announces its stored bundles through it.
         self.notifier = Notifier(cfg, self.metrics, reactor)
 
+        # Signal handlers and list files are set up by child services at
+        # start, in this order (stopped in reverse).
+        HupLogger(reactor).setServiceParent(self)
+        stages, lists_stage = build_stages(cfg, reactor)
+        if lists_stage is not None and self.filters:
+            reloader = ListsReloader(lists_stage, cfg.filters.lists.reload_interval, reactor)
+            reloader.setServiceParent(self)
+
+        self.bundles: dict[str, BundleSet]  # set by pipeline_from
+
+        def bundles_for(acks: StoredAcks[Any]) -> dict[str, BundleSet]:
+            return {
+                s.name: BundleSet(
+                    set_config=s,
+                    node=cfg.node,
+                    work_dir=os.path.join(data, "open", cfg.node),
+                    store=self.store,
+                    metrics=self.metrics,
+                    reactor=reactor,
+                    # Sealing and fsync run in the store pool, off the filter threads.
+                    pool=self.store_pool,
+                    on_stored=acks.stored,
+                    store_config=cfg.store,
+                    on_published=self.notifier.published,
+                )
+                for s in cfg.sets
+            }
+
         def pipeline_from(work: WorkSource[EntryT]) -> Pipeline[EntryT]:
+            # The acknowledgements come first: the bundle sets call them
+            # back, and the pipeline writes into the bundle sets.
+            acks = StoredAcks(work)
+            self.bundles = bundles_for(acks)
             return Pipeline(
-                work,
-                build_stages(cfg, reactor),
-                Collator(cfg.sets),
-                {},
-                self.metrics,
-                reactor,
-                self.pool,
-                cfg.filters.workers,
-                cfg,
+                spool=work,
+                stages=stages,
+                collator=Collator(cfg.sets),
+                bundles=self.bundles,
+                metrics=self.metrics,
+                reactor=reactor,
+                pool=self.pool,
+                workers=cfg.filters.workers,
+                config=cfg,
+                acks=acks,
             )
 
         self.pipeline: Pipeline[StreamEntry] | Pipeline[SpoolEntry] = (
             pipeline_from(self.source) if self.source is not None else pipeline_from(self.spool)
         )
-        self.bundles = {
-            s.name: BundleSet(
-                s,
-                cfg.node,
-                os.path.join(data, "open", cfg.node),
-                self.store,
-                self.metrics,
-                reactor,
-                # Sealing and fsync run in the store pool, off the filter threads.
-                self.store_pool,
-                self.pipeline.stored,
-                store_config=cfg.store,
-                on_published=self.notifier.published,
-            )
-            for s in cfg.sets
-        }
-        self.pipeline.bundles = self.bundles
         # DATA over smtp.data_memory_budget waits here (spamtrap/spill.py).
         self.spill = SpillDir(os.path.join(data, "spill", cfg.node), reactor)
+        # A worker listens for no SMTP: no certificate to load or make. The
+        # certificate is loaded (or made) when the service starts.
+        self.tls_context: TLSContext | None = None
+        if self.takes_mail and cfg.smtp.tls.enabled:
+            self.tls_context = TLSContext(cfg.smtp.tls, data, cfg.smtp.hostname)
+            self.tls_context.setServiceParent(self)
+        resolve_ptr: PTRLookup | None = None
+        if cfg.smtp.rdns and self.takes_mail:
+            resolve_ptr = PTRLookup()
+            resolve_ptr.setServiceParent(self)
         self.smtp_factory = TrapSMTPFactory(
             cfg,
             self.submit,
             self.metrics,
             reactor,
-            # A worker listens for no SMTP: no certificate to load or make.
-            tls_context=(
-                tls.context_factory(cfg.smtp.tls, data, cfg.smtp.hostname)
-                if self.takes_mail
-                else None
-            ),
-            resolve_ptr=rdns.make_lookup() if cfg.smtp.rdns and self.takes_mail else None,
+            tls_context=self.tls_context,
+            resolve_ptr=resolve_ptr,
             spill=self.spill,
         )
-        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, self.pool)
+        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor)
         self.smtp_ports: list[Any] = []
         self.http_ports: list[Any] = []
         # Set when start-up failed (a port in use, the spool locked): only
         # the ports are closed then, and the process exits 1.
         self.start_failed = False
         self._components_started = False
+        self._acquired = False
+        self._listening: defer.Deferred[Any] | None = None
 
     def health(self) -> dict[str, Any]:
         """``status`` is ok, degraded (with ``problems``: mail is refused or
@@ -280,9 +308,25 @@ class SpamtrapService(service.MultiService):
         return out
 
     def privilegedStartService(self) -> None:
-        # Listen before twistd drops privileges, so port 25 works for root.
-        service.MultiService.privilegedStartService(self)
-        self._listening = self._listen()
+        # Before twistd drops privileges: port 25 works for root, and so
+        # does a TLS key only root may read.
+        self._acquire()
+        if not self.start_failed:
+            self._listening = self._listen()
+
+    def _acquire(self) -> None:
+        """The data directory, and what the children take before twistd
+        drops privileges (the TLS certificate). Once; a failure is one
+        critical line and exit 1."""
+        if self._acquired:
+            return
+        self._acquired = True
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            service.MultiService.privilegedStartService(self)
+        except (OSError, ValueError) as e:
+            log.critical("cannot start: {err}; exiting", err=e)
+            self._exit_non_zero()
 
     @defer.inlineCallbacks
     def _listen(self) -> Any:
@@ -309,8 +353,12 @@ class SpamtrapService(service.MultiService):
         sys.setswitchinterval(0.001)
         # Before any thread starts: RSS must fall again after large messages.
         memory.tune_malloc()
+        self._acquire()  # done already under twistd
+        if self.start_failed:
+            service.Service.startService(self)  # no child: they would fail again
+            return
         service.MultiService.startService(self)
-        if not hasattr(self, "_listening"):
+        if self._listening is None:
             self._listening = self._listen()
         self._listening.addErrback(self._listen_failed)
         if self.start_failed:
@@ -339,7 +387,6 @@ class SpamtrapService(service.MultiService):
                 if self.source is not None:
                     self.source.start()
                 self.pipeline.start()
-        self._install_hup()
         log.info(
             "spamtrap node {node} started as {role}: data in {data}, store {store}{queue}",
             node=self.cfg.node,
@@ -348,20 +395,6 @@ class SpamtrapService(service.MultiService):
             store=self.store.describe(),
             queue=f", queue {describe(self.cfg.queue.url)}" if self.cfg.queue.url else "",
         )
-
-    def _install_hup(self) -> None:
-        # Operators send SIGHUP to reload rules. Without a handler it would
-        # kill the process (no drain, no clean stop); the discard-list stage
-        # chains its own reload in front of this one when it watches files.
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(
-                log.info, "SIGHUP: discard-list files are reloaded; other settings need a restart"
-            )
-
-        signal.signal(signal.SIGHUP, on_hup)
 
     def _listen_failed(self, failure: Failure) -> None:
         # The endpoint error is the operator's to fix: one line, exit 1.
@@ -402,7 +435,7 @@ class SpamtrapService(service.MultiService):
             yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
             yield self.spool.stop()
             self.pool.stop()
-            self.store_pool.stop()
+            yield self.store.close()  # stops the store pool too
             return
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
         yield self.smtp_factory.shutdown()
@@ -423,15 +456,13 @@ class SpamtrapService(service.MultiService):
             yield defer.ensureDeferred(self.source.stop())
         # The last bundles' notices are in flight now; they get up to 10 s.
         yield self.notifier.stop()
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            yield close()
+        # Cancels what is still in flight and stops the store pool.
+        yield self.store.close()
         yield self.spool.stop()
         if self.link is not None:
             self.link.stop()
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.http_ports])
         self.pool.stop()
-        self.store_pool.stop()
         self._log_stopped()
 
     def _log_stopped(self) -> None:
