@@ -142,6 +142,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def wait_until(check: Callable[[], bool], deadline: float, interval: float = 0.1) -> float:
     """Poll ``check`` until it holds; the seconds it took. TimeoutError past ``deadline``."""
+    # Polls real processes: there is no clock to inject across a fork.
     start = time.monotonic()
     while True:
         try:
@@ -525,6 +526,8 @@ class LoadGenerator:
                     if outcome == "refused" or not self._retry_or_give_up(n, give_up):
                         break
                 if self.pause:
+                    # Pacing, not a poll: a real load generator's rate is
+                    # real time (bounded by the message count).
                     time.sleep(self.pause)
         finally:
             if conn is not None:
@@ -838,6 +841,7 @@ def fault_script(
         facts["accepted_at_redis_kill"] = load.done
         t_redis_kill = time.monotonic()
         cluster.redis.kill()
+        # Not a poll: the outage itself, a fixed real time the real nodes live through.
         time.sleep(redis_down)
         cluster.redis.start()
         t_restart = time.monotonic()

@@ -185,7 +185,8 @@ class SeaweedFS:
             for twin in (port, port + GRPC_OFFSET):
                 for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{twin}.sock"):
                     sock.unlink(missing_ok=True)
-        # The ports must be free again before a restart can bind them.
+        # The ports must be free again before a restart can bind them. The
+        # kernel frees them, not a clock we hold: poll, with a deadline.
         end = time.monotonic() + 10
         while not all(_port_free(p) for p in self.ports) and time.monotonic() < end:
             time.sleep(0.05)

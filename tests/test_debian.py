@@ -292,6 +292,7 @@ def check_queue_roles(
         token = uuid.uuid4().hex
         queue_id = send_with_swaks(smtp, rcpt, token)
         assert re.search(rb"(?m)^spamtrap_queue_added_total 1\.0$", http_get(http[0], "/metrics"))
+        # Real processes from the .deb: poll the worker's metrics, with a deadline.
         deadline = time.monotonic() + 60
         while not re.search(rb"(?m)^spamtrap_queue_read_total\{how=\"new\"\} 1\.0$",
                             http_get_or_empty(http[1], "/metrics")):  # fmt: skip

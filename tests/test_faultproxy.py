@@ -90,6 +90,8 @@ def roundtrip(sock: socket.socket, data: bytes, reply_len: int | None = None) ->
 
 
 def wait_until(predicate: Callable[[], bool], what: str, deadline: float = 2.0) -> None:
+    # The proxy serves real sockets from its own threads: no clock can drive
+    # them, so poll briefly, with a deadline.
     end = time.monotonic() + deadline
     while not predicate():
         if time.monotonic() > end:

@@ -220,6 +220,7 @@ def test_sessions_spread_over_nodes_with_the_client_address(
 
     # Let the health checks run on: each one is a connection to every node ...
     before = {n.data_dir.name: n.metric("spamtrap_smtp_connections_total") for n in nodes}
+    # Real haproxy and nodes: poll their metrics, with a deadline.
     end = time.monotonic() + 20
     for n in nodes:
         name = n.data_dir.name

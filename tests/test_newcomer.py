@@ -499,6 +499,7 @@ def retire_jane(runner: Runner, paths: Paths, domain: str) -> list[str]:
         f.write(append.body)
     runner.send_signal(signal.SIGHUP)
     probes = []
+    # A real process: poll its metrics with a deadline, there is no clock to inject.
     deadline = time.monotonic() + 15
     while discarded(runner, "retired-jane") == 0:
         assert time.monotonic() < deadline, f"SIGHUP did not load the rule:\n{runner.log()}"

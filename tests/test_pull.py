@@ -165,7 +165,7 @@ async def node(tmp_path: Path):
     pool.start()
     port_number = free_port()
     store = LocalStore(str(tmp_path / "store"), reactor, pool)
-    site = make_site(store, node_config(port_number), Metrics(), dict, reactor, pool)
+    site = make_site(store, node_config(port_number), Metrics(), dict, reactor)
     server = Node(f"http://127.0.0.1:{port_number}", store, tmp_path)
 
     def record(request: Any) -> None:

@@ -190,6 +190,9 @@ async def test_commit_interval_gathers_later_appends(tmp_path: Path, make_spool:
     spool = make_spool(tmp_path, config(commit_interval=0.5), metrics)
     early = spool.append(b"early", 1.0)
     # Well inside the window the writer is waiting out, another append comes.
+    # Real time on purpose: the writer thread waits commit_interval on the
+    # monotonic clock (a Clock cannot drive a thread), and this test is
+    # about that wait; 0.05 s of a 0.5 s window leaves a wide margin.
     await deferLater(reactor, 0.05, lambda: None)
     assert not early.called
     late = spool.append(b"late", 1.0)
@@ -319,6 +322,8 @@ async def test_acks_reach_the_file_without_an_append(tmp_path: Path, make_spool:
     await spool.get()
     spool.ack(first)
     ack_file = tmp_path / os.path.basename(first.path).replace(".log", ".ack")
+    # The writer thread times ACK_DELAY on the monotonic clock, which no
+    # Clock can drive: poll the file, with a deadline (100 polls).
     for _ in range(100):
         if ack_file.exists() and ack_file.read_bytes():
             break

@@ -646,6 +646,7 @@ async def test_seaweedfs_killed_mid_upload_then_the_backlog_uploads_by_itself(
         await deferToThreadPool(reactor, pool, bundles.add, entry("s@x", T, msg), T, token)
         bundles.rotate()
         await until(waits(metrics, token + 1), f"bundle {token} to wait")
+    # Not a poll: real retries against a real, stopped server, for a while.
     await task.deferLater(reactor, 0.5, lambda: None)  # retries go on meanwhile
     assert acked == [] and waiting(metrics) == 3
 
