@@ -33,15 +33,14 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.mta import wait_for_banner
 from tests.node import REPO, free_port, require_binary
 
 PACKAGES = ["exim4-daemon-light", "exim4-base"]
@@ -212,21 +211,17 @@ class PrivateExim:
         # -bdf: the daemon in the foreground (its pid is ours to stop);
         # -q1s: queue runs every second, for retries.
         args = ["-C", str(self.config), "-bdf", "-oX", str(self.port), "-q1s"]
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             self._in_namespace(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        # Polls a real process's port: there is no clock to inject across a fork.
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-                raise RuntimeError(f"exim exited with {self.proc.returncode}:\n{out}{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(100).startswith(b"220"):
-                        return self
-            except OSError:
-                time.sleep(0.1)
+
+        def alive() -> None:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                raise RuntimeError(f"exim exited with {proc.returncode}:\n{out}{self.log()}")
+
+        if wait_for_banner(self.port, deadline, alive):
+            return self
         self.stop()
         raise TimeoutError(f"private Exim not answering on port {self.port}:\n{self.log()}")
 

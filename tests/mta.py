@@ -26,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.node import free_port, require_binary
@@ -54,6 +55,22 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+
+
+def wait_for_banner(port: int, deadline: float, alive: Callable[[], None] = lambda: None) -> bool:
+    """Whether an SMTP server on 127.0.0.1:``port`` greets with 220 within
+    ``deadline`` seconds. ``alive`` raises if the server process died.
+    Polls a real process's port: there is no clock to inject across a fork."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        alive()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(100).startswith(b"220"):
+                    return True
+        except OSError:
+            time.sleep(0.1)
+    return False
 
 
 def _main_cf(base: Path) -> dict[str, str]:
@@ -144,15 +161,8 @@ class PrivatePostfix:
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed ({r.returncode}):\n{r.stdout}{r.stderr}")
         self.running = True
-        # Polls a real process's port: there is no clock to inject across a fork.
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(100).startswith(b"220"):
-                        return self
-            except OSError:
-                time.sleep(0.1)
+        if wait_for_banner(self.port, deadline):
+            return self
         self.stop()
         raise TimeoutError(f"private Postfix not answering on port {self.port}:\n{self.log()}")
 
