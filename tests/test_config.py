@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from spamtrap.config import (
     parse_duration,
     parse_size,
 )
+from spamtrap.config.rules import _hostname, _port, rule, rule_of
+from spamtrap.config.walker import _has_default, _Walker
 
 EXAMPLE = Path(__file__).parent.parent / "etc" / "spamtrap.yaml"
 TRAP = "traps: {domains: [trap.example]}\n"  # line 1 of snippets that need a valid trap
@@ -602,3 +606,149 @@ def test_hostile_nesting_is_a_config_error() -> None:
     # A regexp nested too deeply for the compiler still ends as one issue.
     issue = only_issue("traps: {patterns: ['" + "(" * 3000 + ")" * 3000 + "']}\n")
     assert issue.path == "traps.patterns[0]"
+
+
+# -- the declarations: each key once, with its rule --------------------------
+
+
+def _sections(cls: type, seen: set[type] | None = None) -> set[type]:
+    """Every dataclass reachable from ``cls`` through its fields."""
+    seen = set() if seen is None else seen
+    seen.add(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        for arg in (hints[f.name], *typing.get_args(hints[f.name])):
+            if dataclasses.is_dataclass(arg) and arg not in seen:
+                _sections(typing.cast(type, arg), seen)
+    return seen
+
+
+def test_a_rule_declared_on_a_field_is_what_the_walker_applies() -> None:
+    @dataclasses.dataclass
+    class Probe:
+        port: int = dataclasses.field(default=1, metadata=rule(_port))
+        hosts: list[str] = dataclasses.field(
+            default_factory=list, metadata=rule(_hostname, one_or_many=True)
+        )
+        plain: int = 0
+
+    def walk(text: str) -> tuple[Any, list[ConfigIssue]]:
+        walker = _Walker()
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return walker.build(Probe, root, "probe"), walker.issues
+
+    built, found = walk("port: 25\nhosts: mx.example\n")
+    assert found == [] and built == Probe(port=25, hosts=["mx.example"])
+    _, found = walk("plain: 3\nport: 70000\n")
+    assert [(i.line, i.path, i.message) for i in found] == [(2, "probe.port", "not a port: 70000")]
+    _, found = walk("hosts: [mx.example, 'a b']\n")
+    assert [i.path for i in found] == ["probe.hosts[1]"]
+
+
+def test_every_default_passes_its_own_rule() -> None:
+    # A default outside its key's bounds would be a value no operator could
+    # write back into the file: the declaration contradicts itself.
+    checked = 0
+    for cls in _sections(Config):
+        for f in dataclasses.fields(cls):
+            parse = rule_of(f.metadata).parse
+            if parse is None or not _has_default(f):
+                continue
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            for value in default if isinstance(default, list) else [default]:
+                if value is not None:
+                    assert parse(value) == value, f"{cls.__name__}.{f.name}: {value!r}"
+                    checked += 1
+    assert checked > 60
+
+
+def test_every_leaf_has_a_rule_or_a_default_parser() -> None:
+    # A new key of a type the walker cannot read must fail here, not at a
+    # user's start-up.
+    readable = {str, bool, int, float, re.Pattern}
+    for cls in _sections(Config):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            declared = rule_of(f.metadata)
+            leaf = hints[f.name]
+            while typing.get_origin(leaf) in (list, types.UnionType):
+                (leaf,) = [a for a in typing.get_args(leaf) if a is not type(None)]
+            if dataclasses.is_dataclass(leaf) or typing.get_origin(leaf) is dict:
+                continue
+            if declared.parse is None:
+                assert (typing.get_origin(leaf) or leaf) in readable, f"{cls.__name__}.{f.name}"
+
+
+_README = Path(__file__).parent.parent / "README.md"
+_KEY_RE = re.compile(r"`([a-z_]+(?:\.(?:[a-z_]+|\*))+)`")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/operators-guide.md"])
+def test_key_tables_name_declared_keys(doc: str) -> None:
+    declared = _schema_paths(Config, "")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    text = (_README.parent / doc).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    named = {k for row in rows for k in _KEY_RE.findall(row) if k.split(".")[0] in sections}
+    assert len(named) >= 5  # the tables name keys; the check must see them
+    unknown = sorted(k for k in named if k not in declared)
+    assert not unknown, f"{doc}'s tables name keys that are not declared: {unknown}"
+
+
+def test_readme_option_table_matches_the_overrides() -> None:
+    from spamtrap.tap import OVERRIDES
+
+    rows = [line for line in _README.read_text().splitlines() if line.startswith("| `--")]
+    table, options = {}, set()
+    for row in rows:
+        option = re.match(r"\| `--([a-z-]+)", row)
+        assert option is not None
+        options.add(option[1])
+        said = re.search(r"overrides `([a-z_.]+)`", row)
+        if said:
+            table[option[1]] = said[1]
+    declared = _schema_paths(Config, "")
+    assert set(OVERRIDES.values()) <= declared
+    # Every option the README says overrides a key names the key it sets.
+    assert {o: OVERRIDES.get(o) for o in table} == table
+    assert set(OVERRIDES) <= options, "an option that sets a key is missing from the README"
+
+
+def test_every_name_imported_from_spamtrap_config_exists() -> None:
+    # The package split must stay invisible to the modules that import it.
+    import ast
+
+    import spamtrap.config as package
+
+    root = Path(__file__).parent.parent
+    names: set[str] = set()
+    sources = [*root.glob("spamtrap/**/*.py"), *root.glob("tests/*.py"), *root.glob("bench/*.py")]
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "spamtrap.config":
+                names |= {alias.name for alias in node.names}
+    assert {"Config", "ConfigError", "load_config", "forged_header_problem"} <= names
+    missing = sorted(n for n in names if not hasattr(package, n))
+    assert not missing, missing
+    assert set(package.__all__) >= names
+
+
+def test_config_modules_stay_readable() -> None:
+    for source in (Path(__file__).parent.parent / "spamtrap" / "config").glob("*.py"):
+        lines = source.read_text().count("\n")
+        assert lines <= 500, f"{source.name}: {lines} lines"
+
+
+def test_the_config_package_is_installed() -> None:
+    # setup.cfg lists packages by name: a package missing there is missing
+    # from the wheel and the .deb, while tests run from the tree still pass.
+    import configparser
+
+    root = Path(__file__).parent.parent
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    listed = set(setup["options"]["packages"].split())
+    inits = root.glob("spamtrap/**/__init__.py")
+    packages = {".".join(init.parent.relative_to(root).parts) for init in inits}
+    assert "spamtrap.config" in packages
+    assert packages <= listed, f"setup.cfg does not list: {sorted(packages - listed)}"

@@ -1,0 +1,188 @@
+"""Cross-checks, run on each built object: what one key's rule cannot see."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from spamtrap.config.nodes import _entry, _join, option_of
+from spamtrap.config.rules import _unknown
+from spamtrap.config.schema import (
+    BUILTIN_STAGES,
+    Condition,
+    Config,
+    FeedConfig,
+    FilterConfig,
+    ListRule,
+    SetConfig,
+    TLSConfig,
+)
+from spamtrap.message import META_FIELDS
+
+if TYPE_CHECKING:
+    from spamtrap.config.walker import _Walker
+
+
+def forged_header_problem(header: str) -> str | None:
+    """Why a ``header:`` rule may not name one of our X-Spamtrap-* fields.
+
+    Those names in a message's header are the sender's own (our metadata is
+    read with ``meta:``): a spammer writing ``X-Spamtrap-Feed: donor1`` must
+    not steer its message into a set.
+    """
+    lower = header.lower()
+    if not lower.startswith("x-spamtrap-"):
+        return None
+    meta = next((k for k, v in META_FIELDS.items() if v.lower() == lower), None)
+    if meta is None and lower.startswith("x-spamtrap-x-"):
+        meta = "x_" + lower[len("x-spamtrap-x-") :].replace("-", "_")
+    hint = f"'meta: {meta}'" if meta else "'meta:' and a metadata field name"
+    return (
+        f"header {header!r} would read the message's own header fields, which any"
+        f" sender can forge; read spamtrap's metadata with {hint} instead"
+    )
+
+
+def _check_forged_header(w: _Walker, header: str | None, node: yaml.Node, path: str) -> None:
+    problem = forged_header_problem(header) if header is not None else None
+    if problem and w.clean(path):
+        found = _entry(node, "header")
+        w.error(found[1] if found else node, _join(path, "header"), problem)
+
+
+def _check_condition(w: _Walker, cond: Condition, node: yaml.Node, path: str) -> None:
+    if w.clean(path) and (cond.header is None) == (cond.meta is None):
+        which = "both are given" if cond.header else "neither is given"
+        w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+    _check_forged_header(w, cond.header, node, path)
+
+
+def _check_list_rule(w: _Walker, rule: ListRule, node: yaml.Node, path: str) -> None:
+    if w.clean(path) and (rule.header is None) == (rule.meta is None):
+        which = "both are given" if rule.header else "neither is given"
+        w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
+    _check_forged_header(w, rule.header, node, path)
+
+
+def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> None:
+    known = BUILTIN_STAGES + [c.name for c in f.custom]
+    clash = [c.name for c in f.custom if c.name in BUILTIN_STAGES]
+    found = _entry(node, "custom")
+    for name in clash:
+        w.error(
+            found[1] if found else node,
+            _join(path, f"custom.{name}"),
+            f"{name!r} is a built-in stage name; pick another",
+        )
+    for which in ("clamd", "spamd"):
+        service = getattr(f, which)
+        if service.enabled and service.timeout >= f.stage_budget:
+            found = _entry(node, which)
+            w.error(
+                found[1] if found else node,
+                _join(path, f"{which}.timeout"),
+                f"must be below filters.stage_budget ({f.stage_budget:g}s): a slower answer"
+                " is ignored as over budget",
+            )
+    found = _entry(node, "order")
+    if found is None:
+        f.order = f.order + [c.name for c in f.custom]  # custom stages run last
+        return
+    seen: set[str] = set()
+    for i, name in enumerate(f.order):
+        item = found[1].value[i] if isinstance(found[1], yaml.SequenceNode) else found[1]
+        if name not in known:
+            w.error(item, f"{path}.order[{i}]", _unknown("stage", name, known))
+        elif name in seen:
+            w.error(item, f"{path}.order[{i}]", f"stage {name!r} is listed twice")
+        seen.add(name)
+
+
+def _check_feed(w: _Walker, feed: FeedConfig, node: yaml.Node, path: str) -> None:
+    if not w.clean(path):
+        return
+    by_host = feed.strip_received_by or feed.strip_received_by_regex
+    if feed.strip_received and by_host:
+        found = _entry(node, "strip_received")
+        w.error(
+            found[0] if found else node,
+            _join(path, "strip_received"),
+            "give strip_received (a count, deprecated) or strip_received_by /"
+            " strip_received_by_regex (the donor's hosts), not both",
+        )
+    if feed.donor_networks and not by_host:
+        found = _entry(node, "donor_networks")
+        w.error(
+            found[0] if found else node,
+            _join(path, "donor_networks"),
+            "donor_networks needs strip_received_by or strip_received_by_regex"
+            " (it says which hops into the donor's hosts are the donor's own)",
+        )
+
+
+def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
+    found = _entry(node, "key")
+    if tls.key is not None and tls.certificate is None and found:
+        w.error(found[1], _join(path, "key"), "a key needs a certificate")
+
+
+def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
+    if cfg.role != "all" and cfg.queue.url is None and w.clean("role") and w.clean("queue"):
+        found = _entry(node, "role")
+        need = (
+            "a queue: --queue redis://HOST:PORT"
+            if found and option_of(found[1])
+            else "queue.url (the Redis the other role reads or writes)"
+        )
+        w.error(found[1] if found else node, "role", f"role {cfg.role!r} needs {need}")
+    if cfg.role == "worker" and cfg.filters.workers == 0 and w.clean("filters"):
+        found = _entry(node, "role")
+        w.error(
+            found[1] if found else node,
+            "role",
+            "role 'worker' with filters.workers: 0 would process nothing",
+        )
+    q = cfg.queue
+    if q.password is not None and q.password_file is not None and w.clean("queue"):
+        found = _entry(node, "queue")
+        w.error(found[1] if found else node, "queue", "give password or password_file, not both")
+    if _entry(node, "sets") is None:
+        cfg.sets = [SetConfig(name="all")]
+    for attr in ("id", "address"):
+        first: dict[str, int] = {}  # value -> line
+        for feed in cfg.feeds:
+            feed_node, feed_path = w.origin[id(feed)]
+            found = _entry(feed_node, attr)
+            value_node = found[1] if found else feed_node
+            value = getattr(feed, attr)
+            if value in first:
+                w.error(
+                    value_node,
+                    _join(feed_path, attr),
+                    f"duplicate feed {attr} {value!r} (first on line {first[value]})",
+                )
+            else:
+                first[value] = value_node.start_mark.line + 1
+    t = cfg.traps
+    no_trap = not (t.domains or t.addresses or t.patterns or t.catch_all or cfg.feeds)
+    # A misspelt top-level key may be the traps or feeds section itself.
+    misspelt = any("." not in key for key in w.unknown_keys)
+    if no_trap and w.clean("traps") and w.clean("feeds") and not misspelt:
+        found = _entry(node, "traps")
+        w.error(
+            found[0] if found else None,
+            "traps",
+            "no trap configured: give domains, addresses, patterns or feeds, or catch_all: true",
+        )
+
+
+CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], None]] = {
+    Condition: _check_condition,
+    ListRule: _check_list_rule,
+    FilterConfig: _check_filters,
+    TLSConfig: _check_tls,
+    FeedConfig: _check_feed,
+    Config: _check_config,
+}
