@@ -80,6 +80,7 @@ from spamtrap.bundle_file import BundleWriteError, failure_reason, unlink_quietl
 from spamtrap.bundle_state import BundleState, Lifecycle
 from spamtrap.bundle_upload import Uploader
 from spamtrap.config import SetConfig, StoreConfig
+from spamtrap.manifest import Published
 from spamtrap.metrics import Metrics
 from spamtrap.store import Store, bundle_key, valid_set_name
 
@@ -317,7 +318,7 @@ class BundleSet:
         clock: Any = None,
         rng: random.Random | None = None,
         store_config: StoreConfig | None = None,
-        on_published: Callable[[dict[str, Any]], Any] | None = None,
+        on_published: Callable[[Published], object] | None = None,
     ) -> None:
         """``pool`` runs the set's blocking file work: sealing (gzip trailer,
         fsync), detaching from the reactor, removing .part files. Give it
@@ -325,9 +326,9 @@ class BundleSet:
         filter thread that filled it.
 
         ``on_stored`` gets a stored (or skipped) bundle's tokens in the
-        reactor. ``on_published`` is called in the reactor with the manifest
-        plus ``"url"`` (``store.url(key)``) once object and manifest are
-        stored; its errors (raised or in a returned Deferred) are logged only."""
+        reactor. ``on_published`` is called in the reactor with a
+        ``Published`` (the manifest and ``store.url(key)``) once object and
+        manifest are stored; its errors (raised or in a returned Deferred) are logged only."""
         for what, value in (("set", set_config.name), ("node", node)):
             if not valid_set_name(value):
                 raise ValueError(f"invalid {what} name {value!r} (bundle keys need [A-Za-z0-9_.-])")

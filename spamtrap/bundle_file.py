@@ -8,7 +8,6 @@ its shard it belongs to one thread at a time (see spamtrap.bundle_state).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import zlib
@@ -16,8 +15,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from spamtrap.bundle_state import BundleState
+from spamtrap.manifest import MANIFEST_FORMAT, Manifest
 
-MANIFEST_FORMAT = 1
+__all__ = ["MANIFEST_FORMAT", "BundleFile", "BundleWriteError", "Manifest", "manifest_bytes"]
 
 
 def iso_utc(t: float) -> str:
@@ -81,7 +81,7 @@ class BundleFile:
         # Reactor-only bookkeeping.
         self.rotating = False  # a detach is queued for it
         self.attempts = 0
-        self.doc: dict[str, Any] = {}  # the manifest, built once sealed
+        self.doc: Manifest | None = None  # the manifest, built once sealed
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -125,19 +125,20 @@ class BundleFile:
         finally:
             unlink_quietly(self.part_path)
 
-    def manifest_doc(self, set_name: str, node: str) -> dict[str, Any]:
-        return {
-            "format": MANIFEST_FORMAT,
-            "set": set_name,
-            "key": self.key,
-            "size": self.size,
-            "sha256": self.sha256.hexdigest(),
-            "messages": self.messages,
-            "first_received": iso_utc(self.first_received),
-            "last_received": iso_utc(self.last_received),
-            "node": node,
-        }
+    def manifest_doc(self, set_name: str, node: str) -> Manifest:
+        return Manifest(
+            format=MANIFEST_FORMAT,
+            set=set_name,
+            key=self.key,
+            size=self.size,
+            sha256=self.sha256.hexdigest(),
+            messages=self.messages,
+            first_received=iso_utc(self.first_received),
+            last_received=iso_utc(self.last_received),
+            node=node,
+        )
 
 
-def manifest_bytes(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
+def manifest_bytes(doc: Manifest) -> bytes:
+    """The stored manifest bytes (:meth:`Manifest.to_json_bytes`)."""
+    return doc.to_json_bytes()

@@ -24,6 +24,7 @@ from spamtrap.bundle_file import BundleFile as _Bundle
 from spamtrap.bundle_file import manifest_bytes, message_keys, unlink_quietly
 from spamtrap.bundle_state import BundleState, Lifecycle
 from spamtrap.config import SetConfig, StoreConfig
+from spamtrap.manifest import Published
 from spamtrap.metrics import Metrics
 from spamtrap.store import Store
 
@@ -48,7 +49,7 @@ class Uploader:
         clock: Any,
         rng: random.Random,
         on_stored: Callable[[list[Any]], None],
-        on_published: Callable[[dict[str, Any]], Any] | None,
+        on_published: Callable[[Published], object] | None,
         on_settled: Callable[[], None],
         store_config: StoreConfig,
     ) -> None:
@@ -122,6 +123,7 @@ class Uploader:
     def _upload(self, bundle: _Bundle) -> None:
         self._retries.pop(bundle, None)
         self._lifecycle.move(bundle, S.UPLOADING)
+        assert bundle.doc is not None  # built when it was sealed
         manifest = manifest_bytes(bundle.doc)
         d = maybeDeferred(self._store.put, bundle.key, bundle.part_path, manifest)
         d.addCallbacks(lambda _: self._stored(bundle), lambda f: self._put_failed(bundle, f))
@@ -157,9 +159,10 @@ class Uploader:
         except Exception:  # noqa: BLE001 - logged; the bundle is stored regardless
             log.failure("set {set}: on_stored failed for {key}", set=self._set, key=bundle.key)
 
-    def _publish(self, bundle: _Bundle, on_published: Callable[[dict[str, Any]], Any]) -> None:
+    def _publish(self, bundle: _Bundle, on_published: Callable[[Published], object]) -> None:
         try:
-            notice = {**bundle.doc, "url": self._store.url(bundle.key)}
+            assert bundle.doc is not None  # built when it was sealed
+            notice = Published(bundle.doc, self._store.url(bundle.key))
         except Exception:  # noqa: BLE001 - a notice must never break the set
             log.failure("set {set}: no URL for {key}", set=self._set, key=bundle.key)
             return

@@ -34,7 +34,7 @@ The reactor parts
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast, runtime_checkable
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from spamtrap.config import WebhookConfig
     from spamtrap.errors import WorkSourceError
+    from spamtrap.manifest import Manifest
     from spamtrap.message import Envelope
     from spamtrap.store import Download
 
@@ -250,9 +251,9 @@ class Store(Protocol):
         """A short human description for logs."""
         ...
 
-    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
-        """The parsed manifests of a set, newest first; damaged ones are
-        skipped. ValueError for an invalid set name."""
+    def list_manifests(self, set_name: str) -> Deferred[list[Manifest]]:
+        """The checked manifests of a set, newest first; damaged or invalid
+        ones are skipped. ValueError for an invalid set name."""
         ...
 
     def open_download(self, key: str) -> Download:

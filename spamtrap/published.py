@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
 
 # The schemes of a store URL that open_store turns into a LocalStore: its
@@ -59,7 +60,7 @@ def header_value(value: object) -> str:
     return quote(str(value), safe=_SAFE)
 
 
-def subject(manifest: dict[str, object]) -> str:
+def subject(manifest: Mapping[str, object]) -> str:
     """The Subject of a bundle's notice mail."""
     fields = ("set", "messages", "first_received", "last_received")
     values = [header_value(manifest[k]) for k in fields]

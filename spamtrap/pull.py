@@ -114,6 +114,35 @@ class Remote:
         return self.key.split("/", 1)[1][: -len(BUNDLE_SUFFIX)]
 
 
+@dataclass(frozen=True)
+class RemoteManifest:
+    """What pull takes from a manifest another node or store sent: the
+    bundle's key, size and sha256. Checked here, not by
+    ``spamtrap.manifest.Manifest``: the remote may be an older spamtrap or
+    another tool, so fields pull does not use are not required, and an
+    upper-case sha256 is accepted."""
+
+    key: str
+    size: int
+    sha256: str  # lower case
+
+
+def remote_manifest(data: bytes, remote: Remote) -> RemoteManifest:
+    """Parse a remote's manifest of ``remote``; PullError naming the remote
+    key and the bad field otherwise."""
+    doc = _json(data, f"manifest of {remote.key}")
+    raw_key = doc.get("key")
+    if bundle_key(str(raw_key or "")) != remote.key:
+        raise PullError(f"{remote.key}: the manifest is for {raw_key!r}")
+    size = doc.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise PullError(f"{remote.key}: manifest field size: {size!r} is not a number of bytes")
+    sha = doc.get("sha256")
+    if not isinstance(sha, str) or _SHA256.fullmatch(sha.lower()) is None:
+        raise PullError(f"{remote.key}: manifest field sha256: {sha!r} is not 64 hex digits")
+    return RemoteManifest(remote.key, size, sha.lower())
+
+
 @dataclass
 class Problem:
     """An entry of a listing (a notice, a feed entry) that cannot be
@@ -130,8 +159,8 @@ class Source(Protocol):
         that name a bundle of the set but cannot be followed."""
         ...
 
-    def manifest(self, remote: Remote) -> dict[str, Any]:
-        """The bundle's manifest."""
+    def manifest(self, remote: Remote) -> RemoteManifest:
+        """The bundle's manifest (see :func:`remote_manifest`)."""
         ...
 
     def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
@@ -185,13 +214,13 @@ class _UrlSource:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
 
-    def manifest(self, remote: Remote) -> dict[str, Any]:
+    def manifest(self, remote: Remote) -> RemoteManifest:
         url = remote.manifest_location or remote.location
         if remote.manifest_location is None:
             if not url.endswith(BUNDLE_SUFFIX):
                 raise PullError(f"{remote.key}: no manifest URL for {url}")
             url = _manifest_name(url)
-        return _json(self._get(url), f"manifest of {remote.key}")
+        return remote_manifest(self._get(url), remote)
 
     def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -497,7 +526,7 @@ class S3Source:
             raise PullError(f"set {set_name}: listing s3://{self.bucket}/{folder}: {e}")
         return sorted(found, key=lambda r: r.key), []
 
-    def manifest(self, remote: Remote) -> dict[str, Any]:
+    def manifest(self, remote: Remote) -> RemoteManifest:
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = _manifest_name(remote.location)
@@ -507,7 +536,7 @@ class S3Source:
                 data = body.read()
         except (BotoCoreError, ClientError) as e:
             raise PullError(f"{remote.key}: manifest s3://{self.bucket}/{key}: {e}")
-        return _json(data, f"manifest of {remote.key}")
+        return remote_manifest(data, remote)
 
     def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -782,18 +811,13 @@ class Puller:
         """Complete a remote's size and sha256 from its manifest."""
         try:
             manifest = self.source.manifest(remote)
-            if bundle_key(str(manifest.get("key", ""))) != remote.key:
-                raise PullError(f"{remote.key}: the manifest is for {manifest.get('key')!r}")
-            size, sha = manifest.get("size"), str(manifest.get("sha256", "")).lower()
-            if not isinstance(size, int) or size < 0 or not _SHA256.fullmatch(sha):
-                raise PullError(f"{remote.key}: the manifest has no valid size and sha256")
         except PullError as e:
             self.fail(str(e))
             return False
-        if remote.size is not None and remote.size != size:
-            self.fail(f"{remote.key}: announced size {remote.size}, manifest says {size}")
+        if remote.size is not None and remote.size != manifest.size:
+            self.fail(f"{remote.key}: announced size {remote.size}, manifest says {manifest.size}")
             return False
-        remote.size, remote.sha256 = size, sha
+        remote.size, remote.sha256 = manifest.size, manifest.sha256
         return True
 
     def _advance_cursor(self, set_name: str, remotes: list[Remote], failed: set[str]) -> None:

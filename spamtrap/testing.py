@@ -14,6 +14,8 @@ threads, and can look at what was done:
     held back and made to fail.
 ``ListWorkSource``
     A ``WorkSource`` over a list of records, for the pipeline.
+``manifest_for``
+    A valid ``Manifest`` for a bundle key and its bytes.
 
 Put the web layer on a ``MemoryStore`` and drive its resource tree
 (``spamtrap.web.make_root``) with ``treq.testing.StubTreq``::
@@ -25,6 +27,7 @@ Put the web layer on a ``MemoryStore`` and drive its resource tree
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +39,7 @@ from twisted.python.failure import Failure
 
 from spamtrap.errors import SourceStoppedError, WorkSourceError
 from spamtrap.interfaces import EntryKey
+from spamtrap.manifest import Manifest
 from spamtrap.store import (
     BUNDLE_SUFFIX,
     KEY_RE,
@@ -47,7 +51,7 @@ from spamtrap.store import (
     valid_set_name,
 )
 
-__all__ = ["ListEntry", "ListWorkSource", "MemoryStore", "SyncPool"]
+__all__ = ["ListEntry", "ListWorkSource", "MemoryStore", "SyncPool", "manifest_for"]
 
 
 # -- the pool ------------------------------------------------------------------
@@ -118,12 +122,18 @@ class MemoryStore:
         self.listed: list[str] = []
         self.listing_error: Exception | None = None
         self.closed = False
-        self._held: list[tuple[str, Deferred[list[dict[str, Any]]]]] | None = None
+        self._held: list[tuple[str, Deferred[list[Manifest]]]] | None = None
 
-    def add(self, key: str, data: bytes, manifest: dict[str, Any] | bytes) -> None:
-        """Store ``data`` under bundle ``key`` and its manifest at once."""
+    def add(self, key: str, data: bytes, manifest: Manifest | dict[str, Any] | bytes) -> None:
+        """Store ``data`` under bundle ``key`` and its manifest at once (a
+        dict or raw bytes may be anything, to test damaged manifests)."""
         _check_bundle_key(key)
-        raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        if isinstance(manifest, Manifest):
+            raw = manifest.to_json_bytes()
+        elif isinstance(manifest, bytes):
+            raw = manifest
+        else:
+            raw = json.dumps(manifest).encode()
         self.objects[key] = data
         self.objects[manifest_key(key)] = raw
 
@@ -148,14 +158,14 @@ class MemoryStore:
         self.add(key, data, manifest)
         return succeed(None)
 
-    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+    def list_manifests(self, set_name: str) -> Deferred[list[Manifest]]:
         if self.closed:
             return fail(StoreClosedError("memory store is closed"))
         if not valid_set_name(set_name):
             return fail(ValueError(f"invalid set name {set_name!r}"))
         self.listed.append(set_name)
         if self._held is not None:
-            d: Deferred[list[dict[str, Any]]] = Deferred()
+            d: Deferred[list[Manifest]] = Deferred()
             self._held.append((set_name, d))
             return d
         return self._answer(set_name)
@@ -185,7 +195,7 @@ class MemoryStore:
         for set_name, d in held:
             self._answer(set_name).chainDeferred(d)
 
-    def _answer(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+    def _answer(self, set_name: str) -> Deferred[list[Manifest]]:
         if self.listing_error is not None:
             return fail(self.listing_error)
         prefix = f"{set_name}/"
@@ -196,12 +206,35 @@ class MemoryStore:
         docs = []
         for key in keys:
             try:
-                doc = json.loads(self.objects[key].decode("utf-8"))
-            except ValueError:
+                docs.append(Manifest.from_json(self.objects[key], f"manifest {key}"))
+            except ValueError:  # ManifestError too
                 continue  # as the real stores: one damaged manifest is skipped
-            if isinstance(doc, dict):
-                docs.append(doc)
         return succeed(docs)
+
+
+def manifest_for(
+    key: str,
+    data: bytes = b"",
+    *,
+    messages: int = 1,
+    first_received: str = "2026-01-02T03:00:00Z",
+    last_received: str = "2026-01-02T03:00:45Z",
+) -> Manifest:
+    """A valid manifest for bundle ``key`` (``<set>/<time>.<node>.<id>.mbox.gz``)
+    whose ``.mbox.gz`` is ``data``: set and node come from the key."""
+    match = KEY_RE.fullmatch(key)
+    if match is None:
+        raise ValueError(f"not a bundle key: {key!r}")
+    return Manifest(
+        set=match.group("set"),
+        key=key,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        messages=messages,
+        first_received=first_received,
+        last_received=last_received,
+        node=match.group("node"),
+    )
 
 
 def _check_bundle_key(key: str) -> None:

@@ -35,6 +35,7 @@ from twisted.web import resource, server, static
 
 from spamtrap.config import Config, SetConfig
 from spamtrap.interfaces import Store
+from spamtrap.manifest import Manifest
 from spamtrap.metrics import Metrics
 from spamtrap.published import download_url
 from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, LocalFile, Redirect
@@ -220,27 +221,27 @@ class _SetPages(_Page):
             return _error(request, 401, "a valid bearer token is required")
         return None
 
-    def _with_url(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def _with_url(self, manifest: Manifest) -> dict[str, object]:
         """A copy of a manifest with the bundle's download URL, by the rule
         notices use too (:func:`spamtrap.published.download_url`): the
         store's own (S3) if it has one, else this server's for the local
         store, else None (an S3 store without a URL for the key: a
         download here would only redirect to that missing URL)."""
-        key = str(manifest.get("key", ""))
+        key = manifest.key
         url = download_url(key, self._store.url(key), self._public_url, self._store.served_by_web)
-        return {**manifest, "url": url}
+        return {**manifest.to_dict(), "url": url}
 
     def _answer_later(
         self,
         request: server.Request,
         what: str,
         set_name: str,
-        body: Callable[[list[dict[str, Any]]], bytes],
+        body: Callable[[list[Manifest]], bytes],
     ) -> Any:
         """List ``set_name`` (the store does it in its own pool) and send
         ``body(manifests)`` as JSON when the listing is done."""
         reply = _DelayedReply(request)
-        d: Deferred[list[dict[str, Any]]] = maybeDeferred(self._store.list_manifests, set_name)
+        d: Deferred[list[Manifest]] = maybeDeferred(self._store.list_manifests, set_name)
         d.addCallback(body).addCallbacks(reply.json, reply.failed, errbackArgs=(what,))
         return server.NOT_DONE_YET
 
@@ -302,7 +303,7 @@ class _Bundles(_SetPages):
             lambda manifests: self._listing_body(set_name, manifests),
         )
 
-    def _listing_body(self, set_name: str, manifests: list[dict[str, Any]]) -> bytes:
+    def _listing_body(self, set_name: str, manifests: list[Manifest]) -> bytes:
         bundles = [self._with_url(m) for m in manifests]
         return json.dumps({"set": set_name, "bundles": bundles}).encode("utf-8") + b"\n"
 
@@ -339,7 +340,7 @@ class _Feeds(_SetPages):
         )
 
     def _page(
-        self, set_name: str, manifests: list[dict[str, Any]], since: str, limit: int
+        self, set_name: str, manifests: list[Manifest], since: str, limit: int
     ) -> bytes:
         newer = []
         for manifest in manifests:
@@ -357,11 +358,11 @@ class _Feeds(_SetPages):
         return json.dumps(doc).encode("utf-8") + b"\n"
 
 
-def _cursor(manifest: Any, set_name: str) -> str | None:
+def _cursor(manifest: Manifest, set_name: str) -> str | None:
     """A manifest's feed cursor: its key's name without suffix; None for a
     manifest that is not a bundle of this set."""
-    key = manifest.get("key") if isinstance(manifest, dict) else None
-    if not isinstance(key, str) or not key.endswith(BUNDLE_SUFFIX):
+    key = manifest.key
+    if not key.endswith(BUNDLE_SUFFIX):
         return None
     m = KEY_RE.fullmatch(key)
     if m is None or m.group("set") != set_name:

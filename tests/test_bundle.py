@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from spamtrap.bundle import BundleSet
 from spamtrap.config import RotateConfig, SetConfig, StoreConfig
+from spamtrap.manifest import Manifest, Published
 from spamtrap.mbox import MboxReader, entry, read_mbox
 from spamtrap.metrics import Metrics
 from spamtrap.store import KEY_RE, manifest_key
@@ -250,7 +251,8 @@ def test_entries_to_local_store_round_trip(tmp_path: Any, monkeypatch: pytest.Mo
         "last_received": "2026-11-22T13:31:25Z",
         "node": "node1",
     }
-    assert store.read_manifests("all") == [doc]
+    assert [m.to_dict() for m in store.read_manifests("all")] == [doc]
+    assert store.read_manifests("all")[0].to_json_bytes() == raw
     assert h.parts() == []
     assert h.metric("spamtrap_bundles_total") == 1
     assert h.metric("spamtrap_bundle_bytes_total") == len(data)
@@ -617,10 +619,10 @@ def test_concurrent_adds_lose_nothing(tmp_path: Any) -> None:
     assert sorted(tok for tokens in h.acked for tok in tokens) == list(range(total))
     got: list[bytes] = []
     for doc in store.read_manifests("all"):
-        path = store.path_for(doc["key"])
+        path = store.path_for(doc.key)
         assert path is not None
         msgs = [m for _, m in read_mbox(path)]
-        assert len(msgs) == doc["messages"]
+        assert len(msgs) == doc.messages
         got.extend(msgs)
     assert sorted(got) == sorted(b"Subject: %d\r\n\r\nFrom %d\r\n" % (i, i) for i in range(total))
     assert h.metric("spamtrap_set_messages_total") == total
@@ -806,14 +808,14 @@ def test_retry_delays_come_from_the_store_config(tmp_path: Any) -> None:
 
 def test_on_published_gets_manifest_and_url_after_the_store(tmp_path: Any) -> None:
     store = ControlledStore()
-    published: list[dict[str, Any]] = []
+    published: list[Published] = []
     h = Harness(tmp_path, store=store, on_published=published.append)
     bundle_of(h, 0, 1)
     bundle_of(h, 2)  # skipped: never announced
     assert published == []
     store.succeed(0)
     key, doc, _ = store.calls[0]
-    assert published == [{**doc, "url": f"https://cdn.example/{key}"}]
+    assert published == [Published(Manifest.from_dict(doc), f"https://cdn.example/{key}")]
     assert doc["messages"] == 2 and doc["key"] == key
 
 
@@ -821,8 +823,8 @@ def test_on_published_gets_manifest_and_url_after_the_store(tmp_path: Any) -> No
 def test_a_failing_on_published_never_breaks_the_set(tmp_path: Any, how: str) -> None:
     calls = []
 
-    def broken(notice: dict[str, Any]) -> defer.Deferred[None]:
-        calls.append(notice["key"])
+    def broken(notice: Published) -> defer.Deferred[None]:
+        calls.append(notice.manifest.key)
         if how == "raise":
             raise RuntimeError("relay is on fire")
         return defer.fail(RuntimeError("relay is on fire"))

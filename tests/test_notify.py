@@ -49,6 +49,7 @@ from spamtrap.config import (
     TLSConfig,
     WebhookConfig,
 )
+from spamtrap.manifest import Manifest, Published
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
 from spamtrap.notify import (
@@ -102,6 +103,13 @@ def manifest(set_name: str = "all", **changes: Any) -> dict[str, Any]:
     }
     doc.update(changes)
     return doc
+
+
+def as_published(doc: dict[str, Any]) -> Published:
+    """What BundleSet hands over for a manifest() notice: the manifest and
+    the store's URL."""
+    stored = {k: v for k, v in doc.items() if k != "url"}
+    return Published(Manifest.from_dict(stored), doc.get("url"))
 
 
 def config(*sets: SetConfig, relay_port: int = 25, **relay: Any) -> Config:
@@ -191,7 +199,7 @@ async def test_mail_reaches_a_real_smtp_server_with_every_field(mailtrap: MailTr
     )
     n = Notifier(cfg, metrics, reactor, Clock())
     doc = manifest()
-    n.published(doc)
+    n.published(as_published(doc))
     await until(lambda: metrics.count("mail", "sent") == 2)
 
     assert [e.mail_from for e in mailtrap.received] == ["spamtrap@notify.test"] * 2
@@ -242,7 +250,7 @@ async def test_mail_over_starttls_verifies_the_relay_certificate(tmp_path: Any) 
             return ssl.optionsForClientTLS("localhost", trustRoot=root)
 
         n = Notifier(cfg, metrics, reactor, Clock(), client_tls=trusting)
-        n.published(manifest())
+        n.published(as_published(manifest()))
         await until(lambda: metrics.count("mail", "sent") == 1)
         (env,) = trap.received
         assert env.values("tls") and env.values("tls")[0].startswith("TLSv1.")
@@ -253,7 +261,7 @@ async def test_mail_over_starttls_verifies_the_relay_certificate(tmp_path: Any) 
         metrics = NotifyMetrics()
         clock = Clock()
         n = Notifier(cfg, metrics, reactor, clock)
-        n.published(manifest())
+        n.published(as_published(manifest()))
         await until(lambda: metrics.count("mail", "retry") == 1)
         assert len(trap.received) == 1
         assert len(clock.getDelayedCalls()) == 1
@@ -270,7 +278,7 @@ async def test_starttls_required_but_not_offered_fails_permanently(mailtrap: Mai
     port = mailtrap.port.getHost().port
     cfg = config(mail_set("all", "list@lists.test"), relay_port=port, starttls=True)
     n = Notifier(cfg, metrics, reactor, clock)
-    n.published(manifest())
+    n.published(as_published(manifest()))
     await until(lambda: metrics.count("mail", "failed") == 1)
     assert mailtrap.received == []
     assert metrics.count("mail", "retry") == 0
@@ -379,7 +387,7 @@ async def test_auth_after_starttls_and_a_wrong_password_is_not_retried(tmp_path:
                 Clock(),
                 client_tls=lambda host: ssl.optionsForClientTLS("localhost", trustRoot=root),
             )
-            n.published(manifest())
+            n.published(as_published(manifest()))
             outcome = "sent" if delivered else "failed"
             await until(lambda: metrics.count("mail", outcome) == 1)  # noqa: B023
             assert metrics.count("mail", "retry") == 0
@@ -432,7 +440,7 @@ async def test_relay_down_then_up_is_retried_after_the_backoff() -> None:
     n = Notifier(
         config(mail_set("all", "list@lists.test"), relay_port=port), metrics, reactor, clock
     )
-    n.published(manifest())
+    n.published(as_published(manifest()))
     await until(lambda: metrics.count("mail", "retry") == 1)  # connection refused
     (retry,) = pending(clock)
     assert MAIL_RETRY_FIRST / 2 <= retry.getTime() <= MAIL_RETRY_FIRST
@@ -462,7 +470,7 @@ async def test_backoff_doubles_to_retry_max_and_gives_up_at_the_deadline() -> No
     metrics = NotifyMetrics()
     cfg = config(mail_set("all", "list@lists.test"), retry_max=3600.0)
     n = Notifier(cfg, metrics, reactor, clock, smtp_connect=refuse)
-    n.published(manifest())  # a synchronous failure does not escape
+    n.published(as_published(manifest()))  # a synchronous failure does not escape
     while pending(clock):
         clock.advance(pending(clock)[0].getTime() - clock.seconds())
     gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
@@ -525,7 +533,7 @@ async def test_webhook_posts_a_signed_s3_style_record_and_retries_a_500(hooks: A
     clock.advance(1795352400.5)  # 2026-11-22T13:00:00.500Z
     n = Notifier(cfg, metrics, reactor, clock)
     doc = manifest()
-    n.published(doc)
+    n.published(as_published(doc))
     await until(lambda: metrics.count("webhook", "retry") == 1)
     (retry,) = pending(clock)
     clock.advance(retry.getTime() - clock.seconds())
@@ -570,7 +578,7 @@ async def test_webhook_without_secret_is_unsigned_and_a_dead_receiver_is_retried
     metrics = NotifyMetrics()
     clock = Clock()
     n = Notifier(config(s), metrics, reactor, clock)
-    n.published(manifest())
+    n.published(as_published(manifest()))
     await until(lambda: metrics.count("webhook", "retry") == 1)  # nobody listening
     listening = await serverFromString(reactor, f"tcp:{port}:interface={LOCAL}").listen(
         Site(server)
@@ -618,7 +626,7 @@ async def test_a_private_sets_bundle_reaches_only_its_own_channels(
     )
     docs = {name: manifest(name) for name in ("shared", "private", "silent")}
     for doc in docs.values():
-        n.published(doc)
+        n.published(as_published(doc))
     await until(lambda: metrics.count("mail", "sent") + metrics.count("webhook", "sent") == 4)
     await n.stop()
 
@@ -667,12 +675,11 @@ def test_published_never_raises() -> None:
         Clock(),
         smtp_connect=lambda *a: calls.append(a),
     )
-    n.published({"set": "all"})  # no key: a broken manifest is logged
-    n.published(manifest("unknown"))  # a set this node does not have
-    n.published({})
+    n.published(as_published(manifest("unknown")))  # a set this node does not have
+    n.published({"set": "all"})  # type: ignore[arg-type] # not a Published: logged
     n.published(None)  # type: ignore[arg-type]
     assert calls == []
-    n.published(manifest())
+    n.published(as_published(manifest()))
     assert len(calls) == 1
 
 
@@ -698,14 +705,14 @@ async def test_stop_drops_waiting_retries_and_cancels_sends_at_the_deadline() ->
             return reactor.connectTCP(host, target, factory)
 
         n = Notifier(cfg, metrics, reactor, clock, smtp_connect=connect)
-        n.published(manifest("stuck"))
-        n.published(manifest("down"))
+        n.published(as_published(manifest("stuck")))
+        n.published(as_published(manifest("down")))
         await until(lambda: metrics.count("mail", "retry") == 1)
         assert len(clock.getDelayedCalls()) == 2  # the retry, the stuck send's timeout
 
         d = n.stop()
         assert metrics.count("mail", "failed") == 1  # the waiting retry, dropped
-        n.published(manifest("down"))  # after stop: ignored
+        n.published(as_published(manifest("down")))  # after stop: ignored
         assert not d.called  # the stuck send still has time
         clock.advance(STOP_DEADLINE)
         await d
@@ -729,7 +736,7 @@ def test_too_many_pending_notices_drop_the_oldest_waiting_one() -> None:
     cfg = config(mail_set("a", "a@lists.test"), mail_set("b", "b@lists.test"))
     n = Notifier(cfg, metrics, reactor, clock, smtp_connect=refuse, max_pending=2)
     for name in ("a", "b", "a"):
-        n.published(manifest(name))
+        n.published(as_published(manifest(name)))
     assert metrics.count("mail", "failed") == 1  # the first "a", oldest, dropped
     assert len(clock.getDelayedCalls()) == 2
     clock.advance(MAIL_RETRY_FIRST)
@@ -786,7 +793,7 @@ async def test_a_local_store_notice_carries_this_nodes_download_urls(
     metrics = NotifyMetrics()
     n = Notifier(cfg, metrics, reactor, Clock())
     doc = manifest(url=None)  # what BundleSet hands over for the local store
-    n.published(doc)
+    n.published(as_published(doc))
     await until(lambda: metrics.count("mail", "sent") == metrics.count("webhook", "sent") == 1)
 
     url = f"https://traps.example.org:8443/spamtrap/bundles/{doc['key']}"
@@ -804,23 +811,27 @@ async def test_a_local_store_notice_carries_this_nodes_download_urls(
 
 def test_notice_urls() -> None:
     key = manifest()["key"]
+
+    def with_url(url: str | None) -> Published:
+        return as_published(manifest(url=url))
+
     base = "http://node1.example:8025"
-    assert notice_urls({"key": key, "url": None}, base) == (
+    assert notice_urls(with_url(None), base) == (
         f"{base}/bundles/{key}",
         f"{base}/bundles/{key.removesuffix('.mbox.gz')}.json",
     )
     s3 = f"https://cdn.example/spam/{key}"
-    assert notice_urls({"key": key, "url": s3}, base) == (
+    assert notice_urls(with_url(s3), base) == (
         s3,
         s3.removesuffix(".mbox.gz") + ".json",
     )
     # A URL that does not end in the bundle's name has no manifest beside it.
     signed = f"https://s3.example/{key}?X-Amz-Signature=abc"
-    assert notice_urls({"key": key, "url": signed}, base) == (signed, None)
+    assert notice_urls(with_url(signed), base) == (signed, None)
     # An S3 store without a URL for the key: this node's /bundles/<key>
     # would redirect to that missing URL, so there is none to give.
-    assert notice_urls({"key": key, "url": None}, base, web_served=False) == (None, None)
-    assert notice_urls({"key": key, "url": s3}, base, web_served=False)[0] == s3
+    assert notice_urls(with_url(None), base, web_served=False) == (None, None)
+    assert notice_urls(with_url(s3), base, web_served=False)[0] == s3
 
 
 def notify_errors(events: list[dict[str, Any]]) -> list[str]:
@@ -853,8 +864,8 @@ async def test_an_s3_store_without_a_url_sends_none_and_logs_once_per_bundle(
     globalLogPublisher.addObserver(events.append)
     try:
         first, second = manifest(url=None), manifest(url=None, key="all/2.mbox.gz")
-        n.published(first)
-        n.published(second)
+        n.published(as_published(first))
+        n.published(as_published(second))
         await until(lambda: metrics.count("mail", "sent") == 4)
         await until(lambda: metrics.count("webhook", "sent") == 2)
     finally:
@@ -880,7 +891,7 @@ def test_a_set_without_channels_logs_no_missing_url() -> None:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        n.published(manifest(url=None))
+        n.published(as_published(manifest(url=None)))
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert notify_errors(events) == []

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.web.iweb import IAgent
 
 from spamtrap.config import Config, SetConfig, StoreConfig
+from spamtrap.manifest import Manifest, Published
 from spamtrap.metrics import Metrics
 from spamtrap.notify import notice_urls
 from spamtrap.notify.mail import notice
@@ -41,7 +42,7 @@ class ListedS3Store(S3Store):
     """A real S3Store on AWS with no region known (``url`` answers None)
     whose listing is given: the listing needs a server, the URL does not."""
 
-    def __init__(self, manifests: list[dict[str, Any]]) -> None:
+    def __init__(self, manifests: list[Manifest]) -> None:
         super().__init__(
             "trapbucket",
             "spam",
@@ -53,7 +54,7 @@ class ListedS3Store(S3Store):
         )
         self.manifests = manifests
 
-    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+    def list_manifests(self, set_name: str) -> Deferred[list[Manifest]]:
         return succeed(self.manifests if set_name == "private" else [])
 
 
@@ -93,23 +94,23 @@ def test_download_url() -> None:
 def test_an_s3_listing_without_urls_names_none(tmp_path: Path) -> None:
     manifests = private_manifests()
     store = ListedS3Store(manifests)
-    assert store.url(manifests[0]["key"]) is None  # the case in question
+    assert store.url(manifests[0].key) is None  # the case in question
     config = site_config("s3://trapbucket/spam")
     # Not this node's /bundles/<key>: that only redirects to store.url(),
     # which is None, so the download would answer 404.
     assert listed_urls(store, config) == [None] * len(manifests)
     for m in manifests:
-        assert notice_urls({**m, "url": store.url(m["key"])}, PUBLIC_URL, False) == (None, None)
+        assert notice_urls(Published(m, store.url(m.key)), PUBLIC_URL, False) == (None, None)
 
 
 def test_listing_and_notices_agree_for_the_local_store(tmp_path: Path) -> None:
     manifests = private_manifests()
     config = site_config(None)
     urls = listed_urls(FakeStore(tmp_path, {"private": manifests}), config)
-    assert urls == [f"https://traps.example.org/spamtrap/bundles/{m['key']}" for m in manifests]
+    assert urls == [f"https://traps.example.org/spamtrap/bundles/{m.key}" for m in manifests]
     for m, url in zip(manifests, urls, strict=True):
         # BundleSet hands the notifier store.url(key): None for the local store.
-        assert notice_urls({**m, "url": None}, PUBLIC_URL, True)[0] == url
+        assert notice_urls(Published(m, None), PUBLIC_URL, True)[0] == url
 
 
 set_names = st.from_regex(f"\\A{NAME_PATTERN}\\Z", fullmatch=True).filter(lambda s: len(s) < 60)

@@ -42,13 +42,18 @@ from twisted.python.threadpool import ThreadPool
 from spamtrap import mbox
 from spamtrap.cli import build_parser, main
 from spamtrap.config import Config, SetConfig
+from spamtrap.manifest import Manifest
 from spamtrap.metrics import Metrics
 from spamtrap.pull import (
     STATE_NAME,
     Problem,
+    PullError,
+    Remote,
+    RemoteManifest,
     _remote_from,
     parse_notice,
     read_notice,
+    remote_manifest,
     rewind,
     run,
 )
@@ -90,20 +95,18 @@ def gzip_mbox(messages: list[bytes], when: float) -> bytes:
 
 
 def manifest(key: str, data: bytes, messages: int, when: float) -> bytes:
-    """Shaped like BundleSet's manifest."""
+    """BundleSet's manifest bytes: what a node stores and serves."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
-    doc = {
-        "format": 1,
-        "set": key.split("/")[0],
-        "key": key,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "messages": messages,
-        "first_received": stamp,
-        "last_received": stamp,
-        "node": "node1",
-    }
-    return json.dumps(doc).encode()
+    return Manifest(
+        set=key.split("/")[0],
+        key=key,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        messages=messages,
+        first_received=stamp,
+        last_received=stamp,
+        node="node1",
+    ).to_json_bytes()
 
 
 @dataclass
@@ -1026,3 +1029,58 @@ def test_s3_without_credentials_fails_clearly(
     argv = ["--set", "shared", "--dest", str(tmp_path / "d"), "--s3", f"s3://{bucket}/spam"]
     assert run(parse([*argv, "--endpoint", moto]), err) == 1
     assert "set shared" in err.getvalue()
+
+
+# -- remote manifests ----------------------------------------------------------------
+
+REMOTE_KEY = "shared/2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.mbox.gz"
+
+
+def test_pull_reads_the_manifest_a_node_stores_and_serves() -> None:
+    raw = manifest(REMOTE_KEY, b"data", 1, T0)
+    assert Manifest.from_json(raw).to_json_bytes() == raw  # the node's own bytes
+    got = remote_manifest(raw, Remote(REMOTE_KEY, "http://127.0.0.1/x"))
+    assert got == RemoteManifest(REMOTE_KEY, 4, hashlib.sha256(b"data").hexdigest())
+
+
+def test_pull_tolerates_what_an_older_or_other_sender_writes() -> None:
+    # Only key, size and sha256 matter to pull; upper-case hex is accepted.
+    sha = hashlib.sha256(b"x").hexdigest()
+    raw = json.dumps({"key": f"prefix/{REMOTE_KEY}", "size": 1, "sha256": sha.upper()}).encode()
+    got = remote_manifest(raw, Remote(REMOTE_KEY, "s3-key"))
+    assert got == RemoteManifest(REMOTE_KEY, 1, sha)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"size": -5}, "manifest field size: -5 is not a number of bytes"),
+        ({"size": "4"}, "manifest field size: '4' is not a number of bytes"),
+        ({"size": True}, "manifest field size: True is not a number of bytes"),
+        ({"size": None}, "manifest field size: None is not a number of bytes"),
+        ({"sha256": "abc"}, "manifest field sha256: 'abc' is not 64 hex digits"),
+        ({"sha256": 7}, "manifest field sha256: 7 is not 64 hex digits"),
+        ({"key": "shared/other.mbox.gz"}, "the manifest is for 'shared/other.mbox.gz'"),
+    ],
+)
+def test_a_bad_remote_manifest_names_the_remote_key_and_field(
+    change: dict[str, Any], message: str
+) -> None:
+    doc = json.loads(manifest(REMOTE_KEY, b"data", 1, T0))
+    doc.update(change)
+    with pytest.raises(PullError) as e:
+        remote_manifest(json.dumps(doc).encode(), Remote(REMOTE_KEY, "x"))
+    assert str(e.value) == f"{REMOTE_KEY}: {message}"
+
+
+@given(
+    raw=st.binary(max_size=300)
+    | st.dictionaries(st.text(), st.integers()).map(lambda d: json.dumps(d).encode())
+)
+def test_any_remote_manifest_is_read_or_refused_with_its_key(raw: bytes) -> None:
+    try:
+        got = remote_manifest(raw, Remote(REMOTE_KEY, "x"))
+    except PullError as e:
+        assert REMOTE_KEY in str(e)
+        return
+    assert got.key == REMOTE_KEY and got.size >= 0 and len(got.sha256) == 64

@@ -20,7 +20,7 @@ from spamtrap.store import (
     open_store,
 )
 from spamtrap.store.local import LocalStore
-from spamtrap.testing import SyncPool
+from spamtrap.testing import SyncPool, manifest_for
 
 T = calendar.timegm((2026, 11, 22, 13, 31, 15))
 # The documented name: <set>/<UTC ISO-8601 to seconds>.<node>.<base62 16>.mbox.gz
@@ -219,14 +219,16 @@ def test_path_for_refuses_symlinked_set_leading_outside(store: LocalStore, tmp_p
 def test_list_manifests_newest_first_skipping_broken(store: LocalStore, tmp_path: Any) -> None:
     keys = [bundle_key("all", T + dt, "node1") for dt in (0, 7200, 3600)]
     for key in keys:
-        doc = json.dumps({"key": key}).encode() + b"\n"
+        doc = manifest_for(key).to_json_bytes()
         result_of(store.put(key, make_source(tmp_path), doc))
     broken = bundle_key("all", T + 9999, "node1")
     result_of(store.put(broken, make_source(tmp_path), b"{not json"))
+    invalid = bundle_key("all", T + 9998, "node1")  # JSON, but not a manifest
+    result_of(store.put(invalid, make_source(tmp_path), json.dumps({"key": invalid}).encode()))
     other = bundle_key("other", T, "node1")
     result_of(store.put(other, make_source(tmp_path), b"{}\n"))
     listed = result_of(store.list_manifests("all"))
-    assert [m["key"] for m in listed] == [keys[1], keys[2], keys[0]]
+    assert listed == [manifest_for(keys[i]) for i in (1, 2, 0)]
     assert store.read_manifests("all") == listed
     assert result_of(store.list_manifests("nothing-here")) == []
     with pytest.raises(ValueError):

@@ -31,6 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from spamtrap import testing
 from spamtrap.bundle import BundleSet
 from spamtrap.config import RotateConfig, SetConfig, StoreConfig
 from spamtrap.mbox import entry
@@ -159,9 +160,7 @@ def bundle_file(directory: Path, size: int, seed: int) -> tuple[Path, bytes]:
 
 
 def manifest_for(key: str, data: bytes) -> bytes:
-    doc = {"format": 1, "set": key.split("/")[0], "key": key, "size": len(data)}
-    doc["sha256"] = hashlib.sha256(data).hexdigest()
-    return json.dumps(doc).encode() + b"\n"
+    return testing.manifest_for(key, data).to_json_bytes()
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -448,10 +447,12 @@ async def test_list_manifests_newest_first_over_several_pages(
     damaged = manifest_key(bundle_key("all", T + 7200 * 9, "node1"))
     s3.put_object(Bucket="traps", Key=f"listing/{damaged}", Body=b"{not json")
     s3.put_object(Bucket="traps", Key="listing/all/stray.json", Body=b"{}")
-    store.list_page_size = 3  # 11 keys under all/: four pages
+    invalid = manifest_key(bundle_key("all", T + 7200 * 8, "node1"))  # JSON, not a manifest
+    s3.put_object(Bucket="traps", Key=f"listing/{invalid}", Body=b'{"format": 1}')
+    store.list_page_size = 3  # 12 keys under all/: four pages
 
     got = await store.list_manifests("all")
-    assert got == [json.loads(m) for m in reversed(manifests)]
+    assert [m.to_json_bytes() for m in got] == list(reversed(manifests))
     with pytest.raises(ValueError, match="invalid set name"):
         await store.list_manifests("../x")
 
@@ -506,7 +507,7 @@ async def test_seaweedfs_round_trip_public_by_key_listing_denied(
         anonymous_get(f"{seaweedfs.endpoint}/traps?list-type=2&prefix=rt/")
     assert denied.value.code == 403
     listed = await store.list_manifests("all")
-    assert [m["key"] for m in listed] == list(reversed(keys))
+    assert [m.key for m in listed] == list(reversed(keys))
 
 
 @pytest.mark.slow
@@ -614,7 +615,7 @@ async def test_seaweedfs_wrong_credentials_are_logged_then_retried(
     await until(lambda: acked == [["token"]], "the retry to store the bundle")
     assert errors(metrics) == 1
     listed = await store.list_manifests("all")
-    assert [m["messages"] for m in listed] == [1]
+    assert [m.messages for m in listed] == [1]
 
 
 @pytest.mark.slow
@@ -663,7 +664,7 @@ async def test_seaweedfs_killed_mid_upload_then_the_backlog_uploads_by_itself(
     assert len(listed) == 3
     s3 = seaweedfs.client()
     for doc in listed:
-        assert_object_before_manifest(agent, doc["key"])
-        body = s3.get_object(Bucket="traps", Key=f"outage/{doc['key']}")["Body"].read()
-        assert hashlib.sha256(body).hexdigest() == doc["sha256"] and len(body) == doc["size"]
+        assert_object_before_manifest(agent, doc.key)
+        body = s3.get_object(Bucket="traps", Key=f"outage/{doc.key}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == doc.sha256 and len(body) == doc.size
     assert os.listdir(tmp_path / "work" / "all") == []

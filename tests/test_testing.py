@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from twisted.python.failure import Failure
 from spamtrap.errors import SourceStoppedError, WorkSourceError
 from spamtrap.interfaces import Store, WorkSource
 from spamtrap.store import Redirect, StoreClosedError, bundle_key, manifest_key
-from spamtrap.testing import ListEntry, ListWorkSource, MemoryStore, SyncPool
+from spamtrap.testing import ListEntry, ListWorkSource, MemoryStore, SyncPool, manifest_for
 from tests import doubles
 
 T = 1795355475.0
@@ -68,7 +67,7 @@ def put(store: MemoryStore, tmp_path: Path, when: float, doc: bytes | None = Non
     key = bundle_key("all", when, "node1")
     source = tmp_path / f"{when}.part"
     source.write_bytes(key.encode())
-    result_of(store.put(key, str(source), doc or json.dumps({"key": key}).encode()))
+    result_of(store.put(key, str(source), doc or manifest_for(key).to_json_bytes()))
     return key
 
 
@@ -76,10 +75,11 @@ def test_memory_store_put_list_and_download(tmp_path: Path) -> None:
     store = MemoryStore(base_url="https://bucket.example/p/")
     keys = [put(store, tmp_path, T + dt) for dt in (0, 7200, 3600)]
     put(store, tmp_path, T + 9999, b"{not json")  # skipped, as the real stores do
+    put(store, tmp_path, T + 9998, b'{"key": "all/x"}')  # not a manifest: skipped too
     assert store.puts[:3] == keys
     assert store.objects[keys[0]] == keys[0].encode()
     listed = result_of(store.list_manifests("all"))
-    assert [m["key"] for m in listed] == [keys[1], keys[2], keys[0]]
+    assert listed == [manifest_for(keys[i]) for i in (1, 2, 0)]
     assert result_of(store.list_manifests("none")) == []
     with pytest.raises(ValueError, match="invalid set name"):
         result_of(store.list_manifests("../all"))
@@ -99,7 +99,7 @@ def test_memory_store_holds_and_fails_listings(tmp_path: Path) -> None:
     assert not held.called
     key = put(store, tmp_path, T)
     store.release_listings()
-    assert [m["key"] for m in result_of(held)] == [key]  # the store as it is at release
+    assert [m.key for m in result_of(held)] == [key]  # the store as it is at release
     store.listing_error = OSError("disk on fire")
     with pytest.raises(OSError, match="disk on fire"):
         result_of(store.list_manifests("all"))

@@ -54,6 +54,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from spamtrap.config import Config, SetConfig
 from spamtrap.interfaces import Store
+from spamtrap.manifest import Manifest
 from spamtrap.metrics import Metrics
 from spamtrap.store import Download, LocalFile
 from spamtrap.testing import MemoryStore, SyncPool
@@ -71,18 +72,18 @@ PRIVATE_NAMES = [  # newest first
 ]
 
 
-def manifest_for(key: str, data: bytes) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "set": key.split("/")[0],
-        "key": key,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "messages": 1,
-        "first_received": 1767322800.0,
-        "last_received": 1767322845.5,
-        "node": "node1",
-    }
+def manifest_for(key: str, data: bytes) -> Manifest:
+    # Any key: the feed tests hand the web layer keys no store would list.
+    return Manifest(
+        set=key.split("/")[0],
+        key=key,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        messages=1,
+        first_received="2026-01-02T03:00:00Z",
+        last_received="2026-01-02T03:00:45Z",
+        node="node1",
+    )
 
 
 @dataclass
@@ -108,7 +109,7 @@ def build_store(base: Path) -> Layout:
     # Larger than a few 64 KiB producer chunks, and incompressible.
     bundle = gzip.compress(os.urandom(300_000))
     key = f"all/{NAME}.mbox.gz"
-    manifest = json.dumps(manifest_for(key, bundle)).encode()
+    manifest = manifest_for(key, bundle).to_json_bytes()
     layout = Layout(root, bundle, manifest)
     layout.files[key] = bundle
     layout.files[f"all/{NAME}.json"] = manifest
@@ -135,7 +136,7 @@ class FakeStore:
     def __init__(
         self,
         root: Path,
-        manifests: dict[str, list[dict[str, Any]]],
+        manifests: dict[str, list[Manifest]],
         pool: Any = None,
         reactor: Any = None,
     ) -> None:
@@ -159,10 +160,10 @@ class FakeStore:
         path = os.path.join(self._root, key)
         return LocalFile(path) if os.path.exists(path) else None
 
-    def list_manifests(self, set_name: str) -> defer.Deferred[list[dict[str, Any]]]:
+    def list_manifests(self, set_name: str) -> defer.Deferred[list[Manifest]]:
         return deferToThreadPool(self._reactor, self.pool, self._list, set_name)
 
-    def _list(self, set_name: str) -> list[dict[str, Any]]:
+    def _list(self, set_name: str) -> list[Manifest]:
         self.listed_in_reactor_thread.append(isInIOThread())
         if self.fail_listing is not None:
             raise self.fail_listing
@@ -177,7 +178,7 @@ def test_fake_store_keeps_the_contract(tmp_path: Path) -> None:
     assert isinstance(store, Store)
 
 
-def private_manifests() -> list[dict[str, Any]]:
+def private_manifests() -> list[Manifest]:
     return [manifest_for(f"private/{n}.mbox.gz", n.encode()) for n in PRIVATE_NAMES]
 
 
@@ -699,20 +700,22 @@ async def test_listing_with_the_token(web: Web, path: str) -> None:
     assert header(response, "cache-control") == "no-store"
     doc = json.loads(body)
     assert doc["set"] == "private"
-    expected = private_manifests()
-    for m in expected:
-        m["url"] = f"https://spam.example:8443/bundles/{m['key']}"
+    # The bytes of the listing before the Manifest type: each stored
+    # manifest's JSON object, keys in their stored order, plus "url".
+    expected = [
+        {**json.loads(m.to_json_bytes()), "url": f"https://spam.example:8443/bundles/{m.key}"}
+        for m in private_manifests()
+    ]
+    assert body == json.dumps({"set": "private", "bundles": expected}).encode() + b"\n"
     assert doc["bundles"] == expected  # newest first, as the store gave them
-    # The store listed once, in its own pool; its dicts were not touched.
-    assert web.store.pool.calls == 1
-    assert all("url" not in m for m in web.store.manifests["private"])
+    assert web.store.pool.calls == 1  # the store listed once, in its own pool
 
 
 def manual_site(store: Any) -> Any:
     return make_site(store, make_config(), Metrics(), dict, InlineReactor())
 
 
-def manual_store(manifests: dict[str, list[dict[str, Any]]], root: Path) -> FakeStore:
+def manual_store(manifests: dict[str, list[Manifest]], root: Path) -> FakeStore:
     """A FakeStore whose pool runs its listings when the test says so."""
     return FakeStore(root, manifests, ManualPool())
 
@@ -863,9 +866,10 @@ async def test_feed_with_the_token(web: Web, path: str) -> None:
     assert header(response, "content-type") == "application/json"
     assert header(response, "cache-control") == "no-store"
     doc = json.loads(body)
-    expected = private_manifests()
-    for m in expected:
-        m["url"] = f"https://spam.example:8443/bundles/{m['key']}"
+    expected = [
+        {**m.to_dict(), "url": f"https://spam.example:8443/bundles/{m.key}"}
+        for m in private_manifests()
+    ]
     assert doc == {
         "set": "private",
         "bundles": expected,
@@ -944,16 +948,14 @@ async def test_feed_refusals(web: Web, path: str, authorization: str | None, cod
 
 def test_feed_skips_manifests_that_are_not_this_sets_bundles(tmp_path: Path) -> None:
     good = private_manifests()
-    junk: list[Any] = [
-        {"key": "shared/2026-04-01T00:00:00.node1.WWWWWWWWWWWWWWWW.mbox.gz"},  # other set
-        {"key": "private/2026-04-01T00:00:00.node1.VVVVVVVVVVVVVVVV.json"},
-        {"key": "private/not-a-key.mbox.gz"},
-        {"size": 3},
-        ["not", "a", "dict"],
+    junk = [
+        manifest_for("shared/2026-04-01T00:00:00.node1.WWWWWWWWWWWWWWWW.mbox.gz", b""),
+        manifest_for("private/2026-04-01T00:00:00.node1.VVVVVVVVVVVVVVVV.json", b""),
+        manifest_for("private/not-a-key.mbox.gz", b""),
     ]
     store = manual_store({"private": junk + good}, tmp_path)
     doc = feed_page(manual_site(store), store)
-    assert [b["key"] for b in doc["bundles"]] == [m["key"] for m in good]
+    assert [b["key"] for b in doc["bundles"]] == [m.key for m in good]
 
 
 def test_feed_uses_the_stores_own_urls(tmp_path: Path) -> None:
@@ -990,7 +992,7 @@ cursor_names = st.builds(
 @settings(max_examples=100, deadline=None)
 @given(names=st.sets(cursor_names, max_size=25), limit=st.integers(1, 7))
 def test_feed_paging_yields_every_bundle_once_in_order(names: set[str], limit: int) -> None:
-    manifests = [{"key": f"private/{n}.mbox.gz", "size": 1} for n in names]
+    manifests = [manifest_for(f"private/{n}.mbox.gz", b"x") for n in names]
     store = manual_store({"private": manifests}, Path("/nonexistent"))
     site = manual_site(store)
     seen: list[str] = []
@@ -1060,7 +1062,7 @@ async def test_real_local_store_listing_and_downloads(tmp_path: Path) -> None:
     class RecordingLocalStore(LocalStore):
         listed_in_reactor_thread: list[bool] = []
 
-        def read_manifests(self, set_name: str) -> list[dict[str, Any]]:
+        def read_manifests(self, set_name: str) -> list[Manifest]:
             self.listed_in_reactor_thread.append(isInIOThread())
             return super().read_manifests(set_name)
 
@@ -1079,7 +1081,7 @@ async def test_real_local_store_listing_and_downloads(tmp_path: Path) -> None:
             data = gzip.compress(key.encode() * 100)
             source = tmp_path / f"upload-{when}.tmp"  # put() may hard-link it
             source.write_bytes(data)
-            manifest = json.dumps(manifest_for(key, data)).encode()
+            manifest = manifest_for(key, data).to_json_bytes()
             await srv.store.put(key, str(source), manifest)
             keys.append(key)
 

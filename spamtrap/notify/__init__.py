@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from spamtrap.config import Config, SetConfig, WebhookConfig
 from spamtrap.interfaces import DelayedCall, NetworkReactor, NoticeChannel, ReactorTime, pick_clock
+from spamtrap.manifest import Published
 from spamtrap.metrics import Metrics
 from spamtrap.notify import mail, webhook
 from spamtrap.published import download_url, served_by_web
@@ -124,14 +125,14 @@ def check_private_channels(sets: Iterable[SetConfig]) -> None:
 
 
 def notice_urls(
-    manifest: dict[str, Any], public_url: str, web_served: bool = True
+    published: Published, public_url: str, web_served: bool = True
 ) -> tuple[str | None, str | None]:
     """The bundle's download URL and its manifest's: the store's own URL
-    (``manifest["url"]``, set by BundleSet from ``store.url``) if it has
+    (``published.url``, set by BundleSet from ``store.url``) if it has
     one, else, if this node's web server serves the store (``web_served``:
     the local store), its ``/bundles/<key>`` under ``public_url``; else
     neither (see :mod:`spamtrap.published`)."""
-    url = download_url(str(manifest["key"]), manifest.get("url"), public_url, web_served)
+    url = download_url(published.manifest.key, published.url, public_url, web_served)
     if url is None:
         return None, None
     path = urlsplit(url).path
@@ -241,21 +242,21 @@ class Notifier:
 
     # -- starting deliveries -------------------------------------------------
 
-    def published(self, manifest: dict[str, Any]) -> None:
+    def published(self, published: Published) -> None:
         """BundleSet's on_published hook: announce one stored bundle. Never
         raises and never waits; the deliveries go on by themselves."""
         try:
-            self._announce(manifest)
+            self._announce(published)
         except Exception:  # noqa: BLE001 - a notice must never break the store path
-            known = manifest if isinstance(manifest, dict) else {}
+            known = getattr(published, "manifest", None)
             log.failure(
                 "notify: cannot announce {key} of set {set}",
-                set=known.get("set"),
-                key=known.get("key"),
+                set=getattr(known, "set", None),
+                key=getattr(known, "key", None),
             )
 
-    def _announce(self, manifest: dict[str, Any]) -> None:
-        name, key = manifest["set"], manifest["key"]
+    def _announce(self, published: Published) -> None:
+        name, key = published.manifest.set, published.manifest.key
         if self._stopped:
             log.warn("notify: stopping; {key} of set {set} not announced", set=name, key=key)
             return
@@ -263,7 +264,7 @@ class Notifier:
         if set_config is None:
             log.warn("notify: no set {set} configured; {key} not announced", set=name, key=key)
             return
-        url, manifest_url = notice_urls(manifest, self._public_url, self._web_served)
+        url, manifest_url = notice_urls(published, self._public_url, self._web_served)
         if url is None and (set_config.notify.mail or set_config.notify.webhooks):
             # Once per bundle, not per channel. The notices still go out
             # (subscribers learn that the bundle exists, and spamtrap pull
@@ -274,7 +275,13 @@ class Notifier:
                 set=name,
                 key=key,
             )
-        manifest = {**manifest, "url": url, "manifest_url": manifest_url}
+        # The notice as its JSON object (the webhook's "spamtrap" record, the
+        # mail's fields): the manifest's keys in order, then the two URLs.
+        manifest: dict[str, object] = {
+            **published.manifest.to_dict(),
+            "url": url,
+            "manifest_url": manifest_url,
+        }
         now = self._clock.seconds()
         # Every body is built before any delivery starts: a bad manifest
         # fails the whole notice rather than half of it.

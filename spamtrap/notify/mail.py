@@ -12,7 +12,7 @@ where nobody can listen in.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Any
 
@@ -54,7 +54,7 @@ class RelayConfigError(ValueError):
     """The relay settings would be unsafe or cannot work."""
 
 
-def notice(manifest: dict[str, Any], sender: str, to: str, now: float) -> bytes:
+def notice(manifest: Mapping[str, object], sender: str, to: str, now: float) -> bytes:
     """The whole mail for one list address (LF line ends: the SMTP client
     turns them into CRLF and dot-stuffs)."""
     domain = sender.rpartition("@")[2] or "localhost"

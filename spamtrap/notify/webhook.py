@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,7 +34,7 @@ class WebhookStatusError(Exception):
         self.code = code
 
 
-def event(manifest: dict[str, Any], now: float, bucket: str, object_key: str) -> bytes:
+def event(manifest: Mapping[str, object], now: float, bucket: str, object_key: str) -> bytes:
     """The POST body: one S3-style ObjectCreated record for one bundle."""
     record = {
         "eventVersion": "2.1",

@@ -9,7 +9,6 @@ web layer from the ``LocalFile`` that ``open_download`` checked.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
@@ -19,6 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap.interfaces import ReactorFromThreads, as_reactor_from_threads
+from spamtrap.manifest import Manifest
 from spamtrap.message import random_base62
 from spamtrap.store import (
     KEY_RE,
@@ -150,17 +150,17 @@ class LocalStore:
         path = self.path_for(key)
         return LocalFile(path) if path is not None else None
 
-    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+    def list_manifests(self, set_name: str) -> Deferred[list[Manifest]]:
         """``read_manifests`` in the store's pool."""
         if not valid_set_name(set_name):
             return fail(ValueError(f"invalid set name {set_name!r}"))
         return self._in_pool(self.read_manifests, set_name)
 
-    def read_manifests(self, set_name: str) -> list[dict[str, Any]]:
-        """Blocking: the parsed manifests of a set, newest first (by key).
+    def read_manifests(self, set_name: str) -> list[Manifest]:
+        """Blocking: the checked manifests of a set, newest first (by key).
 
-        Unreadable or malformed manifests are skipped: a listing must not
-        fail because one file is damaged."""
+        Unreadable, malformed or invalid manifests are skipped: a listing
+        must not fail because one file is damaged."""
         if not valid_set_name(set_name):
             raise ValueError(f"invalid set name {set_name!r}")
         directory = os.path.join(self.root, set_name)
@@ -177,11 +177,10 @@ class LocalStore:
                 continue
             try:
                 with open(os.path.join(self.root, key), "rb") as f:
-                    manifest = json.loads(f.read().decode("utf-8"))
+                    # ManifestError is a ValueError.
+                    result.append(Manifest.from_json(f.read(), f"manifest {key}"))
             except (OSError, ValueError):
                 continue
-            if isinstance(manifest, dict):
-                result.append(manifest)
         return result
 
 

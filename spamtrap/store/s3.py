@@ -18,7 +18,6 @@ retries the whole ``put`` with backoff.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import xml.etree.ElementTree as ET  # noqa: N817 - the usual name
@@ -48,6 +47,7 @@ from twisted.web.iweb import IAgent
 
 from spamtrap.config import StoreConfig
 from spamtrap.interfaces import NetworkReactor, as_reactor_from_threads
+from spamtrap.manifest import Manifest
 from spamtrap.store import (
     BUNDLE_SUFFIX,
     KEY_RE,
@@ -564,7 +564,7 @@ class S3Store:
 
     # -- listing -------------------------------------------------------------------
 
-    def list_manifests(self, set_name: str) -> Deferred[list[dict[str, Any]]]:
+    def list_manifests(self, set_name: str) -> Deferred[list[Manifest]]:
         """The parsed manifests of a set, newest first (by key), as
         LocalStore.list_manifests gives them; the requests go out from the
         reactor, the signing runs in the store's pool. Listing needs the
@@ -572,7 +572,7 @@ class S3Store:
         know."""
         return self._track(ensureDeferred(self._list_manifests(set_name)))
 
-    async def _list_manifests(self, set_name: str) -> list[dict[str, Any]]:
+    async def _list_manifests(self, set_name: str) -> list[Manifest]:
         self._refuse_if_closed()
         if not valid_set_name(set_name):
             raise ValueError(f"invalid set name {set_name!r}")
@@ -614,7 +614,7 @@ class S3Store:
                 return keys
             query["continuation-token"] = token
 
-    async def _get_manifest(self, key: str) -> dict[str, Any] | None:
+    async def _get_manifest(self, key: str) -> Manifest | None:
         try:
             _, body = await self._request("GET", self.object_key(key), "GetObject (manifest)")
         except S3Error as e:
@@ -622,10 +622,9 @@ class S3Store:
                 return None  # deleted since the listing
             raise
         try:
-            doc = json.loads(body.decode("utf-8"))
-        except ValueError:
+            return Manifest.from_json(body, f"manifest {key}")
+        except ValueError:  # ManifestError too
             return None  # one damaged manifest must not fail the listing
-        return doc if isinstance(doc, dict) else None
 
     # -- lifecycle -----------------------------------------------------------------
 
