@@ -49,19 +49,24 @@ def client_key(host: str) -> str:
     return str(ip)
 
 
-def _in_networks(host: str, networks: list[Any]) -> bool:
-    """Whether the address ``host`` is in one of ``networks``; an IPv4-mapped
-    IPv6 address counts as its IPv4 one (a dual-stack listener sees IPv4
-    peers so)."""
-    if not networks:
-        return False
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address, an IPv4-mapped IPv6 one as its IPv4 one (a
+    dual-stack listener sees IPv4 peers so); None if it is not one."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def _in_networks(host: str, networks: list[Any]) -> bool:
+    """Whether the address ``host`` is in one of ``networks``."""
+    if not networks:
+        return False
+    ip = _address(host)
+    return ip is not None and any(ip in net for net in networks)
 
 
 class SessionHost(protocol.ServerFactory):
@@ -119,13 +124,8 @@ class SessionHost(protocol.ServerFactory):
         """Whether a Received line's from-address is a hop inside the relay
         chain: a trusted relay, or loopback (content filters such as amavis
         hand mail back to Postfix over loopback)."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return ip.is_loopback or any(ip in net for net in self.relays)
+        ip = _address(host)
+        return ip is not None and (ip.is_loopback or any(ip in net for net in self.relays))
 
     def admit(self, session: TrapSMTP) -> str | None:
         """Host protection, not backpressure: returns a refusal reason or None.
