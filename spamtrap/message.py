@@ -241,13 +241,15 @@ def spoofed_of(data: bytes) -> str | None:
     low = b"\n" + data[:end].lower()  # offsets: data's + 1
     if b"x-spamtrap-" in low:
         low = low.replace(b"\r", b"\n")
-        found = _OWN_NAME.findall(low)
-        # Spelled as sent: the first MAX_SPOOFED from their offsets.
-        for m in itertools.islice(_OWN_NAME.finditer(low), MAX_SPOOFED):
-            a, b = m.span(1)
-            names.append(data[a - 1 : b - 1].decode("utf-8", "surrogateescape"))
-        if len(found) > MAX_SPOOFED:
-            names.append(f"(+{len(found) - MAX_SPOOFED} more)")
+        found = 0
+        for m in _OWN_NAME.finditer(low):
+            if found < MAX_SPOOFED:
+                # Spelled as sent: the name's bytes from its offsets.
+                a, b = m.span(1)
+                names.append(data[a - 1 : b - 1].decode("utf-8", "surrogateescape"))
+            found += 1
+        if found > MAX_SPOOFED:
+            names.append(f"(+{found - MAX_SPOOFED} more)")
     return ", ".join(names) if names else None
 
 
