@@ -17,12 +17,8 @@ from dataclasses import dataclass
 
 from spamtrap import relay
 from spamtrap.message import Envelope, iso_time, rfc2822_date
+from spamtrap.relay import as_text
 from spamtrap.smtp_parse import bucket
-
-
-def as_text(b: bytes) -> str:
-    """Bytes from the wire as text; undecodable bytes survive as surrogates."""
-    return b.decode("utf-8", "surrogateescape")
 
 
 def _path_field(address: str, params: tuple[bytes, ...]) -> str:

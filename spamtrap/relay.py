@@ -82,8 +82,9 @@ class Client:
         return dataclasses.replace(self)
 
 
-def _text(b: bytes) -> str:
-    # Raw, line feeds included: the header block escapes them (evidence).
+def as_text(b: bytes) -> str:
+    """Bytes from the wire as text; undecodable bytes survive as surrogates.
+    Raw, line feeds included: the header block escapes them (evidence)."""
     return b.decode("utf-8", "surrogateescape")
 
 
@@ -189,17 +190,17 @@ def apply(client: Client, attrs: dict[str, bytes | None]) -> None:
             client.proto = None if value is None else value.decode("ascii")
         elif name == "NAME":
             # As Postfix: a name that is not a hostname is "unknown".
-            text = "" if value is None else _text(value)
+            text = "" if value is None else as_text(value)
             ok = text.lower() not in _NO_NAME and all(c in _HOSTNAME_CHARS for c in text)
             client.name = text if ok else None
         elif name == "HELO":
-            client.helo = _text(value) if value else None
+            client.helo = as_text(value) if value else None
         elif name == "IDENT":
-            client.ident = _text(value) if value else None
+            client.ident = as_text(value) if value else None
         elif name == "SOURCE":
-            client.source = _text(value).upper() if value else None
+            client.source = as_text(value).upper() if value else None
         elif name == "LOGIN":
-            client.login = _text(value) if value else None
+            client.login = as_text(value) if value else None
 
 
 # -- the relay's Received line --------------------------------------------------
@@ -235,7 +236,7 @@ def received_values(content: bytes) -> Iterator[str]:
                     total += e - pos
                 pos = e + 1
             value = b" ".join(part.strip(b" \t\r") for part in parts)[:MAX_FIELD]
-            yield value.decode("utf-8", "surrogateescape")
+            yield as_text(value)
 
 
 def top_received(content: bytes) -> str | None:

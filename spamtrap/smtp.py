@@ -62,14 +62,13 @@ from spamtrap.errors import IntakeUnavailableError
 from spamtrap.message import Envelope, new_message_id, new_session_id
 from spamtrap.smtp_commands import Commands, format_reply
 from spamtrap.smtp_data import DataIntake
-from spamtrap.smtp_limits import HARD_CLOSE_DELAY, SessionHost, client_key
+from spamtrap.smtp_limits import SessionHost, client_key
 from spamtrap.smtp_parse import Dialect
 from spamtrap.smtp_relay import RelayCommands
 from spamtrap.smtp_state import HOLDING, SessionState, check_move
 from spamtrap.spill import Spill
 
 __all__ = [
-    "HARD_CLOSE_DELAY",
     "SessionState",
     "Transaction",
     "TrapSMTP",
@@ -413,8 +412,8 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, smtp.ESMTP):
     def _deliver(self, content: bytes) -> defer.Deferred[Any]:
         txn = self._txn
         assert txn is not None
-        self._txn = None
         env = self._envelope(txn, content)
+        self._end_transaction()
         self._move(REPLY_PENDING)
         self._idle_period = None  # the spool's pace is not the client's fault
         d = defer.maybeDeferred(self.factory.submit, env)
@@ -502,7 +501,6 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, smtp.ESMTP):
         client, via = self._attribution(content)
         if via:
             self.dialect.flags.add("relayed")  # the dialect is the relay's, not the bot's
-        self._xforward = None  # XFORWARD_README: reset after each transaction
         f = self.factory
         return SessionFacts(
             node=f.config.node,

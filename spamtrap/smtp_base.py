@@ -62,6 +62,13 @@ class SessionBase:
     _relay_helo: bytes | None = None
     _relay_trusted: bool | None = None
 
+    def _end_transaction(self) -> None:
+        """The transaction is over (delivered, refused or reset): its MAIL and
+        RCPTs go, and so do a relay's XFORWARD attributes, which last one
+        transaction (XFORWARD_README)."""
+        self._txn = None
+        self._xforward = None
+
     if TYPE_CHECKING:
 
         def sendCode(self, code: int, message: bytes = b"") -> None: ...
@@ -72,4 +79,3 @@ class SessionBase:
         def _deliver(self, content: bytes) -> defer.Deferred[Any]: ...
         def _resume(self, code: int, message: bytes) -> None: ...
         def _from_relay(self) -> bool: ...
-        def _set_helo(self, verb: bytes, rest: bytes) -> None: ...

@@ -10,7 +10,8 @@ pipelined commands are answered in order.
 from __future__ import annotations
 
 from spamtrap import relay
-from spamtrap.envelope_build import Transaction, as_text
+from spamtrap.envelope_build import Transaction
+from spamtrap.relay import as_text
 from spamtrap.smtp_base import SessionBase
 from spamtrap.smtp_data import DATA_SENTINEL
 from spamtrap.smtp_parse import param_value, parse_path
@@ -51,8 +52,7 @@ class Commands(SessionBase):
     def _set_helo(self, verb: bytes, rest: bytes) -> None:
         self._helo_verb = verb.upper()
         self._helo_arg = rest.strip()
-        self._txn = None
-        self._xforward = None  # XFORWARD_README: attributes last one transaction
+        self._end_transaction()
 
     def do_HELO(self, rest: bytes) -> None:
         self._set_helo(b"HELO", rest)
@@ -129,8 +129,7 @@ class Commands(SessionBase):
         self.sendCode(502, b"5.5.1 Error: CHUNKING not offered")
 
     def do_RSET(self, rest: bytes) -> None:
-        self._txn = None
-        self._xforward = None  # XFORWARD_README: RSET ends the transaction
+        self._end_transaction()
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_NOOP(self, rest: bytes) -> None:
@@ -170,7 +169,6 @@ class Commands(SessionBase):
         # what a relay said of its client included.
         self._helo_arg = None
         self._helo_verb = b""
-        self._txn = None
-        self._xforward = None
+        self._end_transaction()
         self._xclient = None
         self._relay_helo = None

@@ -116,7 +116,7 @@ class DataIntake(SessionBase):
         if self._data_ended(data, end):
             return True
         if self._data_overflow or end > limit + len(DATA_SENTINEL):
-            self._txn = None
+            self._end_transaction()
             self._data = bytearray()
             self.factory.metrics.messages_rejected.labels(reason="size").inc()
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
@@ -232,5 +232,5 @@ class DataIntake(SessionBase):
     def _spill_failed(self, failure: Any) -> None:
         log.failure("spilled DATA from {peer} lost", failure, peer=self.peer[0])
         self.factory.metrics.messages_rejected.labels(reason="spool").inc()
-        self._txn = None
+        self._end_transaction()
         self._resume(451, b"4.3.0 Error: queue file write error, try again")

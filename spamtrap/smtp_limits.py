@@ -145,10 +145,9 @@ class SessionHost(protocol.ServerFactory):
         they carry many clients, and limit each one themselves (Postfix's
         smtpd_client_connection_count_limit)."""
         limit = self.config.smtp.max_connections_per_ip
-        host = session.peer[0]
-        if not limit or self.trusts_relay(host):
+        if not limit or session._from_relay():  # the session keeps the answer
             return None
-        key = client_key(host)
+        key = client_key(session.peer[0])
         n = self.per_ip.get(key, 0)
         if n >= limit:
             return "max_connections_per_ip"

@@ -68,7 +68,7 @@ class RelayCommands(SessionBase):
         # must say EHLO again; TLS stays.
         self._helo_arg = None
         self._helo_verb = b""
-        self._xforward = None
+        self._end_transaction()
         self.sendCode(220, self.greeting())
 
     def _attribution(self, content: bytes) -> tuple[relay.Client | None, str]:

@@ -260,6 +260,20 @@ def test_xforward_resets_after_each_transaction_and_on_rset() -> None:
     assert deliver(h).meta["peer"] == [f"{RELAY_IP} 40000"]
 
 
+def test_xforward_ends_with_a_transaction_refused_for_its_size() -> None:
+    # XFORWARD_README: the attributes last one transaction, delivered or not.
+    cfg = config()
+    cfg.smtp.max_message_size = 64
+    h = Harness(cfg, peer=RELAY_IP)
+    h.replies()
+    ehlo_keywords(h)
+    h.send(b"XFORWARD ADDR=203.0.113.5 HELO=first\r\n")
+    h.codes()
+    h.transaction(b"Subject: big\r\n\r\n" + b"x" * 200 + b"\r\n")
+    assert h.codes()[-1] == 552
+    assert deliver(h).meta["peer"] == [f"{RELAY_IP} 40000"]
+
+
 def test_xforward_with_pipelined_transaction() -> None:
     # Postfix pipelines XFORWARD, MAIL, RCPT and DATA in one write.
     h = session()
