@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
+from spamtrap.mime import MAX_HEADER_BYTES
+
 BASE62 = string.digits + string.ascii_letters
 
 # Metadata field name (as used in set rules, ``meta:``) -> header field name.
@@ -58,8 +60,6 @@ META_FIELDS: dict[str, str] = {
 }
 
 
-# Fields computed from the message bytes, never taken from meta.
-_DERIVED = frozenset({"line_ends", "spoofed"})
 # A set's choice of line ends (SetConfig.line_endings).
 LINE_ENDINGS = ("unix", "wire")
 
@@ -168,10 +168,6 @@ def unescape_value(text: str) -> str:
 
 # -- facts of the message bytes as stored --------------------------------------
 
-# A message's own header section is searched at most this far in (set rules'
-# header: conditions too): a message with no blank line after its header
-# must not make every message cost megabytes of scanning.
-MAX_HEADER_BYTES = 256 * 1024
 # The end of the header section: the first empty line that stays empty
 # after CRLF -> LF conversion (LF, or CRLF, right after an LF). Readers may
 # end the header earlier (Python's email package also takes "\r\r\n" for an
@@ -376,8 +372,7 @@ class Envelope:
         sent can end a line or start a field of ours."""
         lines = []
         for name, header in META_FIELDS.items():
-            values = self.values(name) if name in _DERIVED else self.meta.get(name, ())
-            for value in values:
+            for value in self.values(name):
                 lines.append(f"{header}: {escape_value(value)}{eol}")
         # Stages' own fields (x_name -> X-Spamtrap-X-Name), after ours.
         for name, values in self.meta.items():

@@ -752,10 +752,6 @@ def _redact_base64(
     return eol.join(wrapped) + raw[len(raw.rstrip(b"\r\n")) :]
 
 
-def _decode_q_escape(m: re.Match[bytes]) -> tuple[bytes, int]:
-    return bytes([int(m.group(1), 16)]), _QP_ESCAPE
-
-
 def _header_view(block: bytes) -> _View:
     """A header block as decoders read it: raw text, RFC 2047 encoded words
     decoded, and the white space between two adjacent encoded words dropped
@@ -769,7 +765,7 @@ def _header_view(block: bytes) -> _View:
             view.add(pos, w.start(), gap)
         start, end = w.span(3)
         if w.group(2) in (b"Q", b"q"):
-            view.scan(block, start, end, _Q_UNIT, _decode_q_escape, lambda s: s.translate(_Q_SPACE))
+            view.scan(block, start, end, _Q_UNIT, _decode_qp, lambda s: s.translate(_Q_SPACE))
         else:
             view.add(start, end, decode_base64(w.group(3)), _B_WORD)
         pos = previous_word_end = w.end()

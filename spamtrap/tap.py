@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any
 
 from twisted.application import service
@@ -34,6 +33,7 @@ from twisted.python.threadpool import ThreadPool
 
 from spamtrap import memory
 from spamtrap.bundle import BundleSet
+from spamtrap.bundle_file import iso_utc
 from spamtrap.collate import Collator
 from spamtrap.config import (
     DEFAULT_DOCUMENT,
@@ -286,13 +286,13 @@ class SpamtrapService(service.MultiService):
         failure = self.spool.write_failure
         if failure is not None:
             why, since = failure
-            problems.append(f"spool: write failed: {why} since {_utc(since)}")
+            problems.append(f"spool: write failed: {why} since {iso_utc(since)}")
         # Mail still gets 250 (the spool is fine) but stays spooled unstored.
         for name, bundle_set in self.bundles.items():
             failure = bundle_set.write_failure
             if failure is not None:
                 why, since = failure
-                problems.append(f"bundles: set {name}: write failed: {why} since {_utc(since)}")
+                problems.append(f"bundles: set {name}: write failed: {why} since {iso_utc(since)}")
         status = "stopping" if not self.running else "degraded" if problems else "ok"
         out: dict[str, Any] = {
             "status": status,
@@ -486,10 +486,6 @@ class SpamtrapService(service.MultiService):
 
 class ListenError(Exception):
     """A listener could not be opened; the message names its endpoint."""
-
-
-def _utc(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def makeService(options: Options, reactor: Any = None) -> SpamtrapService:

@@ -52,18 +52,14 @@ def _check_forged_header(w: _Walker, header: str | None, node: yaml.Node, path: 
         w.error(found[1] if found else node, _join(path, "header"), problem)
 
 
-def _check_condition(w: _Walker, cond: Condition, node: yaml.Node, path: str) -> None:
+def _check_header_or_meta(
+    w: _Walker, cond: Condition | ListRule, node: yaml.Node, path: str
+) -> None:
+    """A set condition or a discard-list rule reads one header or one field."""
     if w.clean(path) and (cond.header is None) == (cond.meta is None):
         which = "both are given" if cond.header else "neither is given"
         w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
     _check_forged_header(w, cond.header, node, path)
-
-
-def _check_list_rule(w: _Walker, rule: ListRule, node: yaml.Node, path: str) -> None:
-    if w.clean(path) and (rule.header is None) == (rule.meta is None):
-        which = "both are given" if rule.header else "neither is given"
-        w.error(node, path, f"needs exactly one of 'header' or 'meta' ({which})")
-    _check_forged_header(w, rule.header, node, path)
 
 
 def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> None:
@@ -179,8 +175,8 @@ def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
 
 
 CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], None]] = {
-    Condition: _check_condition,
-    ListRule: _check_list_rule,
+    Condition: _check_header_or_meta,
+    ListRule: _check_header_or_meta,
     FilterConfig: _check_filters,
     TLSConfig: _check_tls,
     FeedConfig: _check_feed,

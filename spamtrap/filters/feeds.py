@@ -184,6 +184,7 @@ class DonorHosts:
         self.names = {n.lower().rstrip(".") for n in names}
         self.patterns = list(patterns)
         self.networks = [ipaddress.ip_network(n) for n in networks]
+        self._inside = (*_LOOPBACK, *self.networks)
 
     def __bool__(self) -> bool:
         return bool(self.names or self.patterns)
@@ -197,7 +198,7 @@ class DonorHosts:
         mapped = getattr(ip, "ipv4_mapped", None)
         if mapped is not None:
             ip = mapped
-        return any(ip in net for net in (*_LOOPBACK, *self.networks))
+        return any(ip in net for net in self._inside)
 
     def is_donor_hop(self, parts: ReceivedParts) -> bool:
         """A line the donor's systems added on the way out: by a donor
