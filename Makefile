@@ -34,7 +34,7 @@ deps: venv debs
 # A private Exim for the forwarder tests (apt-get download + dpkg-deb -x into
 # .venv/exim4; it does not replace postfix). The tests fetch it on first use.
 exim: venv
-	$(PY) -m tests.exim
+	$(PY) -m tests.support.exim
 
 run: venv
 	$(VENV)/bin/twistd -n spamtrap $(ARGS)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spamtrap.filters.bounce import classify
-from tests.corpus import BOUNCES, corpus_paths, envelope_sender, load_message
+from tests.support.corpus import BOUNCES, corpus_paths, envelope_sender, load_message
 
 
 def machine() -> dict[str, Any]:
@@ -61,7 +61,7 @@ def spamd(messages: list[bytes], children: int) -> dict[str, Any]:
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
     from spamtrap.filters.spamd import SpamdClient
-    from tests.spamd_server import running_spamd
+    from tests.support.spamd_server import running_spamd
 
     reactor: Any = _reactor
     out: dict[str, Any] = {}

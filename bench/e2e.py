@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from bench.servers import start_spamtrap
-from spamtrap.mbox import read_mbox
-from tests.corpus import corpus_paths, envelope_sender, load_message
+from spamtrap.bundle.mbox import read_mbox
+from tests.support.corpus import corpus_paths, envelope_sender, load_message
 
 SESSIONS = 20
 

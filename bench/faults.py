@@ -2,7 +2,7 @@
 
     python -m bench.run faults [--quick]
 
-Each round builds a fresh cluster on loopback (tests/cluster.py): a real
+Each round builds a fresh cluster on loopback (tests/support/cluster.py): a real
 redis-server (AOF, appendfsync always), SeaweedFS as the shared bucket, and
 three twistd nodes: A listener (127.0.0.2), B all (127.0.0.3), C worker
 (127.0.0.4). 10,000 messages stream across A and B; at 20% C is killed with
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import Cluster, NodeSpec, Settings, fault_script
-from tests.seaweedfs import start_seaweedfs
+from tests.support.cluster import Cluster, NodeSpec, Settings, fault_script
+from tests.support.seaweedfs import start_seaweedfs
 
 MESSAGES = 10_000
 SPECS = [

@@ -8,7 +8,7 @@ prober opens a fresh SMTP session every ~50 ms (connect, EHLO, MAIL, RCPT,
 DATA, QUIT) and times it. Two runs side by side: the hostile corpus (32 KiB
 of blank lines from postmaster@, which cost the bounce stage 0.33 s of CPU
 each before issue 11, and the other worst shapes of
-tests/test_hostile_content.py) and normal spam (SpamAssassin spam-2, as
+tests/unit/test_hostile_content.py) and normal spam (SpamAssassin spam-2, as
 bench/pipeline_bench.py). Prints p50, p99 and max of the session times, the
 filter rate, and hostile/normal ratios. Goal: max < 0.5 s, p99 < 50 ms.
 Every load is bounded in count and time; only 127.0.0.1 is used.
@@ -36,7 +36,7 @@ PROBE_INTERVAL = 0.05
 def hostile_corpus(n: int) -> list[tuple[str, bytes]]:
     """(envelope sender, message): half blank-line runs from postmaster@,
     half the other worst shapes, each about 32 KiB."""
-    from tests.test_hostile_content import HEAD, shapes
+    from tests.unit.test_hostile_content import HEAD, shapes
 
     blank = HEAD + b"\r\n" + b"\n" * (32 * 1024)
     others = [data for _, data in shapes(32 * 1024)]

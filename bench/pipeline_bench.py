@@ -17,13 +17,13 @@ import sys
 import time
 from typing import Any
 
-from spamtrap import mbox
-from spamtrap.collate import Collator
+from spamtrap.bundle import mbox
 from spamtrap.config import Config, FeedConfig, ListRule, SetConfig
 from spamtrap.filters.registry import build_stages
 from spamtrap.message import Envelope
-from spamtrap.pipeline import evaluate
-from tests.corpus import corpus_paths, envelope_sender, load_message
+from spamtrap.work.collate import Collator
+from spamtrap.work.pipeline import evaluate
+from tests.support.corpus import corpus_paths, envelope_sender, load_message
 
 
 def corpus_envelopes() -> list[Envelope]:

@@ -35,10 +35,10 @@ from typing import Any
 
 from bench.e2e import _send_all
 from bench.servers import TWISTD, Server, _popen, busy_cpu_seconds, cpu_seconds_of, tool
-from spamtrap.mbox import read_mbox
-from tests.corpus import CorpusUnavailableError, corpus_paths, envelope_sender, load_message
-from tests.node import free_port
-from tests.redis_server import RedisServer
+from spamtrap.bundle.mbox import read_mbox
+from tests.support.corpus import CorpusUnavailableError, corpus_paths, envelope_sender, load_message
+from tests.support.node import free_port
+from tests.support.redis_server import RedisServer
 
 # The default config, with bundles stored every 2,000 messages or second.
 CONFIG = """

@@ -40,7 +40,7 @@ from twisted.python.threadpool import ThreadPool
 from spamtrap.config import StoreConfig
 from spamtrap.store import bundle_key, manifest_key
 from spamtrap.store.s3 import S3Store
-from tests.seaweedfs import SeaweedFS
+from tests.support.seaweedfs import SeaweedFS
 
 MIB = 1024 * 1024
 BATCHES = {"16MiB": (20, 16 * MIB), "256KiB": (200, 256 * 1024)}

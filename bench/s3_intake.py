@@ -60,7 +60,7 @@ def _stored_messages(weed: object) -> tuple[int, int]:
 
 
 def main(quick: bool = False) -> list[dict[str, object]]:
-    from tests.seaweedfs import start_seaweedfs
+    from tests.support.seaweedfs import start_seaweedfs
 
     n = 2000 if quick else 5000
     work = Path(tempfile.mkdtemp(prefix="spamtrap-s3-bench-"))

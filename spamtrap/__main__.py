@@ -2,6 +2,6 @@
 
 import sys
 
-from spamtrap.cli import main
+from spamtrap.cli.main import main
 
 sys.exit(main())

@@ -45,9 +45,9 @@ if TYPE_CHECKING:
     )
     from twisted.internet.protocol import ClientFactory
 
+    from spamtrap.bundle.manifest import Manifest
     from spamtrap.config import WebhookConfig
     from spamtrap.errors import WorkSourceError
-    from spamtrap.manifest import Manifest
     from spamtrap.message import Envelope
     from spamtrap.store import Download
 
@@ -288,11 +288,11 @@ if TYPE_CHECKING:
 
     from spamtrap.notify.mail import MailSender
     from spamtrap.notify.webhook import WebhookSender
-    from spamtrap.pipeline import Pipeline, Token
-    from spamtrap.queue import QueueIntake, QueueSource, StreamEntry
-    from spamtrap.spool import Spool, SpoolEntry, SpoolIntake
     from spamtrap.store.local import LocalStore
     from spamtrap.store.s3 import S3Store
+    from spamtrap.work.pipeline import Pipeline, Token
+    from spamtrap.work.queue import QueueIntake, QueueSource, StreamEntry
+    from spamtrap.work.spool import Spool, SpoolEntry, SpoolIntake
 
     def _implementations_conform(
         spool: Spool,

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from spamtrap.bundle.manifest import Manifest
 from spamtrap.errors import SourceStoppedError, WorkSourceError
 from spamtrap.interfaces import EntryKey
-from spamtrap.manifest import Manifest
 from spamtrap.store import (
     BUNDLE_SUFFIX,
     KEY_RE,

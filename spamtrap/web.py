@@ -33,12 +33,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server, static
 
+from spamtrap.bundle.manifest import Manifest
 from spamtrap.config import Config, SetConfig
 from spamtrap.interfaces import Store
-from spamtrap.manifest import Manifest
 from spamtrap.metrics import Metrics
-from spamtrap.published import download_url
 from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, LocalFile, Redirect
+from spamtrap.store.published import download_url
 
 _log = Logger()
 
@@ -223,7 +223,7 @@ class _SetPages(_Page):
 
     def _with_url(self, manifest: Manifest) -> dict[str, object]:
         """A copy of a manifest with the bundle's download URL, by the rule
-        notices use too (:func:`spamtrap.published.download_url`): the
+        notices use too (:func:`spamtrap.store.published.download_url`): the
         store's own (S3) if it has one, else this server's for the local
         store, else None (an S3 store without a URL for the key: a
         download here would only redirect to that missing URL)."""

@@ -7,7 +7,7 @@ documents it and, in ``metadata=rule(...)``, the rule that checks it
 default parser (an int at least 0, a float as a duration). Cross-checks
 between keys are in spamtrap.config.checks. etc/spamtrap.yaml and the
 README's and operators' guide's key tables are checked against these
-declarations by tests/test_config.py.
+declarations by tests/unit/test_config.py.
 
 The loaded config is not frozen yet: tests build configs by assigning to
 their attributes.

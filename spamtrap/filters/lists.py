@@ -37,11 +37,11 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from spamtrap.collate import message_headers
 from spamtrap.config import Config, ListRule, forged_header_problem
 from spamtrap.filters import Discard
 from spamtrap.message import META_FIELDS, Envelope
 from spamtrap.regex_safety import MAX_VALUE_CHARS, compile_safe
+from spamtrap.work.collate import message_headers
 
 log = Logger()
 

@@ -18,7 +18,7 @@ Every notice carries the bundle's download URL and its manifest's URL:
 the store's own public URL (S3), or else, for the local store, the URL at
 which this node's web server serves the bundle, ``http.public_url`` +
 ``/bundles/<key>``, as the web layer's listings and feeds do (one rule, in
-:mod:`spamtrap.published`). An S3 store without a URL for the bundle (AWS,
+:mod:`spamtrap.store.published`). An S3 store without a URL for the bundle (AWS,
 region not known yet) gives notices without URLs and one logged error per
 bundle: this node's web server could only redirect to that missing URL.
 
@@ -39,13 +39,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from spamtrap.bundle.manifest import Published
 from spamtrap.config import Config, SetConfig, WebhookConfig
 from spamtrap.interfaces import DelayedCall, NetworkReactor, NoticeChannel, ReactorTime, pick_clock
-from spamtrap.manifest import Published
 from spamtrap.metrics import Metrics
 from spamtrap.notify import mail, webhook
-from spamtrap.published import download_url, served_by_web
 from spamtrap.store import BUNDLE_SUFFIX, MANIFEST_SUFFIX
+from spamtrap.store.published import download_url, served_by_web
 
 log = Logger()
 
@@ -131,7 +131,7 @@ def notice_urls(
     (``published.url``, set by BundleSet from ``store.url``) if it has
     one, else, if this node's web server serves the store (``web_served``:
     the local store), its ``/bundles/<key>`` under ``public_url``; else
-    neither (see :mod:`spamtrap.published`)."""
+    neither (see :mod:`spamtrap.store.published`)."""
     url = download_url(published.manifest.key, published.url, public_url, web_served)
     if url is None:
         return None, None

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from spamtrap.config import RelayConfig
 from spamtrap.message import random_base62, rfc2822_date
-from spamtrap.published import header_value, subject  # shared with spamtrap pull
+from spamtrap.store.published import header_value, subject  # shared with spamtrap pull
 
 # The whole SMTP transaction: connect, STARTTLS, AUTH, DATA.
 ATTEMPT_TIMEOUT = 120.0

@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from spamtrap.bundle.manifest import Manifest
 from spamtrap.interfaces import ReactorFromThreads, as_reactor_from_threads
-from spamtrap.manifest import Manifest
 from spamtrap.message import random_base62
 from spamtrap.store import (
     KEY_RE,

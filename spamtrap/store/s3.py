@@ -45,9 +45,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
+from spamtrap.bundle.manifest import Manifest
 from spamtrap.config import StoreConfig
 from spamtrap.interfaces import NetworkReactor, as_reactor_from_threads
-from spamtrap.manifest import Manifest
 from spamtrap.store import (
     BUNDLE_SUFFIX,
     KEY_RE,

@@ -1,4 +1,4 @@
-"""Endpoint string parser for ``reuseport:`` (see spamtrap.endpoints).
+"""Endpoint string parser for ``reuseport:`` (see spamtrap.intake.endpoints).
 
 Kept tiny: twistd and serverFromString import every plugin module.
 """
@@ -15,7 +15,7 @@ class _ReusePortParser:
     prefix = "reuseport"
 
     def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> Any:
-        from spamtrap.endpoints import parse
+        from spamtrap.intake.endpoints import parse
 
         return parse(reactor, *args, **kwargs)
 

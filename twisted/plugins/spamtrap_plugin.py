@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 spamtrap = ServiceMaker(
     "spamtrap",
-    "spamtrap.tap",
+    "spamtrap.service.compose",
     "A spamtrap: trap mail over SMTP into gzipped mbox bundles",
     "spamtrap",
 )

@@ -1,0 +1,1 @@
+"""Bundles: shard writers, the lifecycle, gzip mbox files, uploads and manifests."""

@@ -1,0 +1,491 @@
+"""The bundle lifecycle of one output set: write, rotate, finalise, store.
+
+Each set keeps ``shards`` bundles open; every message goes to one of them at
+random, so one period yields several files instead of one file full of a
+single dictionary attack. A bundle is a single-member gzip file written to
+``WORK/<set>/<name>.part`` with a running sha256 of the compressed bytes. It
+uses ``zlib.compressobj`` with the gzip wrapper (wbits 31) rather than
+GzipFile: deflate dominates either way (measured within a few per cent,
+compressobj ahead), and compressobj hands us the compressed bytes to hash
+and count without a wrapping file object.
+
+A bundle is rotated when it reaches ``rotate.max_bytes`` compressed bytes
+(as written so far: deflate holds back a little), ``rotate.max_messages`` or
+``rotate.max_age``. Rotation seals it (gzip trailer, fsync) in the store
+pool; then, in the reactor, the manifest is built and the store is asked to
+put the object and then the manifest. Only after that are the messages'
+tokens handed to ``on_stored`` (the caller acknowledges the spool), so a
+crash at any point leaves the messages in the spool to be replayed: leftover
+``.part`` files are deleted at start. Failed stores are retried with backoff
+and jitter (``store.retry_initial`` doubling to ``store.retry_max``) until
+they succeed. Once stored, ``on_published`` gets the manifest and the URL
+(notifications hook in there).
+
+Uploads of a set run at most ``shards`` at a time. When a finished bundle
+finds them all still running, the set's ``upload_policy`` decides, and it is
+counted: ``skip`` (the default) drops the new bundle, ``queue`` keeps it in
+a FIFO of at most ``upload_queue`` bundles, shedding the oldest waiting one.
+A dropped bundle's messages are acknowledged all the same: they were shed on
+purpose, there is always more spam. A failing store is different: then
+finished bundles wait as a backlog of at most ``store.backlog_bytes``
+(oldest shed, counted) behind the one being retried, and the backlog uploads
+by itself once the store is back. Bundles finalised by ``stop()`` are never
+skipped.
+
+A failed write or seal (a full disk) is remembered as ``write_failure``,
+``(reason, since)``, which ``/healthz`` reports as degraded: the spool
+took the mail, but nothing is stored. While it is set, each write also
+pushes its compressed bytes out (a zlib sync flush), since buffering and
+deflate's hold-back let a write "succeed" without touching the disk; the
+first write or seal that reaches the disk clears it.
+
+Every bundle moves through the states of :mod:`spamtrap.bundle.state`
+(OPEN -> SEALING -> READY -> UPLOADING <-> RETRY_WAIT -> STORED, SKIPPED or
+DROPPED), and only ``Lifecycle.move`` changes a state: it refuses an illegal
+move and keeps the gauges in step. Two halves share the work:
+
+- :class:`ShardWriter`, the thread side: ``add`` and ``add_many`` run in
+  filter threads and take the lock of the shard they write to. A bundle
+  that is due leaves its shard (SEALING) and is sealed (gzip trailer, fsync)
+  in the pool given to the set, the store pool, never in the filter thread
+  that filled it.
+- :class:`Uploader`, the reactor side: slots, the wait queue, retries,
+  skipping, acknowledging and announcing. Its blocking file work (removing
+  a ``.part``) goes to the same pool.
+
+``add_many`` compresses a batch's share of a shard in few calls: zlib
+releases the GIL on every call, and a worker that hands the GIL back and
+forth once per message costs the reactor (and itself) a thread switch each
+time. A chunk stops before its raw bytes could fill the bundle, so a bundle
+still rotates at about ``max_bytes``, and exactly at ``max_messages``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from spamtrap.bundle.file import BundleFile as _Bundle
+from spamtrap.bundle.file import BundleWriteError, failure_reason, unlink_quietly
+from spamtrap.bundle.manifest import Published
+from spamtrap.bundle.state import BundleState, Lifecycle
+from spamtrap.bundle.upload import Uploader
+from spamtrap.config import SetConfig, StoreConfig
+from spamtrap.metrics import Metrics
+from spamtrap.store import Store, bundle_key, valid_set_name
+
+__all__ = ["BundleSet", "BundleWriteError", "ShardWriter", "Uploader"]
+
+log = Logger()
+
+AGE_CHECK_INTERVAL = 1.0  # seconds between checks for bundles past max_age
+PART_SUFFIX = ".part"
+CHUNK_BYTES = 256 * 1024  # most raw bytes add_many compresses in one call
+
+
+S = BundleState
+
+
+class ShardWriter:
+    """The thread side of a set: its open bundles, one lock per shard.
+
+    ``add``/``add_many`` run in filter threads. A bundle that comes due
+    leaves its shard and is sealed in ``pool`` (the store pool); the sealed
+    bundle, or the failure, goes to the reactor through ``on_sealed`` /
+    ``on_seal_failed``."""
+
+    def __init__(
+        self,
+        set_name: str,
+        node: str,
+        directory: str,
+        rotate_config: Any,
+        shards: int,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        reactor: Any,
+        pool: ThreadPool,
+        clock: Any,
+        rng: random.Random,
+        on_sealed: Callable[[_Bundle], None],
+        on_seal_failed: Callable[[_Bundle, Failure], None],
+    ) -> None:
+        self._set = set_name
+        self._node = node
+        self.directory = directory
+        self._rotate_config = rotate_config
+        self._lifecycle = lifecycle
+        self._reactor = reactor
+        self._pool = pool
+        self._clock = clock
+        self._rng = rng
+        self._on_sealed = on_sealed
+        self._on_seal_failed = on_seal_failed
+        self.shards: list[_Bundle | None] = [None] * shards
+        self._locks = [threading.Lock() for _ in range(shards)]
+        self.stopped = False  # set in the reactor; read under a shard lock
+        self._m_messages = metrics.set_messages.labels(set=set_name)
+        self._m_dropped = metrics.bundles_dropped.labels(set=set_name, reason="write-error")
+        # (why, since) while bundle writes or seals fail (a full disk):
+        # health reports it. Set and cleared by any thread, under the lock.
+        self._failing: tuple[str, float] | None = None
+        self._failing_lock = threading.Lock()
+
+    @property
+    def write_failure(self) -> tuple[str, float] | None:
+        """``(reason, since)`` while writing or sealing bundles fails, e.g.
+        ``("No space left on device", <epoch seconds of the first
+        failure>)``; None once a write reaches the disk again."""
+        return self._failing
+
+    def _write_failed(self, error: BaseException) -> None:
+        """Any thread: remember the first failure of an outage."""
+        with self._failing_lock:
+            if self._failing is None:
+                self._failing = (failure_reason(error), self._clock.seconds())
+
+    def _write_succeeded(self) -> None:
+        """Any thread: bytes reached the disk; log the end of an outage once."""
+        with self._failing_lock:
+            failing, self._failing = self._failing, None
+        if failing is not None:
+            why, since = failing
+            log.info(
+                "set {set}: bundle writes succeed again after {s:.0f}s of failures ({why})",
+                set=self._set,
+                s=self._clock.seconds() - since,
+                why=why,
+            )
+
+    def add(self, entry: bytes, received_at: float, token: Any) -> None:
+        shard = self._rng.randrange(len(self.shards))
+        with self._locks[shard]:
+            full = self._write_locked(shard, [(entry, received_at, token)])
+        for bundle in full:
+            self._seal_later(bundle)
+
+    def add_many(self, items: Sequence[tuple[bytes, float, Any]]) -> list[Any]:
+        groups: dict[int, list[tuple[bytes, float, Any]]] = {}
+        for item in items:
+            groups.setdefault(self._rng.randrange(len(self.shards)), []).append(item)
+        failed: list[Any] = []
+        for shard, rest in groups.items():
+            full: list[_Bundle] = []
+            with self._locks[shard]:
+                while rest:
+                    n = self._chunk_length(shard, rest)
+                    chunk, rest = rest[:n], rest[n:]
+                    try:
+                        full += self._write_locked(shard, chunk)
+                    except BundleWriteError as e:
+                        # The one log line of this failure: the caller only
+                        # keeps the returned messages spooled.
+                        log.error("{error}", error=e, set=self._set, key=e.key)
+                        failed += e.tokens
+            for bundle in full:
+                self._seal_later(bundle)
+        return failed
+
+    def _chunk_length(self, shard: int, items: list[tuple[bytes, float, Any]]) -> int:
+        """With the shard's lock held: how many of ``items`` to compress in
+        one call. The chunk ends where the shard's bundle may be due to
+        rotate: raw bytes bound the compressed growth, give or take
+        deflate's hold-back."""
+        rc = self._rotate_config
+        bundle = self.shards[shard]
+        room = rc.max_messages - (bundle.messages if bundle is not None else 0)
+        budget = min(rc.max_bytes - (bundle.size if bundle is not None else 0), CHUNK_BYTES)
+        raw = 0
+        for n, (entry, _, _) in enumerate(items, 1):
+            raw += len(entry)
+            if n >= room or raw >= budget:
+                return n
+        return len(items)
+
+    def _write_locked(self, shard: int, items: list[tuple[bytes, float, Any]]) -> list[_Bundle]:
+        """With the shard's lock held: write the items to the shard's bundle;
+        returns it if it is now due to rotate (detached: seal it). Raises
+        BundleWriteError (not logged: the caller decides) if the write fails."""
+        if self.stopped:
+            raise RuntimeError(f"set {self._set}: add() after stop()")
+        bundle = self.shards[shard]
+        if bundle is None:
+            try:
+                bundle = self.shards[shard] = self._new_bundle()
+            except OSError as e:
+                self._write_failed(e)
+                raise
+        failing = self._failing is not None
+        try:
+            bundle.write_many(items)
+            if failing:
+                # Buffered and held back by deflate, a write "succeeds"
+                # without touching the disk: only bytes on it end an outage.
+                bundle.push()
+        except Exception as e:
+            self._write_failed(e)
+            # The gzip stream is now broken: drop the whole bundle. None
+            # of its messages was acknowledged, so the spool replays them.
+            self.shards[shard] = None
+            self._lifecycle.move(bundle, S.DROPPED)
+            self._m_dropped.inc()
+            earlier = bundle.messages
+            try:
+                bundle.discard()
+            except OSError:
+                pass  # the write error is the one to report
+            raise BundleWriteError(
+                self._set, bundle.key, [t for _, _, t in items], earlier, e
+            ) from e
+        if failing:
+            self._write_succeeded()
+        self._m_messages.inc(len(items))
+        rc = self._rotate_config
+        if bundle.size < rc.max_bytes and bundle.messages < rc.max_messages:
+            return []
+        self._detach_locked(shard, bundle)
+        return [bundle]
+
+    def _new_bundle(self) -> _Bundle:
+        opened_at = self._clock.seconds()
+        key = bundle_key(self._set, opened_at, self._node)
+        part = os.path.join(self.directory, os.path.basename(key) + PART_SUFFIX)
+        os.makedirs(self.directory, exist_ok=True)  # once per bundle: cheap, survives a wiped dir
+        bundle = _Bundle(key, part, opened_at)
+        self._lifecycle.enter(bundle)
+        return bundle
+
+    def _detach_locked(self, shard: int, bundle: _Bundle) -> None:
+        """With the shard's lock held: take its bundle out of service."""
+        self.shards[shard] = None
+        self._lifecycle.move(bundle, S.SEALING)
+
+    def detach(self, shard: int, expected: _Bundle | None) -> None:
+        """In the pool: detach the shard's bundle (if it is still ``expected``,
+        or whatever it is when ``expected`` is None) and seal it here."""
+        with self._locks[shard]:
+            bundle = self.shards[shard]
+            if bundle is None or (expected is not None and bundle is not expected):
+                return  # a worker rotated it first
+            self._detach_locked(shard, bundle)
+        self._seal(bundle)
+
+    def _seal_later(self, bundle: _Bundle) -> None:
+        # Any thread: ThreadPool.callInThreadWithCallback is thread-safe.
+        self._pool.callInThreadWithCallback(_ignore_result, self._seal, bundle)
+
+    def _seal(self, bundle: _Bundle) -> None:
+        """In the pool: seal a detached bundle, then hand it to the reactor."""
+        try:
+            bundle.seal()
+        except Exception as e:  # noqa: BLE001 - on_seal_failed logs it; it must not strand the bundle
+            self._write_failed(e)
+            self._reactor.callFromThread(self._on_seal_failed, bundle, Failure())
+        else:
+            if self._failing is not None:
+                self._write_succeeded()
+            self._reactor.callFromThread(self._on_sealed, bundle)
+
+
+def _ignore_result(ok: bool, result: object) -> None:
+    """_seal reports through the reactor itself and never raises."""
+
+
+class BundleSet:
+    """One output set: a ShardWriter filling bundles in filter threads and
+    an Uploader storing them from the reactor, with rotation and stop."""
+
+    def __init__(
+        self,
+        set_config: SetConfig,
+        node: str,
+        work_dir: str,
+        store: Store,
+        metrics: Metrics,
+        reactor: Any,
+        pool: ThreadPool,
+        on_stored: Callable[[list[Any]], None],
+        clock: Any = None,
+        rng: random.Random | None = None,
+        store_config: StoreConfig | None = None,
+        on_published: Callable[[Published], object] | None = None,
+    ) -> None:
+        """``pool`` runs the set's blocking file work: sealing (gzip trailer,
+        fsync), detaching from the reactor, removing .part files. Give it
+        the store pool, not the filter pool: a bundle is then sealed off the
+        filter thread that filled it.
+
+        ``on_stored`` gets a stored (or skipped) bundle's tokens in the
+        reactor. ``on_published`` is called in the reactor with a
+        ``Published`` (the manifest and ``store.url(key)``) once object and
+        manifest are stored; its errors (raised or in a returned Deferred) are logged only."""
+        for what, value in (("set", set_config.name), ("node", node)):
+            if not valid_set_name(value):
+                raise ValueError(f"invalid {what} name {value!r} (bundle keys need [A-Za-z0-9_.-])")
+        self.name = set_config.name
+        self._rotate_config = set_config.rotate
+        self._reactor = reactor
+        self._pool = pool
+        self._clock = clock if clock is not None else reactor
+        rng = rng if rng is not None else random.Random()
+        self.lifecycle = Lifecycle(
+            self.name,
+            state_gauge=metrics.bundles_state,
+            open_gauge=metrics.bundles_open.labels(set=self.name),
+            waiting_gauge=metrics.bundles_waiting.labels(set=self.name),
+        )
+        self.uploader = Uploader(
+            set_config,
+            node,
+            self.lifecycle,
+            store,
+            metrics,
+            reactor,
+            pool,
+            self._clock,
+            rng,
+            on_stored,
+            on_published,
+            self._check_idle,
+            store_config if store_config is not None else StoreConfig(),
+        )
+        self.writer = ShardWriter(
+            self.name,
+            node,
+            os.path.join(work_dir, set_config.name),
+            set_config.rotate,
+            max(1, set_config.shards),
+            self.lifecycle,
+            metrics,
+            reactor,
+            pool,
+            self._clock,
+            rng,
+            self.uploader.sealed,
+            self.uploader.seal_failed,
+        )
+        self._detaching = 0  # reactor only: detach tasks queued in the pool
+        self._stopped = False
+        self._stop_waiters: list[Deferred[None]] = []
+        self._loop = LoopingCall(self._check_age)
+        self._loop.clock = self._clock
+
+    # -- start -------------------------------------------------------------
+
+    def start(self) -> None:
+        # Runs once at startup, before intake, so blocking here is harmless.
+        directory = self.writer.directory
+        os.makedirs(directory, exist_ok=True)
+        leftovers = [n for n in os.listdir(directory) if n.endswith(PART_SUFFIX)]
+        for name in leftovers:
+            # Never acknowledged, so the spool replays these messages.
+            unlink_quietly(os.path.join(directory, name))
+        if leftovers:
+            log.info(
+                "set {set}: removed {n} unfinished bundle(s) from an earlier run",
+                set=self.name,
+                n=len(leftovers),
+            )
+        self._loop.start(AGE_CHECK_INTERVAL, now=False).addErrback(
+            lambda f: log.failure("set {set}: age loop died", f, set=self.name)
+        )
+
+    # -- writing (worker threads) -------------------------------------------
+
+    def add(self, entry: bytes, received_at: float, token: Any) -> None:
+        """Thread-safe; call from a worker thread, never the reactor (it
+        writes a file). ``entry`` is an mbox.entry(). Raises
+        BundleWriteError, not logged, if the write fails (the bundle is
+        then dropped; its messages stay spooled)."""
+        self.writer.add(entry, received_at, token)
+
+    @property
+    def write_failure(self) -> tuple[str, float] | None:
+        """``(reason, since)`` while this set cannot write or seal bundles
+        (see ShardWriter.write_failure); None when writes succeed."""
+        return self.writer.write_failure
+
+    def add_many(self, items: Sequence[tuple[bytes, float, Any]]) -> list[Any]:
+        """add() for a batch of (entry, received_at, token), each to a random
+        shard as add() does. Returns the tokens that could not be written
+        (their bundle was dropped, and logged once here with the set, the
+        key and the spool keys; the spool keeps those messages)."""
+        return self.writer.add_many(items)
+
+    # -- rotation (reactor) --------------------------------------------------
+
+    def rotate(self) -> None:
+        """Close and store every open bundle (each has at least one message)."""
+        self._rotate_where(lambda bundle: True)
+
+    def _check_age(self) -> None:
+        # A LoopingCall stops for good when its function raises.
+        try:
+            now = self._clock.seconds()
+            max_age = self._rotate_config.max_age
+            self._rotate_where(lambda bundle: now - bundle.opened_at >= max_age)
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            log.failure("set {set}: age rotation failed", set=self.name)
+
+    def _rotate_where(self, due: Callable[[_Bundle], bool]) -> None:
+        # Reading the list without the lock is fine: the pool task checks
+        # under the lock that the shard still holds this very bundle.
+        for shard, bundle in enumerate(self.writer.shards):
+            if bundle is not None and not bundle.rotating and due(bundle):
+                bundle.rotating = True
+                self._rotate_shard(shard, bundle)
+
+    def _rotate_shard(self, shard: int, expected: _Bundle | None) -> None:
+        self._detaching += 1
+        d = deferToThreadPool(self._reactor, self._pool, self.writer.detach, shard, expected)
+        d.addErrback(lambda f: log.failure("set {set}: rotation failed", f, set=self.name))
+        d.addBoth(self._detach_done)
+
+    def _detach_done(self, _: object) -> None:
+        self._detaching -= 1
+        self._check_idle()
+
+    # -- stopping (reactor) --------------------------------------------------
+
+    def stop(self) -> Deferred[None]:
+        """Finalise and store every open bundle; fires once all stores
+        (with their retries) have succeeded. Cancelling the returned
+        Deferred abandons the retries: those messages stay unacknowledged
+        in the spool, and their .part files are removed at the next start."""
+        if self._loop.running:
+            self._loop.stop()
+        self._stopped = True
+        self.writer.stopped = True
+        self.uploader.stopping = True
+        # Every shard, not only the open ones: a worker may be opening a
+        # bundle right now; the pool task takes the lock after it.
+        for shard in range(len(self.writer.shards)):
+            self._rotate_shard(shard, None)
+        d: Deferred[None] = Deferred(canceller=self._abandon)
+        self._stop_waiters.append(d)
+        self._check_idle()
+        return d
+
+    def _abandon(self, d: Deferred[None]) -> None:
+        if d in self._stop_waiters:
+            self._stop_waiters.remove(d)
+        self.uploader.abandon()
+
+    def _check_idle(self) -> None:
+        if not self._stopped or self._detaching or self.uploader.cleaning:
+            return
+        if self.lifecycle.in_flight:
+            return
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            d.callback(None)

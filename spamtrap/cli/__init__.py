@@ -1,0 +1,1 @@
+"""The spamtrap command: check-config, explain and pull."""

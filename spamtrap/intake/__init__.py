@@ -1,0 +1,1 @@
+"""Intake: the SMTP session, its parsing, PROXY, relays, traps, TLS and rDNS."""

@@ -1,0 +1,1 @@
+"""The twistd service: the composition root and the start-up children."""

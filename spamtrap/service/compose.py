@@ -1,0 +1,501 @@
+"""``twistd spamtrap``: command-line options and the service tree.
+
+makeService takes the reactor as a parameter so tests can build the whole
+tree in-process, and it acquires nothing: directories, the TLS certificate,
+discard-list files, the SIGHUP handler and reactor timers are taken when the
+tree starts, by SpamtrapService itself or by its child services
+(spamtrap/service/startup.py). The command-line options are merged into the config
+document and checked once with it (config.merge_overrides). The start and
+stop order matters and lives in :class:`SpamtrapService`:
+
+start: spool recovery -> bundle sets -> filter pool and workers -> HTTP -> SMTP
+stop (SIGTERM): SMTP stops listening and finishes replies in progress ->
+workers drain the spool -> every open bundle is finalised and stored ->
+spool closed -> HTTP closed.
+
+With a Redis queue (--queue), a process has a role: a listener's intake goes
+into the stream (its spool only holds what came while Redis was down), a
+worker's pipeline reads from the stream, and "all" does both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, error
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from spamtrap.bundle.file import iso_utc
+from spamtrap.bundle.sets import BundleSet
+from spamtrap.config import (
+    DEFAULT_DOCUMENT,
+    Config,
+    ConfigError,
+    Override,
+    load_config,
+    parse_config,
+)
+from spamtrap.intake import memory
+from spamtrap.intake.endpoints import DEFAULT_BACKLOG
+from spamtrap.intake.smtp import TrapSMTPFactory
+from spamtrap.intake.spill import SpillDir
+from spamtrap.interfaces import EntryT, Intake, WorkSource
+from spamtrap.metrics import Metrics
+from spamtrap.notify import Notifier
+from spamtrap.service.startup import HupLogger, ListsReloader, PTRLookup, TLSContext, build_stages
+from spamtrap.store import StoreConfigError, open_store
+from spamtrap.web import make_site
+from spamtrap.work.collate import Collator
+from spamtrap.work.pipeline import Pipeline, StoredAcks
+from spamtrap.work.queue import (
+    Forwarder,
+    QueueIntake,
+    QueueLink,
+    QueueSource,
+    QueueWriter,
+    StreamEntry,
+    describe,
+)
+from spamtrap.work.spool import Spool, SpoolEntry, SpoolError, SpoolIntake
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--smtp ENDPOINT] [--http ENDPOINT] [--data-dir DIR] ..."
+    longdesc = (
+        "Run a spamtrap node. With no --config it runs the embedded default: a "
+        "catch-all trap on tcp:2525, HTTP on tcp:8025, data in ./spamtrap-data "
+        "and one set 'all'. ENDPOINT is a Twisted server endpoint description, "
+        "e.g. tcp:25:interface=127.0.0.1 or systemd:domain=INET:index=0."
+    )
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (see etc/spamtrap.yaml)"],
+        ["smtp", None, None, "SMTP endpoint (overrides smtp.listen)"],
+        ["http", None, None, "HTTP endpoint (overrides http.listen)"],
+        ["data-dir", "d", None, "data directory: spool, open bundles, local store"],
+        ["store", None, None, "bundle store URL: file:///path or s3://bucket/prefix"],
+        ["node", None, None, "node name used in bundle keys and metadata"],
+        ["role", None, None, "listener (SMTP into the queue), worker (filters from it) or all"],
+        [
+            "queue",
+            None,
+            None,
+            "Redis work queue URL: redis://[user:pass@]host:port/db or rediss://",
+        ],
+    ]
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse, and on any error print it and exit 1.
+
+        twistd prints a UsageError with its whole help text to stdout, and
+        bookworm's twistd3 (Twisted 22.4) then exits 0: systemd would never
+        mark the unit failed. So the errors go to stderr and the exit is 1
+        whatever twistd's version.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stdout.flush()
+            sys.stderr.write(f"twistd spamtrap: {e}\n(twistd spamtrap --help lists the options)\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+
+    def postOptions(self) -> None:
+        # The options are merged into the config document and checked with
+        # it, once, by the keys' own rules; their errors name the option.
+        overrides = [
+            Override(f"--{option}", path, self[option])
+            for option, path in OVERRIDES.items()
+            if self[option]
+        ]
+        try:
+            if self["config"]:
+                self.config = load_config(self["config"], overrides)
+            else:
+                self.config = parse_config(DEFAULT_DOCUMENT, "<default>", overrides)
+        except ConfigError as e:
+            (only,) = e.errors if len(e.errors) == 1 else (None,)
+            if only is not None and only.option is not None:
+                raise usage.UsageError(str(e))
+            raise usage.UsageError(f"configuration errors:\n{e}")
+
+
+# Each option and the config key it sets.
+OVERRIDES = {
+    "smtp": "smtp.listen",
+    "http": "http.listen",
+    "data-dir": "data_dir",
+    "store": "store.url",
+    "node": "node",
+    "role": "role",
+    "queue": "queue.url",
+}
+
+
+# Twisted's TCP endpoints listen with a backlog of 50: a burst of spam bots
+# then sees SYNs dropped and retried seconds later. A trap never refuses.
+
+
+def with_backlog(description: str) -> str:
+    """Add a large listen backlog to a tcp/tcp6 endpoint that names none."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
+class SpamtrapService(service.MultiService):
+    """One node: owns the components and their start/stop order."""
+
+    def __init__(self, cfg: Config, reactor: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reactor = reactor
+        self.metrics = Metrics()
+        # Created at start (privilegedStartService): building acquires nothing.
+        data = os.path.abspath(cfg.data_dir)
+        self.data_dir = data
+        self.pool = ThreadPool(
+            minthreads=1, maxthreads=max(cfg.filters.workers, 1) + 2, name="spamtrap-workers"
+        )
+        self.metrics.node_info.labels(
+            node=cfg.node, role=cfg.role, queue="redis" if cfg.queue.url else "none"
+        ).set(1)
+        self.takes_mail = cfg.role in ("all", "listener")
+        self.filters = cfg.role in ("all", "worker")
+        # Spool and open bundles are per node name, so several processes (one
+        # per core, each with its own --node) can share one data directory.
+        self.spool = Spool(os.path.join(data, "spool", cfg.node), cfg.spool, self.metrics, reactor)
+        self.link: QueueLink | None = None
+        self.forwarder: Forwarder | None = None
+        self.source: QueueSource | None = None
+        # Where a message goes at the end of DATA, before its 250.
+        self.intake: Intake = SpoolIntake(self.spool)
+        if cfg.queue.url is not None:
+            self.link = QueueLink(cfg.queue, self.metrics, reactor)
+            if self.takes_mail:
+                writer = QueueWriter(self.link, self.metrics)
+                self.intake = QueueIntake(
+                    writer, self.spool, cfg.queue.on_unreachable, self.metrics
+                )
+                self.forwarder = Forwarder(self.spool, writer, self.metrics, reactor, self.pool)
+            if self.filters:
+                # The consumer name is the node name: a restarted worker
+                # finds the messages it held before, in its pending list.
+                self.source = QueueSource(self.link, cfg.node, self.metrics)
+        self.submit = self.intake.submit
+        # Uploads get their own small pool: saturated filters must not delay
+        # signing and file reads for the store (that would cause "busy" skips).
+        self.store_pool = ThreadPool(minthreads=1, maxthreads=4, name="spamtrap-store")
+        self.store = open_store(cfg.store.url, data, reactor, self.store_pool, config=cfg.store)
+        # Built before the bundle sets: each announces its stored bundles through it.
+        self.notifier = Notifier(cfg, self.metrics, reactor)
+
+        # Signal handlers and list files are set up by child services at
+        # start, in this order (stopped in reverse).
+        HupLogger(reactor).setServiceParent(self)
+        stages, lists_stage = build_stages(cfg, reactor)
+        if lists_stage is not None and self.filters:
+            reloader = ListsReloader(lists_stage, cfg.filters.lists.reload_interval, reactor)
+            reloader.setServiceParent(self)
+
+        self.bundles: dict[str, BundleSet]  # set by pipeline_from
+
+        def bundles_for(acks: StoredAcks[Any]) -> dict[str, BundleSet]:
+            return {
+                s.name: BundleSet(
+                    set_config=s,
+                    node=cfg.node,
+                    work_dir=os.path.join(data, "open", cfg.node),
+                    store=self.store,
+                    metrics=self.metrics,
+                    reactor=reactor,
+                    # Sealing and fsync run in the store pool, off the filter threads.
+                    pool=self.store_pool,
+                    on_stored=acks.stored,
+                    store_config=cfg.store,
+                    on_published=self.notifier.published,
+                )
+                for s in cfg.sets
+            }
+
+        def pipeline_from(work: WorkSource[EntryT]) -> Pipeline[EntryT]:
+            # The acknowledgements come first: the bundle sets call them
+            # back, and the pipeline writes into the bundle sets.
+            acks = StoredAcks(work)
+            self.bundles = bundles_for(acks)
+            return Pipeline(
+                spool=work,
+                stages=stages,
+                collator=Collator(cfg.sets),
+                bundles=self.bundles,
+                metrics=self.metrics,
+                reactor=reactor,
+                pool=self.pool,
+                workers=cfg.filters.workers,
+                config=cfg,
+                acks=acks,
+            )
+
+        self.pipeline: Pipeline[StreamEntry] | Pipeline[SpoolEntry] = (
+            pipeline_from(self.source) if self.source is not None else pipeline_from(self.spool)
+        )
+        # DATA over smtp.data_memory_budget waits here (spamtrap/intake/spill.py).
+        self.spill = SpillDir(os.path.join(data, "spill", cfg.node), reactor)
+        # A worker listens for no SMTP: no certificate to load or make. The
+        # certificate is loaded (or made) when the service starts.
+        self.tls_context: TLSContext | None = None
+        if self.takes_mail and cfg.smtp.tls.enabled:
+            self.tls_context = TLSContext(cfg.smtp.tls, data, cfg.smtp.hostname)
+            self.tls_context.setServiceParent(self)
+        resolve_ptr: PTRLookup | None = None
+        if cfg.smtp.rdns and self.takes_mail:
+            resolve_ptr = PTRLookup()
+            resolve_ptr.setServiceParent(self)
+        self.smtp_factory = TrapSMTPFactory(
+            cfg,
+            self.submit,
+            self.metrics,
+            reactor,
+            tls_context=self.tls_context,
+            resolve_ptr=resolve_ptr,
+            spill=self.spill,
+        )
+        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor)
+        self.smtp_ports: list[Any] = []
+        self.http_ports: list[Any] = []
+        # Set when start-up failed (a port in use, the spool locked): only
+        # the ports are closed then, and the process exits 1.
+        self.start_failed = False
+        self._components_started = False
+        self._acquired = False
+        self._listening: defer.Deferred[Any] | None = None
+
+    def health(self) -> dict[str, Any]:
+        """``status`` is ok, degraded (with ``problems``: mail is refused or
+        lost to a fault the operator must fix) or stopping; /healthz
+        answers 503 unless it is ok."""
+        problems = []
+        failure = self.spool.write_failure
+        if failure is not None:
+            why, since = failure
+            problems.append(f"spool: write failed: {why} since {iso_utc(since)}")
+        # Mail still gets 250 (the spool is fine) but stays spooled unstored.
+        for name, bundle_set in self.bundles.items():
+            failure = bundle_set.write_failure
+            if failure is not None:
+                why, since = failure
+                problems.append(f"bundles: set {name}: write failed: {why} since {iso_utc(since)}")
+        status = "stopping" if not self.running else "degraded" if problems else "ok"
+        out: dict[str, Any] = {
+            "status": status,
+            "node": self.cfg.node,
+            "role": self.cfg.role,
+            "spool_depth": self.spool.depth,
+            "smtp_sessions": len(self.smtp_factory.sessions),
+        }
+        if problems:
+            out["problems"] = problems
+        if self.link is not None:
+            out["queue"] = "up" if self.link.up else "unreachable"
+        return out
+
+    def privilegedStartService(self) -> None:
+        # Before twistd drops privileges: port 25 works for root, and so
+        # does a TLS key only root may read.
+        self._acquire()
+        if not self.start_failed:
+            self._listening = self._listen()
+
+    def _acquire(self) -> None:
+        """The data directory, and what the children take before twistd
+        drops privileges (the TLS certificate). Once; a failure is one
+        critical line and exit 1."""
+        if self._acquired:
+            return
+        self._acquired = True
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            service.MultiService.privilegedStartService(self)
+        except (OSError, ValueError) as e:
+            log.critical("cannot start: {err}; exiting", err=e)
+            self._exit_non_zero()
+
+    @defer.inlineCallbacks
+    def _listen(self) -> Any:
+        for desc in self.cfg.http.listen:
+            self.http_ports.append((yield self._listen_on(desc, self.site)))
+        for desc in self.cfg.smtp.listen if self.takes_mail else []:
+            port = yield self._listen_on(desc, self.smtp_factory)
+            self.smtp_ports.append(port)
+            log.info("SMTP listening on {addr}", addr=port.getHost())
+
+    def _listen_on(self, desc: str, factory: Any) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            raise ListenError(f"cannot listen on {desc}: {failure.getErrorMessage().rstrip('.')}")
+
+        d = defer.maybeDeferred(
+            endpoints.serverFromString(self.reactor, with_backlog(desc)).listen, factory
+        )
+        return d.addErrback(failed)
+
+    def startService(self) -> None:
+        # Filter stages hold the GIL in worker threads; the reactor must get
+        # it back quickly after each of its system calls, or SMTP latency
+        # grows with filter load (CPython's default wait is 5 ms).
+        sys.setswitchinterval(0.001)
+        # Before any thread starts: RSS must fall again after large messages.
+        memory.tune_malloc()
+        self._acquire()  # done already under twistd
+        if self.start_failed:
+            service.Service.startService(self)  # no child: they would fail again
+            return
+        service.MultiService.startService(self)
+        if self._listening is None:
+            self._listening = self._listen()
+        self._listening.addErrback(self._listen_failed)
+        if self.start_failed:
+            return  # a port was taken: start nothing else
+        self.pool.start()
+        self.store_pool.start()
+        if self.takes_mail:
+            try:
+                self.spool.start()
+                self.spill.clean()  # leftovers were never acknowledged
+            except (SpoolError, OSError) as e:
+                log.critical("cannot open the spool: {err}; exiting", err=e)
+                self._exit_non_zero()
+                return
+        self._components_started = True
+        if self.link is not None:
+            self.link.start()
+        if self.forwarder is not None:
+            self.forwarder.start()
+        if self.filters:
+            for b in self.bundles.values():
+                b.start()
+            if self.cfg.filters.workers > 0:
+                # Without filter workers nothing would process what the
+                # source reads, and it would hold it from other workers.
+                if self.source is not None:
+                    self.source.start()
+                self.pipeline.start()
+        log.info(
+            "spamtrap node {node} started as {role}: data in {data}, store {store}{queue}",
+            node=self.cfg.node,
+            role=self.cfg.role,
+            data=self.data_dir,
+            store=self.store.describe(),
+            queue=f", queue {describe(self.cfg.queue.url)}" if self.cfg.queue.url else "",
+        )
+
+    def _listen_failed(self, failure: Failure) -> None:
+        # The endpoint error is the operator's to fix: one line, exit 1.
+        if failure.check(ListenError):
+            log.critical("{err}; exiting", err=failure.value)
+        else:
+            log.failure("cannot listen; exiting", failure)
+        self._exit_non_zero()
+
+    def _exit_non_zero(self) -> None:
+        """Stop, then exit 1: twistd itself would exit 0, and systemd's
+        Restart=on-failure would never see the failure."""
+        if self.start_failed:
+            return
+        self.start_failed = True
+
+        def leave() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        def stop() -> None:
+            try:
+                self.reactor.stop()
+            except error.ReactorNotRunning:
+                pass  # already stopping (a SIGTERM meanwhile)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", leave)
+        self.reactor.callLater(0, stop)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        service.MultiService.stopService(self)
+        if not self._components_started:
+            # Start-up failed before any mail came in: close the ports and
+            # the spool's lock only.
+            ports = self.smtp_ports + self.http_ports
+            yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+            yield self.spool.stop()
+            self.pool.stop()
+            yield self.store.close()  # stops the store pool too
+            return
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
+        yield self.smtp_factory.shutdown()
+        self.spill.stop()  # every session is closed: nothing spills any more
+        if self.forwarder is not None:
+            # What the spool holds goes to Redis if it answers; else it stays
+            # spooled and is forwarded at the next start.
+            yield defer.ensureDeferred(self.forwarder.drain())
+        if self.source is not None:
+            # Read no more; what was read is processed below.
+            yield defer.ensureDeferred(self.source.stop_reading())
+        if self.pipeline.running:
+            yield defer.ensureDeferred(self.pipeline.drain())
+        if self.filters:
+            yield defer.DeferredList([b.stop() for b in self.bundles.values()])
+        if self.source is not None:
+            # The last bundles are stored: acknowledge their messages.
+            yield defer.ensureDeferred(self.source.stop())
+        # The last bundles' notices are in flight now; they get up to 10 s.
+        yield self.notifier.stop()
+        # Cancels what is still in flight and stops the store pool.
+        yield self.store.close()
+        yield self.spool.stop()
+        if self.link is not None:
+            self.link.stop()
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.http_ports])
+        self.pool.stop()
+        self._log_stopped()
+
+    def _log_stopped(self) -> None:
+        """Say what the next start inherits: a stop is clean only if the
+        spool is empty (a full disk or a failing store leaves messages)."""
+        left = self.spool.remaining
+        if left == 0:
+            log.info("spamtrap node {node} stopped cleanly; the spool is empty", node=self.cfg.node)
+            return
+        later = "forwarded to the queue" if self.forwarder is not None else "processed"
+        log.warn(
+            "spamtrap node {node} stopped; {n} message{s} remain{v} in the spool and will be "
+            "{later} on the next start",
+            node=self.cfg.node,
+            n=left,
+            s="" if left == 1 else "s",
+            v="s" if left == 1 else "",
+            later=later,
+        )
+
+
+class ListenError(Exception):
+    """A listener could not be opened; the message names its endpoint."""
+
+
+def makeService(options: Options, reactor: Any = None) -> SpamtrapService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        return SpamtrapService(options.config, reactor)
+    except (OSError, ValueError, StoreConfigError) as e:
+        # A clear line for the operator rather than a twistd traceback.
+        sys.stderr.write(f"spamtrap: cannot start: {e}\n")
+        raise SystemExit(1)

@@ -1,0 +1,670 @@
+"""The S3 store against moto (server mode, fast) and a real SeaweedFS.
+
+Only 127.0.0.1 is ever contacted: every test runs with the machine's AWS
+settings removed, IMDS disabled and explicit endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import pytest_twisted
+from botocore.credentials import Credentials
+from twisted.internet import defer, reactor, task
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import globalLogPublisher
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
+
+from spamtrap import testing
+from spamtrap.bundle.mbox import entry
+from spamtrap.bundle.sets import BundleSet
+from spamtrap.config import RotateConfig, SetConfig, StoreConfig
+from spamtrap.store import (
+    Redirect,
+    StoreClosedError,
+    StoreConfigError,
+    bundle_key,
+    manifest_key,
+    open_store,
+)
+from spamtrap.store.s3 import MIN_PART, S3Error, S3Store, parse_error
+from tests.support.seaweedfs import SeaweedFS, clean_env
+from tests.support.seaweedfs import seaweedfs as seaweedfs  # the fixture
+from tests.unit.test_bundle import UploadMetrics
+
+MIB = 1024 * 1024
+T = 1795355475.0  # 2026-11-22T13:11:15Z
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env(monkeypatch, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ThreadPool]:
+    p = ThreadPool(minthreads=1, maxthreads=4, name="test-s3")
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    """A moto S3 server on a free loopback port, with bucket ``traps``."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client(endpoint, "testkey", "testsecret").create_bucket(Bucket="traps")
+    yield endpoint
+    server.stop()
+
+
+def client(endpoint: str, access: str, secret: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+@implementer(IAgent)
+class RecordingAgent:
+    """A real Agent (no kept-alive connections) that records every answer
+    as (method, path?query, status, body length, Authorization)."""
+
+    def __init__(self, on_response: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+        self._agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        self.log: list[tuple[str, str, int, int, str]] = []
+        self.on_response = on_response
+        self.refuse: Callable[[str, str], bool] = lambda method, target: False
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Any = None,
+        bodyProducer: Any = None,  # noqa: N803 - IAgent's name
+    ) -> defer.Deferred[Any]:
+        parts = urlsplit(uri.decode())
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        if self.refuse(method.decode(), target):
+            return defer.fail(ConnectionRefusedError("refused by the test"))
+        length = bodyProducer.length if bodyProducer is not None else 0
+        auth = (headers.getRawHeaders(b"authorization") or [b""])[0].decode()
+
+        def seen(response: Any) -> Any:
+            item = (method.decode(), target, response.code, length, auth)
+            self.log.append(item)
+            if self.on_response is not None:
+                self.on_response(item)
+            return response
+
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(seen)
+
+    def calls(self) -> list[tuple[str, str, int]]:
+        return [(m, unquote(t), code) for m, t, code, _, _ in self.log]
+
+
+def make_store(
+    endpoint: str,
+    pool: ThreadPool,
+    prefix: str,
+    agent: RecordingAgent | None = None,
+    credentials: Any = ("testkey", "testsecret"),
+    **config: Any,
+) -> S3Store:
+    creds = Credentials(*credentials) if isinstance(credentials, tuple) else credentials
+    recording: Any = agent or RecordingAgent()  # an IAgent; zope interfaces do not type-check
+    return S3Store(
+        "traps",
+        prefix,
+        reactor,
+        pool,
+        StoreConfig(endpoint=endpoint, **config),
+        credentials=creds,
+        agent=recording,
+    )
+
+
+def bundle_file(directory: Path, size: int, seed: int) -> tuple[Path, bytes]:
+    data = random.Random(seed).randbytes(size)
+    path = directory / f"bundle-{seed}.part"
+    path.write_bytes(data)
+    return path, data
+
+
+def manifest_for(key: str, data: bytes) -> bytes:
+    return testing.manifest_for(key, data).to_json_bytes()
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    # The real reactor and real servers: poll, briefly.
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+def completes_object(method: str, target: str, key: str) -> bool:
+    """Is this the request that makes the object ``key`` whole?"""
+    path, _, query = target.partition("?")
+    if not path.endswith("/" + key):
+        return False
+    return (method == "PUT" and not query) or (method == "POST" and "uploadId=" in query)
+
+
+def assert_object_before_manifest(agent: RecordingAgent, key: str) -> None:
+    ok = [(m, t) for m, t, code in agent.calls() if 200 <= code < 300]
+    objects = [i for i, (m, t) in enumerate(ok) if completes_object(m, t, key)]
+    manifests = [i for i, (m, t) in enumerate(ok) if m == "PUT" and t.endswith(manifest_key(key))]
+    assert len(objects) == 1 and len(manifests) == 1, (key, ok)
+    assert objects[0] < manifests[0]
+
+
+# -- configuration (no server) ----------------------------------------------------
+
+
+def test_open_store_gives_an_s3_store_for_s3_urls(pool: ThreadPool) -> None:
+    config = StoreConfig(endpoint="http://127.0.0.1:9/", region="eu-west-3")
+    store = open_store("s3://traps/a/b/", "/unused", reactor, pool, config=config)
+    assert isinstance(store, S3Store)
+    assert (store.bucket, store.prefix) == ("traps", "a/b")
+    assert store.describe() == "s3 bucket traps prefix a/b at http://127.0.0.1:9"
+    key = "all/2026-11-22T13:31:15.node1.AAAAAAAAAAAAAAAA.mbox.gz"
+    assert store.url(key) == (
+        "http://127.0.0.1:9/traps/a/b/all/2026-11-22T13%3A31%3A15.node1.AAAAAAAAAAAAAAAA.mbox.gz"
+    )
+    bare = open_store("s3://traps", "/unused", reactor, pool, config=config)
+    assert isinstance(bare, S3Store) and bare.prefix == ""
+    assert "prefix (none)" in bare.describe()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://", "use s3://bucket"),
+        ("s3://a/", "use s3://bucket"),  # one letter: no bucket name
+        ("s3://traps/p?x=1", "no query"),
+        ("s3://traps/a//b", "prefix segments"),
+        ("s3://traps/a/../b", "prefix segments"),
+    ],
+)
+def test_bad_s3_urls_are_refused(pool: ThreadPool, url: str, message: str) -> None:
+    with pytest.raises(StoreConfigError, match=message):
+        open_store(url, "/unused", reactor, pool, config=StoreConfig())
+
+
+def store_with(pool: ThreadPool, env: dict[str, str], **config: Any) -> S3Store:
+    return S3Store("traps", "p", reactor, pool, StoreConfig(**config), environ=env)
+
+
+KEY = "all/2026-11-22T13:31:15.n.AAAAAAAAAAAAAAAA.mbox.gz"
+
+
+def test_endpoint_and_region_follow_the_aws_conventions(pool: ThreadPool) -> None:
+    env = {
+        "AWS_ENDPOINT_URL_S3": "http://s3.local:8333",
+        "AWS_ENDPOINT_URL": "http://all.local",
+        "AWS_REGION": "eu-north-1",
+        "AWS_DEFAULT_REGION": "us-west-2",
+    }
+    # The config first, then the S3-specific variable, then the general one.
+    assert "at http://cfg.local" in store_with(pool, env, endpoint="http://cfg.local").describe()
+    assert "at http://s3.local:8333" in store_with(pool, env).describe()
+    del env["AWS_ENDPOINT_URL_S3"]
+    assert "at http://all.local" in store_with(pool, env).describe()
+    # No endpoint: AWS itself, by region (AWS_REGION before AWS_DEFAULT_REGION).
+    del env["AWS_ENDPOINT_URL"]
+    assert store_with(pool, env).url(KEY) == (
+        "https://s3.eu-north-1.amazonaws.com/traps/p/all/"
+        "2026-11-22T13%3A31%3A15.n.AAAAAAAAAAAAAAAA.mbox.gz"
+    )
+    del env["AWS_REGION"]
+    assert "s3.us-west-2.amazonaws.com" in store_with(pool, env).describe()
+    assert "s3.ap-south-1.amazonaws.com" in store_with(pool, env, region="ap-south-1").describe()
+    # Region only in ~/.aws/config: known after start, not before.
+    unresolved = store_with(pool, {})
+    assert unresolved.url(KEY) is None
+    assert "region from the AWS config" in unresolved.describe()
+
+
+def test_open_download_redirects_to_the_public_object(pool: ThreadPool) -> None:
+    store = store_with(pool, {}, endpoint="http://x", public_url="https://cdn.example/t/")
+    assert store.served_by_web is False
+    assert store.open_download(KEY) == Redirect(store.url(KEY) or "")
+    assert store.open_download(KEY[: -len(".mbox.gz")] + ".json") == Redirect(
+        "https://cdn.example/t/p/all/2026-11-22T13%3A31%3A15.n.AAAAAAAAAAAAAAAA.json"
+    )
+    for bad in ("all/x.mbox.gz", f"../{KEY}", KEY + "/", ""):
+        assert store.open_download(bad) is None
+    # AWS with the region not known yet: no URL, so nothing to redirect to.
+    assert store_with(pool, {}).open_download(KEY) is None
+
+
+@implementer(IAgent)
+class SilentAgent:
+    """An agent whose requests never get an answer (until cancelled)."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Any = None,
+        bodyProducer: Any = None,  # noqa: N803 - IAgent's name
+    ) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_cancels_what_is_in_flight_and_stops_the_pool(tmp_path: Path) -> None:
+    own = ThreadPool(minthreads=1, maxthreads=2, name="test-s3-close")
+    own.start()
+    agent = SilentAgent()
+    recording: Any = agent  # an IAgent; zope interfaces do not type-check
+    store = S3Store(
+        "traps",
+        "p",
+        reactor,
+        own,
+        StoreConfig(endpoint="http://127.0.0.1:9"),
+        environ={},
+        credentials=Credentials("k", "s"),
+        agent=recording,
+    )
+    path, data = bundle_file(tmp_path, 1000, 11)
+    put = store.put(KEY, str(path), manifest_for(KEY, data))
+    listing = store.list_manifests("all")
+    await until(lambda: len(agent.pending) == 2, "both requests sent")
+    await store.close()
+    assert own.joined
+    for d in (put, listing):
+        with pytest.raises(StoreClosedError, match="the store was closed"):
+            await d
+    with pytest.raises(StoreClosedError):
+        await store.put(KEY, str(path), manifest_for(KEY, data))
+    with pytest.raises(StoreClosedError):
+        await store.list_manifests("all")
+
+
+def test_url_styles_and_public_url(pool: ThreadPool) -> None:
+    virtual = store_with(pool, {}, endpoint="https://objects.example", path_style=False)
+    assert virtual.url(KEY) == (
+        "https://traps.objects.example/p/all/2026-11-22T13%3A31%3A15.n.AAAAAAAAAAAAAAAA.mbox.gz"
+    )
+    public = store_with(pool, {}, endpoint="http://x", public_url="https://cdn.example/t/")
+    assert public.url(KEY) == (
+        "https://cdn.example/t/p/all/2026-11-22T13%3A31%3A15.n.AAAAAAAAAAAAAAAA.mbox.gz"
+    )
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://x", "s3.local:8333", "http://", "http://h/?q=1"])
+def test_bad_endpoints_are_refused(pool: ThreadPool, endpoint: str) -> None:
+    with pytest.raises(StoreConfigError, match="store.endpoint"):
+        store_with(pool, {}, endpoint=endpoint)
+    with pytest.raises(StoreConfigError, match="AWS_ENDPOINT_URL_S3"):
+        store_with(pool, {"AWS_ENDPOINT_URL_S3": endpoint})
+
+
+def test_part_size_is_the_threshold_but_5_mib_at_least_and_10000_parts_at_most(
+    pool: ThreadPool,
+) -> None:
+    assert store_with(pool, {}, multipart_threshold=MIB).part_size(50 * MIB) == MIN_PART
+    store = store_with(pool, {}, multipart_threshold=16 * MIB)
+    assert store.part_size(100 * MIB) == 16 * MIB
+    huge = 200_000 * MIB  # 12,500 parts of 16 MiB: too many
+    assert store.part_size(huge) == 20 * MIB and huge / store.part_size(huge) <= 10_000
+
+
+def test_error_bodies_are_parsed() -> None:
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SignatureDoesNotMatch</Code>'
+        b"<Message>The request signature we calculated does not match</Message></Error>"
+    )
+    assert parse_error(body) == (
+        "SignatureDoesNotMatch",
+        "The request signature we calculated does not match",
+    )
+    assert parse_error(b"") == (None, "(no error body)")
+    assert parse_error(b"<html>bad gateway</html>") == (None, "<html>bad gateway</html>")
+    error = S3Error(403, "InvalidAccessKeyId", "no such key", "s3://traps/k", "PutObject")
+    assert (
+        str(error) == "InvalidAccessKeyId for key s3://traps/k (PutObject, HTTP 403): no such key"
+    )
+
+
+# -- moto ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_put_writes_object_then_manifest(
+    moto: str, pool: ThreadPool, tmp_path: Path
+) -> None:
+    agent = RecordingAgent()
+    store = make_store(moto, pool, "small", agent)
+    path, data = bundle_file(tmp_path, 100_000, 1)
+    key = bundle_key("all", T, "node1")
+    manifest = manifest_for(key, data)
+    await store.put(key, str(path), manifest)
+
+    assert [(m, code) for m, _, code in agent.calls()] == [("PUT", 200), ("PUT", 200)]
+    assert_object_before_manifest(agent, key)
+    s3 = client(moto, "testkey", "testsecret")
+    obj = s3.get_object(Bucket="traps", Key=f"small/{key}")
+    assert obj["ContentType"] == "application/gzip"
+    assert hashlib.sha256(obj["Body"].read()).hexdigest() == json.loads(manifest)["sha256"]
+    doc = s3.get_object(Bucket="traps", Key=f"small/{manifest_key(key)}")
+    assert doc["ContentType"] == "application/json"
+    assert doc["Body"].read() == manifest
+    assert path.exists()  # the caller's file is left alone
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_put_is_a_multipart_upload(moto: str, pool: ThreadPool, tmp_path: Path) -> None:
+    agent = RecordingAgent()
+    store = make_store(moto, pool, "multi", agent, multipart_threshold=5 * MIB)
+    path, data = bundle_file(tmp_path, 12 * MIB, 2)
+    key = bundle_key("all", T, "node1")
+    await store.put(key, str(path), manifest_for(key, data))
+
+    calls = agent.calls()
+    assert calls[0][0] == "POST" and calls[0][1].endswith(f"/{key}?uploads")
+    parts = [(t, length) for m, t, _, length, _ in agent.log if "partNumber=" in t]
+    assert sorted(length for _, length in parts) == [2 * MIB, 5 * MIB, 5 * MIB]
+    assert calls[-2][0] == "POST" and "uploadId=" in calls[-2][1]  # complete
+    assert calls[-1][:2] == ("PUT", f"/traps/multi/{manifest_key(key)}")
+    assert_object_before_manifest(agent, key)
+    s3 = client(moto, "testkey", "testsecret")
+    got = s3.get_object(Bucket="traps", Key=f"multi/{key}")["Body"].read()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert s3.list_multipart_uploads(Bucket="traps").get("Uploads", []) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_part_fails_the_put_and_aborts_the_upload(
+    moto: str, pool: ThreadPool, tmp_path: Path
+) -> None:
+    agent = RecordingAgent()
+    agent.refuse = lambda method, target: "partNumber=2" in target
+    store = make_store(moto, pool, "abort", agent, multipart_threshold=5 * MIB)
+    path, data = bundle_file(tmp_path, 11 * MIB, 3)
+    key = bundle_key("all", T, "node1")
+    with pytest.raises(S3Error, match=r"ConnectionRefusedError for key s3://traps/abort/all/"):
+        await store.put(key, str(path), manifest_for(key, data))
+    await until(lambda: any(m == "DELETE" for m, _, _ in agent.calls()), "the abort")
+    assert [c for c in agent.calls() if c[0] == "DELETE"][0][2] == 204
+    assert not any(t.endswith(manifest_key(key)) for _, t, _ in agent.calls())
+    s3 = client(moto, "testkey", "testsecret")
+    assert s3.list_multipart_uploads(Bucket="traps").get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket="traps", Prefix="abort/").get("KeyCount") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_manifests_newest_first_over_several_pages(
+    moto: str, pool: ThreadPool, tmp_path: Path
+) -> None:
+    store = make_store(moto, pool, "listing")
+    path, data = bundle_file(tmp_path, 1000, 4)
+    manifests = []
+    for i in range(5):
+        key = bundle_key("all", T + 3600 * i, "node1")
+        manifests.append(manifest_for(key, data))
+        await store.put(key, str(path), manifests[-1])
+    other = bundle_key("other", T + 99999, "node1")
+    await store.put(other, str(path), manifest_for(other, data))
+    s3 = client(moto, "testkey", "testsecret")
+    damaged = manifest_key(bundle_key("all", T + 7200 * 9, "node1"))
+    s3.put_object(Bucket="traps", Key=f"listing/{damaged}", Body=b"{not json")
+    s3.put_object(Bucket="traps", Key="listing/all/stray.json", Body=b"{}")
+    invalid = manifest_key(bundle_key("all", T + 7200 * 8, "node1"))  # JSON, not a manifest
+    s3.put_object(Bucket="traps", Key=f"listing/{invalid}", Body=b'{"format": 1}')
+    store.list_page_size = 3  # 12 keys under all/: four pages
+
+    got = await store.list_manifests("all")
+    assert [m.to_json_bytes() for m in got] == list(reversed(manifests))
+    with pytest.raises(ValueError, match="invalid set name"):
+        await store.list_manifests("../x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_credentials_is_a_clear_error(moto: str, pool: ThreadPool, tmp_path: Path) -> None:
+    agent = RecordingAgent()
+    store = make_store(moto, pool, "none", agent, credentials=None)
+    path, data = bundle_file(tmp_path, 10, 5)
+    key = bundle_key("all", T, "node1")
+    with pytest.raises(S3Error, match="NoCredentials for key s3://traps/none/all/.*AWS_PROFILE"):
+        await store.put(key, str(path), manifest_for(key, data))
+    assert agent.log == []
+
+
+# -- SeaweedFS ---------------------------------------------------------------------
+
+
+def anonymous_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback http
+        body: bytes = response.read()
+    return body
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_seaweedfs_round_trip_public_by_key_listing_denied(
+    seaweedfs: SeaweedFS, pool: ThreadPool, tmp_path: Path
+) -> None:
+    agent = RecordingAgent()
+    store = make_store(seaweedfs.endpoint, pool, "rt", agent, multipart_threshold=5 * MIB)
+    keys = []
+    for seed, size in ((6, 300_000), (7, 12 * MIB)):
+        path, data = bundle_file(tmp_path, size, seed)
+        key = bundle_key("all", T + seed, "node1")
+        await store.put(key, str(path), manifest_for(key, data))
+        keys.append(key)
+    assert sum(1 for _, t, _ in agent.calls() if "partNumber=" in t) == 3
+    s3 = seaweedfs.client()
+    for key in keys:
+        assert_object_before_manifest(agent, key)
+        url = store.url(key)
+        assert url is not None
+        # Anyone who knows the key reads object and manifest, no credentials.
+        doc = json.loads(anonymous_get(url[: -len(".mbox.gz")] + ".json"))
+        body = anonymous_get(url)
+        assert hashlib.sha256(body).hexdigest() == doc["sha256"] and len(body) == doc["size"]
+        got = s3.get_object(Bucket="traps", Key=f"rt/{key}")["Body"].read()
+        assert hashlib.sha256(got).hexdigest() == doc["sha256"]
+    # Listing needs them.
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        anonymous_get(f"{seaweedfs.endpoint}/traps?list-type=2&prefix=rt/")
+    assert denied.value.code == 403
+    listed = await store.list_manifests("all")
+    assert [m.key for m in listed] == list(reversed(keys))
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_seaweedfs_credentials_from_the_environment_and_the_files(
+    seaweedfs: SeaweedFS, pool: ThreadPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = bundle_file(tmp_path, 1000, 8)
+    s3 = seaweedfs.client()
+
+    async def put_with_the_chain(prefix: str) -> None:
+        # No credentials given: botocore's chain finds them (in the pool).
+        store = make_store(seaweedfs.endpoint, pool, prefix, credentials=None)
+        key = bundle_key("all", T, "node1")
+        await store.put(key, str(path), manifest_for(key, data))
+        assert s3.head_object(Bucket="traps", Key=f"{prefix}/{manifest_key(key)}")
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    await put_with_the_chain("env")
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[default]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n"
+        f"[traps]\naws_access_key_id = {seaweedfs.access_key}\n"
+        f"aws_secret_access_key = {seaweedfs.secret_key}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "traps")
+    await put_with_the_chain("file")
+
+    monkeypatch.delenv("AWS_PROFILE")  # [default] holds an unknown key
+    with pytest.raises(S3Error, match="InvalidAccessKeyId for key s3://traps/bad/all/"):
+        await put_with_the_chain("bad")
+
+
+class LogCapture:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if "error" in event and "storing" in event.get("log_format", ""):
+            self.errors.append(str(event["error"]))
+
+
+@pytest.fixture
+def store_log() -> Iterator[LogCapture]:
+    capture: Any = LogCapture()  # an ILogObserver; zope interfaces do not type-check
+    globalLogPublisher.addObserver(capture)
+    yield capture
+    globalLogPublisher.removeObserver(capture)
+
+
+def bundle_set(
+    store: S3Store, pool: ThreadPool, work: Path, clock: Any, acked: list[list[Any]], **rotate: Any
+) -> tuple[BundleSet, UploadMetrics]:
+    metrics = UploadMetrics()
+    bundles = BundleSet(
+        SetConfig(name="all", rotate=RotateConfig(**rotate)),
+        "node1",
+        str(work),
+        store,
+        metrics,
+        reactor,
+        pool,
+        acked.append,
+        clock=clock,
+        store_config=StoreConfig(retry_initial=0.1, retry_max=0.4),
+    )
+    return bundles, metrics
+
+
+def waiting(metrics: UploadMetrics) -> float | None:
+    return metrics.registry.get_sample_value("spamtrap_bundles_waiting", {"set": "all"})
+
+
+def waits(metrics: UploadMetrics, n: int) -> Callable[[], bool]:
+    return lambda: waiting(metrics) == n
+
+
+def errors(metrics: UploadMetrics) -> float:
+    return metrics.registry.get_sample_value("spamtrap_store_errors_total", {"set": "all"}) or 0
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_seaweedfs_wrong_credentials_are_logged_then_retried(
+    seaweedfs: SeaweedFS, pool: ThreadPool, tmp_path: Path, store_log: LogCapture
+) -> None:
+    credentials = Credentials(seaweedfs.access_key, "not-the-secret")
+    store = make_store(seaweedfs.endpoint, pool, "creds", credentials=credentials)
+    clock = Clock()
+    acked: list[list[Any]] = []
+    bundles, metrics = bundle_set(store, pool, tmp_path / "work", clock, acked)
+    msg = b"Subject: spam\r\n\r\nbuy now\r\n"
+    await deferToThreadPool(reactor, pool, bundles.add, entry("s@x", T, msg), T, "token")
+    bundles.rotate()
+    await until(lambda: errors(metrics) == 1, "the first failure")
+    assert "SignatureDoesNotMatch for key s3://traps/creds/all/" in store_log.errors[0]
+
+    credentials.secret_key = seaweedfs.secret_key  # the operator fixes them
+    clock.advance(0.1)  # the first retry is due within retry_initial
+    await until(lambda: acked == [["token"]], "the retry to store the bundle")
+    assert errors(metrics) == 1
+    listed = await store.list_manifests("all")
+    assert [m.messages for m in listed] == [1]
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_seaweedfs_killed_mid_upload_then_the_backlog_uploads_by_itself(
+    seaweedfs: SeaweedFS, pool: ThreadPool, tmp_path: Path
+) -> None:
+    killed: list[str] = []
+
+    def kill_after_the_first_part(item: tuple[Any, ...]) -> None:
+        if "partNumber=1&" in item[1] and not killed:
+            killed.append(item[1])
+            seaweedfs.stop()
+
+    agent = RecordingAgent(kill_after_the_first_part)
+    store = make_store(
+        seaweedfs.endpoint, pool, "outage", agent, multipart_threshold=5 * MIB, max_concurrency=1
+    )
+    acked: list[list[Any]] = []
+    bundles, metrics = bundle_set(store, pool, tmp_path / "work", reactor, acked)
+    big = random.Random(9).randbytes(12 * MIB)
+    await deferToThreadPool(reactor, pool, bundles.add, entry("s@x", T, big), T, 0)
+    bundles.rotate()
+    await until(lambda: errors(metrics) >= 2, "the killed upload to fail and be retried")
+    assert killed and acked == []
+    # More bundles while the store is down: they wait (nothing skipped).
+    for token in (1, 2):
+        msg = b"Subject: %d\r\n\r\nspam\r\n" % token
+        await deferToThreadPool(reactor, pool, bundles.add, entry("s@x", T, msg), T, token)
+        bundles.rotate()
+        await until(waits(metrics, token + 1), f"bundle {token} to wait")
+    # Not a poll: real retries against a real, stopped server, for a while.
+    await task.deferLater(reactor, 0.5, lambda: None)  # retries go on meanwhile
+    assert acked == [] and waiting(metrics) == 3
+
+    seaweedfs.start()  # same ports, same -dir
+    await until(lambda: len(acked) == 3, "the backlog to upload", timeout=30)
+    assert sorted(t for tokens in acked for t in tokens) == [0, 1, 2]
+    assert not any(
+        metrics.registry.get_sample_value(
+            "spamtrap_bundles_skipped_total", {"set": "all", "reason": r}
+        )
+        for r in ("busy", "queue-full", "backlog-full")
+    )
+    listed = await store.list_manifests("all")
+    assert len(listed) == 3
+    s3 = seaweedfs.client()
+    for doc in listed:
+        assert_object_before_manifest(agent, doc.key)
+        body = s3.get_object(Bucket="traps", Key=f"outage/{doc.key}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == doc.sha256 and len(body) == doc.size
+    assert os.listdir(tmp_path / "work" / "all") == []

@@ -1,0 +1,695 @@
+"""Tests for the durable spool: group commit, FIFO, shedding, acks, recovery."""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+
+import spamtrap
+from spamtrap.config import SpoolConfig
+from spamtrap.metrics import Metrics
+from spamtrap.work import spool as spool_module
+from spamtrap.work.spool import ACK_DELAY, HEADER, Spool, SpoolEntry, SpoolError, read_entries
+
+
+def config(**overrides: Any) -> SpoolConfig:
+    values: dict[str, Any] = {"commit_interval": 0.0}
+    values.update(overrides)
+    return SpoolConfig(**values)
+
+
+def segment_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name != "lock")
+
+
+def die(spool: Spool) -> None:
+    """What a killed process leaves: its lock released, nothing else done."""
+    assert spool._lock_fd is not None
+    os.close(spool._lock_fd)
+    spool._lock_fd = None
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def shed_count(metrics: Metrics, reason: str) -> float:
+    return sample(metrics, "spamtrap_spool_shed_total", reason=reason)
+
+
+def name(entry: SpoolEntry) -> str:
+    return os.path.basename(entry.path)
+
+
+@pytest.fixture
+def make_spool() -> Iterator[Callable[..., Spool]]:
+    """Starts spools on the real reactor and stops any a test left running."""
+    from twisted.internet import reactor
+
+    started: list[Spool] = []
+
+    def make(
+        directory: Path,
+        cfg: SpoolConfig | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+    ) -> Spool:
+        # A Clock that stays at 0 keeps age shedding out of tests that do
+        # not ask for it (their received_at values are in 1970).
+        spool = Spool(
+            str(directory), cfg or config(), metrics or Metrics(), reactor, clock or Clock()
+        )
+        spool.start()
+        started.append(spool)
+        return spool
+
+    yield make
+    for spool in started:
+        pytest_twisted.blockon(spool.stop())
+
+
+class ThreadCalls:
+    """A stand-in reactor for synchronous tests: runs the writer thread's
+    callFromThread calls when the test waits for a Deferred."""
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self._calls.put((f, args))
+
+    def wait(self, d: Deferred[Any], timeout: float = 10.0) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        deadline = time.monotonic() + timeout
+        while not results:
+            f, args = self._calls.get(timeout=max(0.0, deadline - time.monotonic()))
+            f(*args)
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]
+
+
+# -- append, get, read ----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_trip_keeps_bytes_exactly(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    payloads = [b"", bytes(range(256)), b"From x\r\n\r\n.\n\x00\xff" * 5000]
+    appended = []
+    for i, payload in enumerate(payloads):
+        appended.append(await spool.append(payload, 1700000000.123 + i))
+    assert spool.depth == 3
+    assert spool.backlog_bytes == sum(len(p) for p in payloads)
+    for i, payload in enumerate(payloads):
+        entry = await spool.get()
+        assert entry.key == appended[i].key
+        assert entry.size == len(payload)
+        assert entry.received_at == pytest.approx(1700000000.123 + i, abs=0.001)
+        assert entry.read() == payload
+    assert spool.depth == 0
+    assert spool.in_flight == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_entries_reads_a_batch_and_reports_bad_records_alone(
+    tmp_path: Path, make_spool: Any
+) -> None:
+    # Records of 20 + 40 bytes, two to a segment: runs break at segment ends.
+    spool = make_spool(tmp_path, config(segment_bytes=120))
+    payloads = [b"%02d" % i * 20 for i in range(7)]
+    entries = [await spool.append(p, 1.0) for p in payloads]
+    assert len({e.seq for e in entries}) == 4
+    order = [3, 4, 5, 0, 1, 6, 2]  # out of order, and not back to back
+    assert read_entries([entries[i] for i in order]) == [payloads[i] for i in order]
+
+    # A flipped payload byte fails that record's CRC and no other.
+    with open(entries[2].path, "r+b") as f:
+        f.seek(entries[2].offset + HEADER.size)
+        f.write(b"X")
+    os.unlink(entries[5].path)  # entries 4 and 5 lose their segment
+    got = read_entries(entries)
+    assert [g for i, g in enumerate(got) if i not in (2, 4, 5)] == [
+        payloads[i] for i in (0, 1, 3, 6)
+    ]
+    assert isinstance(got[2], SpoolError) and "CRC" in str(got[2])
+    assert isinstance(got[4], SpoolError) and isinstance(got[5], SpoolError)
+    with pytest.raises(SpoolError, match="CRC"):
+        entries[2].read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_appends_share_fsyncs(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fdatasync", counting_fdatasync)
+    metrics = Metrics()
+    # A short gathering window, so the batch does not depend on how fast this
+    # loop runs compared to the writer thread.
+    spool = make_spool(tmp_path, config(commit_interval=0.05), metrics)
+    n = 100
+    entries = await defer.gatherResults([spool.append(b"msg %d" % i, 1.0) for i in range(n)])
+    commits = sample(metrics, "spamtrap_spool_commits_total")
+    assert 1 <= commits < n / 4
+    assert len(syncs) == commits  # one fdatasync per group commit
+    assert len({e.key for e in entries}) == n
+    assert spool.depth == n
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_interval_gathers_later_appends(tmp_path: Path, make_spool: Any) -> None:
+    from twisted.internet import reactor
+
+    metrics = Metrics()
+    spool = make_spool(tmp_path, config(commit_interval=0.5), metrics)
+    early = spool.append(b"early", 1.0)
+    # Well inside the window the writer is waiting out, another append comes.
+    # Real time on purpose: the writer thread waits commit_interval on the
+    # monotonic clock (a Clock cannot drive a thread), and this test is
+    # about that wait; 0.05 s of a 0.5 s window leaves a wide margin.
+    await deferLater(reactor, 0.05, lambda: None)
+    assert not early.called
+    late = spool.append(b"late", 1.0)
+    await defer.gatherResults([early, late])
+    assert sample(metrics, "spamtrap_spool_commits_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_fsync_when_disabled(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    monkeypatch.setattr(spool_module.os, "fdatasync", syncs.append)
+    monkeypatch.setattr(spool_module.os, "fsync", syncs.append)
+    spool = make_spool(tmp_path, config(fsync=False))
+    entry = await spool.append(b"x", 1.0)
+    assert entry.read() == b"x"
+    assert syncs == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_fifo_order_and_several_waiters(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    waiters = [spool.get() for _ in range(3)]
+    assert not any(w.called for w in waiters)
+    await defer.gatherResults([spool.append(b"%d" % i, 1.0) for i in range(10)])
+    got = [(await w) for w in waiters]
+    got += [(await spool.get()) for _ in range(7)]
+    assert [e.read() for e in got] == [b"%d" % i for i in range(10)]
+    assert len({e.key for e in got}) == 10
+    assert spool.in_flight == 10
+
+
+# -- shedding -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_shed_oldest_by_count(tmp_path: Path, make_spool: Any) -> None:
+    metrics = Metrics()
+    spool = make_spool(tmp_path, config(max_messages=3), metrics)
+    await spool.append(b"first", 1.0)
+    in_flight = await spool.get()
+    for i in range(5):
+        await spool.append(b"m%d" % i, 1.0)
+    # Backlog bounded at 3, oldest shed; the in-flight entry is not counted.
+    assert spool.depth == 3
+    assert shed_count(metrics, "full") == 2
+    assert sample(metrics, "spamtrap_spool_depth") == 3
+    assert [(await spool.get()).read() for _ in range(3)] == [b"m2", b"m3", b"m4"]
+    assert in_flight.read() == b"first"
+    assert spool.in_flight == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_shed_oldest_by_bytes(tmp_path: Path, make_spool: Any) -> None:
+    metrics = Metrics()
+    spool = make_spool(tmp_path, config(max_bytes=250), metrics)
+    for i in range(4):
+        await spool.append(bytes([i]) * 100, 1.0)
+    assert spool.depth == 2
+    assert spool.backlog_bytes == 200
+    assert sample(metrics, "spamtrap_spool_bytes") == 200
+    assert shed_count(metrics, "full") == 2
+    assert [(await spool.get()).read()[:1] for _ in range(2)] == [b"\x02", b"\x03"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_shed_by_age_with_clock(tmp_path: Path, make_spool: Any) -> None:
+    metrics = Metrics()
+    clock = Clock()
+    clock.advance(1000)
+    spool = make_spool(tmp_path, config(max_age=60.0), metrics, clock)
+    a = await spool.append(b"a", 1000.0)
+    await spool.append(b"b", 1000.0)
+    await spool.append(b"c", 1030.0)
+    got = await spool.get()
+    assert got.key == a.key  # a is in flight now
+    clock.advance(59)  # the 1 s check runs; nothing is over 60 s old yet
+    assert spool.depth == 2
+    assert shed_count(metrics, "age") == 0
+    clock.advance(2)
+    assert spool.depth == 1  # b shed; a in flight is kept
+    assert shed_count(metrics, "age") == 1
+    assert (await spool.get()).read() == b"c"
+    clock.advance(30)
+    assert shed_count(metrics, "age") == 1  # c is in flight: never shed
+    assert got.read() == b"a"
+
+
+# -- acks and segments ----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ack_deletes_finished_segments(tmp_path: Path, make_spool: Any) -> None:
+    # One 80-byte record per segment.
+    spool = make_spool(tmp_path, config(segment_bytes=100))
+    r1, r2, r3 = [(await spool.append(b"%d" % i * 60, 1.0)) for i in (1, 2, 3)]
+    assert segment_files(tmp_path) == [name(r1), name(r2), name(r3)]
+    spool.ack(await spool.get())  # r1
+    # The append after the ack is the sync point: deletes are done first.
+    r4 = await spool.append(b"4" * 60, 1.0)
+    assert segment_files(tmp_path) == [name(r2), name(r3), name(r4)]
+    e2 = await spool.get()
+    e3 = await spool.get()
+    spool.ack(e3)
+    r5 = await spool.append(b"5" * 60, 1.0)
+    # r3's segment is done; r2 is still in flight, r4 and r5 unprocessed.
+    assert segment_files(tmp_path) == [name(r2), name(r4), name(r5)]
+    spool.ack(e2)
+    spool.ack(await spool.get())  # r4
+    e5 = await spool.get()
+    spool.ack(e5)
+    await spool.stop()
+    # Everything acked: even the last segment goes once it is sealed at stop.
+    assert segment_files(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_acks_reach_the_file_without_an_append(tmp_path: Path, make_spool: Any) -> None:
+    # Acks wait for an append to share the writer's wake-up with, but not
+    # for longer than ACK_DELAY.
+    from twisted.internet import reactor
+
+    spool = make_spool(tmp_path)
+    first = await spool.append(b"a", 1.0)
+    await spool.append(b"b", 1.0)
+    await spool.get()
+    spool.ack(first)
+    ack_file = tmp_path / os.path.basename(first.path).replace(".log", ".ack")
+    # The writer thread times ACK_DELAY on the monotonic clock, which no
+    # Clock can drive: poll the file, with a deadline (100 polls).
+    for _ in range(100):
+        if ack_file.exists() and ack_file.read_bytes():
+            break
+        await deferLater(reactor, ACK_DELAY / 4, lambda: None)
+    assert ack_file.read_bytes() == b"%d\n" % first.offset
+
+
+@pytest_twisted.ensureDeferred
+async def test_ack_keys_acks_queued_and_handed_out_entries(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    a, b, c = [await spool.append(p, 1.0) for p in (b"a", b"b", b"c")]
+    handed = await spool.get()
+    assert handed.key == a.key
+    spool.ack_keys([a.key, c.key, (999, 0), c.key])  # c never handed out; 999 unknown
+    assert spool.in_flight == 0 and spool.depth == 1
+    assert (await spool.get()).read() == b"b"
+    await spool.stop()
+    _, recovered = recover(tmp_path)
+    assert [e.key for e in recovered] == [b.key]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ack_is_idempotent(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    await spool.append(b"a", 1.0)
+    await spool.append(b"b", 1.0)
+    entry = await spool.get()
+    spool.ack(entry)
+    spool.ack(entry)
+    assert spool.in_flight == 0
+    assert spool.depth == 1  # the second ack did not take b with it
+
+
+# -- recovery -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_recovery_after_crash(tmp_path: Path, make_spool: Any) -> None:
+    first = make_spool(tmp_path)
+    for i in range(5):
+        await first.append(b"m%d" % i, 100.0 + i)
+    acked = await first.get()
+    handed_out = await first.get()  # in flight, never acked
+    first.ack(acked)
+    await first.append(b"m5", 105.0)  # the ack reaches the file before this fires
+    old_segments = segment_files(tmp_path)
+    old_sizes = {n: (tmp_path / n).stat().st_size for n in old_segments}
+
+    # No stop(): a second spool on the same directory is the restart.
+    die(first)
+    metrics = Metrics()
+    second = make_spool(tmp_path, metrics=metrics)
+    assert second.depth == 5
+    assert sample(metrics, "spamtrap_spool_recovered_total") == 5
+    assert sample(metrics, "spamtrap_spool_depth") == 5
+    got = [(await second.get()) for _ in range(5)]
+    assert [e.read() for e in got] == [b"m1", b"m2", b"m3", b"m4", b"m5"]
+    assert got[0].key == handed_out.key
+    assert [e.received_at for e in got] == [101.0, 102.0, 103.0, 104.0, 105.0]
+    # Appends after recovery go to a new segment; the old ones are untouched.
+    new = await second.append(b"new", 106.0)
+    assert name(new) not in old_segments
+    assert {n: (tmp_path / n).stat().st_size for n in old_segments} == old_sizes
+
+
+@pytest_twisted.ensureDeferred
+async def test_recovery_after_clean_stop_and_fully_acked_cleanup(
+    tmp_path: Path, make_spool: Any
+) -> None:
+    first = make_spool(tmp_path, config(segment_bytes=100))
+    pending = [first.append(b"%d" % i * 60, 1.0) for i in range(4)]
+    await first.stop()  # commits the pending appends
+    entries = await defer.gatherResults(pending)
+    assert len(segment_files(tmp_path)) == 4
+    second = make_spool(tmp_path, config(segment_bytes=100))
+    spool_entries = [(await second.get()) for _ in range(4)]
+    assert [e.key for e in spool_entries] == [e.key for e in entries]
+    for e in spool_entries[:3]:
+        second.ack(e)
+    await second.stop()
+    third = make_spool(tmp_path, config(segment_bytes=100))
+    assert third.depth == 1
+    assert segment_files(tmp_path) == [name(entries[3])]
+
+
+def write_records(directory: Path, payloads: list[bytes]) -> None:
+    reactor = ThreadCalls()
+    spool = Spool(str(directory), config(fsync=False), Metrics(), reactor, Clock())
+    spool.start()
+    reactor.wait(defer.gatherResults([spool.append(p, 1.0) for p in payloads]))
+    reactor.wait(spool.stop())
+
+
+def recover(directory: Path) -> tuple[Spool, list[SpoolEntry]]:
+    reactor = ThreadCalls()
+    spool = Spool(str(directory), config(fsync=False), Metrics(), reactor, Clock())
+    spool.start()
+    entries = [reactor.wait(spool.get()) for _ in range(spool.depth)]
+    reactor.wait(spool.stop())
+    return spool, entries
+
+
+# Three records of 120 bytes each: the third starts at 240 and ends at 360.
+@pytest.mark.parametrize(
+    ("keep", "extra", "survivors"),
+    [
+        pytest.param(300, b"", 2, id="truncated-payload"),
+        pytest.param(247, b"", 2, id="truncated-header"),
+        pytest.param(360, b"\0" * 4096, 3, id="zero-filled-tail"),
+        pytest.param(360, HEADER.pack(b"SPR1", 0xFFFFFFF0, 1, 0) + b"junk", 3, id="huge-length"),
+        pytest.param(360, HEADER.pack(b"SPR1", 4, 1, 0) + b"junk", 3, id="bad-crc-tail"),
+    ],
+)
+def test_torn_tail_is_ignored(tmp_path: Path, keep: int, extra: bytes, survivors: int) -> None:
+    payloads = [b"a" * 100, b"b" * 100, b"c" * 100]
+    write_records(tmp_path, payloads)
+    (segment,) = tmp_path.glob("seg-*.log")
+    assert segment.stat().st_size == 360
+    with open(segment, "r+b") as f:
+        f.truncate(keep)
+        f.seek(keep)
+        f.write(extra)
+    _, entries = recover(tmp_path)
+    assert [e.read() for e in entries] == payloads[:survivors]
+
+
+def test_corrupt_crc_ends_scan_and_read_detects_it(tmp_path: Path) -> None:
+    write_records(tmp_path, [b"a" * 100, b"b" * 100, b"c" * 100])
+    reactor = ThreadCalls()
+    spool = Spool(str(tmp_path), config(fsync=False), Metrics(), reactor, Clock())
+    spool.start()
+    entries = [reactor.wait(spool.get()) for _ in range(3)]
+    reactor.wait(spool.stop())
+    # Flip one payload byte of the second record.
+    with open(entries[1].path, "r+b") as f:
+        f.seek(entries[1].offset + HEADER.size + 10)
+        f.write(b"X")
+    assert entries[0].read() == b"a" * 100
+    with pytest.raises(SpoolError, match="CRC"):
+        entries[1].read()
+    _, recovered = recover(tmp_path)
+    assert [e.read() for e in recovered] == [b"a" * 100]
+
+
+def test_read_of_missing_segment_is_spool_error(tmp_path: Path) -> None:
+    entry = SpoolEntry(1, 0, 5, 1.0, str(tmp_path / "seg-0000000000000001.log"))
+    with pytest.raises(SpoolError):
+        entry.read()
+
+
+def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
+    """A real process appends until killed; every append that fired (a 250)
+    must be recovered."""
+    child = """
+import sys
+from twisted.internet import reactor
+from spamtrap.config import SpoolConfig
+from spamtrap.metrics import Metrics
+from spamtrap.work.spool import Spool
+
+spool = Spool(sys.argv[1], SpoolConfig(commit_interval=0, segment_bytes=4096), Metrics(), reactor)
+spool.start()
+
+def done(entry, i):
+    sys.stdout.write("%d\\n" % i)
+    sys.stdout.flush()
+
+def more(i):
+    for j in range(i, i + 20):
+        spool.append(b"message %d " % j + b"x" * (j % 300), 1.0).addCallback(done, j)
+    reactor.callLater(0.001, more, i + 20)
+
+reactor.callWhenRunning(more, 0)
+reactor.run()
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(spamtrap.__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(tmp_path)], stdout=subprocess.PIPE, env=env
+    )
+    assert proc.stdout is not None
+    acknowledged: set[int] = set()
+    try:
+        while len(acknowledged) < 300:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.add(int(line))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(acknowledged) >= 300, "the child process did not get going"
+    _, entries = recover(tmp_path)
+    recovered = [e.read() for e in entries]
+    for i in acknowledged:
+        assert b"message %d " % i + b"x" * (i % 300) in recovered
+    # Order on disk is append order.
+    numbers = [int(p.split()[1]) for p in recovered]
+    assert numbers == sorted(numbers)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=25),
+    segment_bytes=st.sampled_from([64, 600, 1 << 20]),
+    data=st.data(),
+)
+def test_recovery_returns_exactly_the_unacked(
+    payloads: list[bytes], segment_bytes: int, data: st.DataObject
+) -> None:
+    acked = data.draw(st.sets(st.sampled_from(range(len(payloads))))) if payloads else set()
+    cfg = config(fsync=False, segment_bytes=segment_bytes)
+    with tempfile.TemporaryDirectory() as directory:
+        reactor = ThreadCalls()
+        first = Spool(directory, cfg, Metrics(), reactor, Clock())
+        first.start()
+        appends = [first.append(p, 1000.0 + i) for i, p in enumerate(payloads)]
+        reactor.wait(defer.gatherResults(appends))
+        entries = [reactor.wait(first.get()) for _ in payloads]
+        for i in sorted(acked):
+            first.ack(entries[i])
+        # A marker append is the sync point for the acks. The first spool
+        # must let go of the directory before another opens it (the kill -9
+        # test covers a real crash).
+        reactor.wait(first.append(b"marker", 2000.0))
+        reactor.wait(first.stop())
+
+        second = Spool(directory, cfg, Metrics(), reactor, Clock())
+        second.start()
+        recovered = [reactor.wait(second.get()) for _ in range(second.depth)]
+        expected = [(p, 1000.0 + i) for i, p in enumerate(payloads) if i not in acked]
+        assert [(e.read(), e.received_at) for e in recovered] == expected + [(b"marker", 2000.0)]
+        reactor.wait(second.stop())
+
+
+# -- errors and stopping --------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_error_errbacks_and_next_append_uses_a_new_segment(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = make_spool(tmp_path)
+    before = await spool.append(b"before", 1.0)
+    real_write = os.write
+
+    def torn_write(fd: int, data: Any) -> int:
+        if bytes(data[:4]) != b"SPR1":
+            return real_write(fd, data)  # not ours: the reactor's waker, say
+        real_write(fd, bytes(data[:7]))  # part of a header, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", torn_write)
+    with pytest.raises(SpoolError, match="No space"):
+        await spool.append(b"lost", 1.0)
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    after = await spool.append(b"after", 1.0)
+    assert after.seq > before.seq
+    assert spool.depth == 2
+    assert [(await spool.get()).read() for _ in range(2)] == [b"before", b"after"]
+    # Recovery finds both despite the torn record in the first segment.
+    await spool.stop()
+    _, entries = recover(tmp_path)
+    assert [e.read() for e in entries] == [b"before", b"after"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_disk_is_reported_until_a_write_succeeds(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    spool = make_spool(tmp_path, clock=clock)
+    await spool.append(b"before", clock.seconds())
+    assert spool.write_failure is None
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        if bytes(data[:4]) != b"SPR1":
+            return real_write(fd, data)  # not ours: the reactor's waker, say
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", full)
+    for _ in range(3):
+        clock.advance(5)
+        with pytest.raises(SpoolError):
+            await spool.append(b"lost", clock.seconds())
+    # Since the first failure, not the last.
+    assert spool.write_failure == ("No space left on device", 1_700_000_005)
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    await spool.append(b"after", clock.seconds())
+    assert spool.write_failure is None
+    # What is on disk and not done: both messages, one handed out, none acked.
+    entry = await spool.get()
+    assert (spool.depth, spool.in_flight, spool.remaining) == (1, 1, 2)
+    spool.ack(entry)
+    await spool.stop()
+    assert spool.remaining == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_commits_pending_then_refuses(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    waiting_get = spool.get()
+    pending = spool.append(b"pending", 1.0)
+    await spool.stop()
+    assert pending.called  # committed before stop fired
+    entry = await pending
+    assert entry.read() == b"pending"
+    with pytest.raises(SpoolError):
+        await waiting_get  # or it would hang forever
+    with pytest.raises(SpoolError):
+        await spool.append(b"late", 1.0)
+    with pytest.raises(SpoolError):
+        await spool.get()
+    await spool.stop()  # a second stop is harmless
+
+
+def test_append_before_start_fails(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path), config(), Metrics(), ThreadCalls(), Clock())
+    failures: list[Failure] = []
+    spool.append(b"x", 1.0).addErrback(failures.append)
+    assert len(failures) == 1
+    assert failures[0].check(SpoolError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_get_does_not_lose_an_entry(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    cancelled = spool.get()
+    waiting = spool.get()
+    cancelled.cancel()
+    with pytest.raises(CancelledError):
+        await cancelled
+    await spool.append(b"a", 1.0)
+    await spool.append(b"b", 1.0)
+    assert (await waiting).read() == b"a"
+    # b is still queued for the next consumer.
+    assert spool.depth == 1
+    assert spool.in_flight == 1
+    assert (await spool.get()).read() == b"b"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spool_in_use_cannot_be_opened_twice(tmp_path: Path, make_spool: Any) -> None:
+    first = make_spool(tmp_path)
+    with pytest.raises(SpoolError, match="in use by another process"):
+        make_spool(tmp_path)
+    await first.stop()
+    second = make_spool(tmp_path)  # free again after a clean stop
+    assert second.depth == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_hands_out_a_batch_without_waiting(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    for i in range(5):
+        await spool.append(b"m%d" % i, 1.0)
+    batch = spool.take(3)
+    assert [e.read() for e in batch] == [b"m0", b"m1", b"m2"]
+    assert spool.depth == 2 and spool.in_flight == 3
+    assert [e.read() for e in spool.take(10)] == [b"m3", b"m4"]
+    assert spool.take(10) == []
+    for e in batch:
+        spool.ack(e)
+    assert spool.in_flight == 2
