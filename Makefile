@@ -3,12 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
-# Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin, HAProxy.
+# Debian packages the tests use: real SMTP tools, Redis, ClamAV, SpamAssassin, HAProxy,
+# pyzord (pyzor; python3-gdbm for its gdbm engine), Chromium (the dashboard in a browser).
 DEBS := swaks curl postfix redis-server clamav-daemon clamav spamassassin spamc spamd haproxy \
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	python3-wheel lintian procmail mutt tmux
+	python3-wheel lintian procmail mutt tmux chromium pyzor python3-gdbm
 
-.PHONY: run test lint deps venv debs exim bench clean check-config
+.PHONY: run test test-unit lint deps venv debs exim bench clean check-config
 
 $(VENV)/.stamp: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,10 @@ test: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy spamtrap twisted/plugins
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit layer alone: no sockets, no processes, no Debian packages (docs/testing.md).
+test-unit: venv
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

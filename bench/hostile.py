@@ -36,7 +36,7 @@ PROBE_INTERVAL = 0.05
 def hostile_corpus(n: int) -> list[tuple[str, bytes]]:
     """(envelope sender, message): half blank-line runs from postmaster@,
     half the other worst shapes, each about 32 KiB."""
-    from tests.unit.test_hostile_content import HEAD, shapes
+    from tests.support.hostile import HEAD, shapes
 
     blank = HEAD + b"\r\n" + b"\n" * (32 * 1024)
     others = [data for _, data in shapes(32 * 1024)]

@@ -18,9 +18,10 @@ import time
 from typing import Any
 
 from spamtrap.bundle import mbox
-from spamtrap.config import Config, FeedConfig, ListRule, SetConfig
+from spamtrap.config import FeedConfig, ListRule, SetConfig
 from spamtrap.filters.registry import build_stages
 from spamtrap.message import Envelope
+from spamtrap.testing import config
 from spamtrap.work.collate import Collator
 from spamtrap.work.pipeline import evaluate
 from tests.support.corpus import corpus_paths, envelope_sender, load_message
@@ -44,14 +45,16 @@ def corpus_envelopes() -> list[Envelope]:
 
 
 def pipeline() -> tuple[Any, Collator]:
-    cfg = Config(node="bench")
-    cfg.traps.domains = ["trap.example"]
-    cfg.feeds = [FeedConfig(id="donor", address="donor@feeds.trap.example")]
-    cfg.filters.lists.rules = [
-        ListRule("retired", re.compile("<retired@trap\\.example>", re.I), meta="rcpt"),
-        ListRule("newsletter", re.compile("news\\.example\\.org", re.I), header="List-Id"),
-    ]
-    cfg.sets = [SetConfig(name="all")]
+    cfg = config(
+        node="bench",
+        traps__domains=["trap.example"],
+        feeds=[FeedConfig(id="donor", address="donor@feeds.trap.example")],
+        filters__lists__rules=[
+            ListRule("retired", re.compile("<retired@trap\\.example>", re.I), meta="rcpt"),
+            ListRule("newsletter", re.compile("news\\.example\\.org", re.I), header="List-Id"),
+        ],
+        sets=[SetConfig(name="all")],
+    )
     return build_stages(cfg, reactor=None), Collator(cfg.sets)
 
 

@@ -1,7 +1,9 @@
 """spamtrap's benchmarks, side by side with the reference servers in one run.
 
     python -m bench.run [intake] [multiproc] [hold] [hold_many] [rss] [latency] [e2e]
-                        [redis_workers] [faults] [hostile] [--quick]
+                        [redis_workers] [faults] [hostile] [cpu] [dashboard] [campaigns]
+                        [outputs]
+                        [--quick] [--profile]
 
 With no scenario names, all run. Results print as Markdown and are saved to
 bench/out/<scenario>.json. Every load is bounded in count and time, and only
@@ -527,6 +529,22 @@ def hostile() -> None:
     hostile_bench.main()
 
 
+def campaigns() -> None:
+    """Campaign assignment: µs per message, quality on a labelled synthetic
+    set, and the clusters of the SpamAssassin corpus spam-2 (issue 14)."""
+    from bench import campaigns as campaign_bench
+
+    save("campaigns", campaign_bench.main(quick=QUICK))
+
+
+def outputs() -> None:
+    """Intake with three outputs on (one blackholed) against outputs off,
+    and each output's own msg/s (issue 13)."""
+    from bench import outputs_bench
+
+    save("outputs", outputs_bench.main(quick=QUICK))
+
+
 SCENARIOS = {
     "intake": intake,
     "multiproc": multiproc,
@@ -540,6 +558,8 @@ SCENARIOS = {
     "redis_workers": redis_workers,
     "faults": faults,
     "hostile": hostile,
+    "campaigns": campaigns,
+    "outputs": outputs,
 }
 
 
@@ -551,6 +571,16 @@ def main() -> None:
             import importlib
 
             importlib.import_module("bench.e2e").main(quick=QUICK)
+            continue
+        if name == "dashboard":
+            from bench import dashboard
+
+            save("dashboard", dashboard.main(quick=QUICK))
+            continue
+        if name == "cpu":
+            from bench import cpu
+
+            save("cpu", cpu.main(quick=QUICK, profile="--profile" in sys.argv))
             continue
         SCENARIOS[name]()
 

@@ -238,9 +238,11 @@ class Store(Protocol):
         (``open_download`` answers ``LocalFile``) rather than redirecting."""
         ...
 
-    def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
-        """Store the file at ``path`` under ``key``, then the manifest (the
-        commit marker) under ``manifest_key(key)``. The caller keeps ``path``."""
+    def put(self, key: str, path: str, manifest: bytes, index: str | None = None) -> Deferred[None]:
+        """Store the file at ``path`` under ``key``, then the bundle's index
+        (the file at ``index``, if given) under ``index_key(key)``, then the
+        manifest (the commit marker) under ``manifest_key(key)``. The caller
+        keeps its files."""
         ...
 
     def url(self, key: str) -> str | None:
@@ -291,7 +293,8 @@ if TYPE_CHECKING:
     from spamtrap.store.local import LocalStore
     from spamtrap.store.s3 import S3Store
     from spamtrap.work.pipeline import Pipeline, Token
-    from spamtrap.work.queue import QueueIntake, QueueSource, StreamEntry
+    from spamtrap.work.queue import QueueIntake
+    from spamtrap.work.queue_source import QueueSource, StreamEntry
     from spamtrap.work.spool import Spool, SpoolEntry, SpoolIntake
 
     def _implementations_conform(

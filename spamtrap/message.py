@@ -57,6 +57,7 @@ META_FIELDS: dict[str, str] = {
     "timing": "X-Spamtrap-Timing",
     "line_ends": "X-Spamtrap-Line-Ends",
     "spoofed": "X-Spamtrap-Spoofed",
+    "campaign": "X-Spamtrap-Campaign",
 }
 
 
@@ -321,24 +322,17 @@ class Envelope:
     # header_block escapes each and folds with its line end. The last piece
     # starts "for <" (split_block relies on it).
     received: list[str] = field(default_factory=list)
-    # The same joined by CRLF+TAB, for reading and for older callers; one
-    # that sets only this (or changes it) has it split at CRLF+TAB.
-    received_line: str = ""
     # (data, line ends, spoofed names) of the last data looked at: stages
     # replace data, so it is recomputed when data is another object.
     _facts: tuple[bytes, str, str | None] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
-    def __post_init__(self) -> None:
-        if self.received and not self.received_line:
-            self.received_line = _FOLD.join(self.received)
-
-    def received_pieces(self) -> list[str]:
-        """The trap-hop Received pieces, following any change of received_line."""
-        if self.received and _FOLD.join(self.received) == self.received_line:
-            return self.received
-        return self.received_line.split(_FOLD) if self.received_line else []
+    @property
+    def received_line(self) -> str:
+        """The trap-hop Received line as one value: its pieces joined by
+        CRLF+TAB (unescaped; header_block writes the escaped field)."""
+        return _FOLD.join(self.received)
 
     def _data_facts(self) -> tuple[bytes, str, str | None]:
         facts = self._facts
@@ -379,9 +373,8 @@ class Envelope:
             if name.startswith("x_"):
                 header = "X-Spamtrap-" + "-".join(p.capitalize() for p in name.split("_"))
                 lines.extend(f"{header}: {escape_value(v)}{eol}" for v in values)
-        pieces = self.received_pieces()
-        if pieces:
-            folded = (eol + "\t").join(map(escape_value, pieces))
+        if self.received:
+            folded = (eol + "\t").join(map(escape_value, self.received))
             lines.append(f"Received: {folded}{eol}")
         return "".join(lines).encode("utf-8", "surrogateescape")
 
@@ -416,7 +409,7 @@ class Envelope:
                 "rcpts": self.rcpts,
                 "feed": self.feed,
                 "meta": self.meta,
-                "received": self.received_pieces(),
+                "received": self.received,
             }
         ).encode("utf-8", "surrogateescape")
         return b"%d\n" % len(head) + head + self.data

@@ -84,6 +84,23 @@ class Metrics:
             ["set"],
             registry=r,
         )
+        # Campaigns (spamtrap/work/campaign.py)
+        self.campaigns_new = Counter(
+            "spamtrap_campaigns_new",
+            "Campaigns started: messages that matched no campaign remembered",
+            registry=r,
+        )
+        self.campaigns_tracked = Gauge(
+            "spamtrap_campaigns_tracked",
+            "Campaigns remembered now (bounded by campaigns.max_campaigns)",
+            registry=r,
+        )
+        self.campaign_sampled_out = Counter(
+            "spamtrap_campaign_sampled_out",
+            "Messages left out of a bundle that held per_campaign_cap of their campaign",
+            ["set"],
+            registry=r,
+        )
         self.bundles = Counter(
             "spamtrap_bundles", "Bundles finalised and stored", ["set"], registry=r
         )
@@ -92,6 +109,25 @@ class Metrics:
         )
         self.store_errors = Counter(
             "spamtrap_store_errors", "Failed attempts to store a bundle", ["set"], registry=r
+        )
+        # Local store retention (store.retention)
+        self.retention_deleted = Counter(
+            "spamtrap_retention_deleted",
+            "Bundles (with index and manifest) deleted from the local store by"
+            " store.retention: older than max_age (age) or to stay under max_bytes (bytes)",
+            ["reason"],
+            registry=r,
+        )
+        self.retention_deleted_bytes = Counter(
+            "spamtrap_retention_deleted_bytes",
+            "Bytes deleted from the local store by store.retention",
+            ["reason"],
+            registry=r,
+        )
+        self.store_bytes = Gauge(
+            "spamtrap_store_bytes",
+            "Disk use of the local store (bundles, indexes, manifests) with retention on",
+            registry=r,
         )
         self.bundles_open = Gauge(
             "spamtrap_bundles_open", "Bundles open for writing", ["set"], registry=r
@@ -196,6 +232,53 @@ class Metrics:
         )
         self.queue_errors = Counter(
             "spamtrap_queue_errors", "Failed Redis calls, by operation", ["op"], registry=r
+        )
+
+        # Per-message outputs (spamtrap/outputs/, docs/outputs.md)
+        self.output_sent = Counter(
+            "spamtrap_output_sent", "Messages an output delivered", ["output"], registry=r
+        )
+        self.output_failed = Counter(
+            "spamtrap_output_failed",
+            "Failed sends, temporary (retried) and permanent (dropped), by reason",
+            ["output", "reason"],
+            registry=r,
+        )
+        self.output_dropped = Counter(
+            "spamtrap_output_dropped",
+            "Messages an output gave up on after a permanent failure",
+            ["output"],
+            registry=r,
+        )
+        self.output_shed = Counter(
+            "spamtrap_output_shed",
+            "Oldest queued messages dropped unsent: the output's queue was full or too old",
+            ["output"],
+            registry=r,
+        )
+        self.output_queue_depth = Gauge(
+            "spamtrap_output_queue_depth",
+            "Messages in an output's queue, waiting or being sent",
+            ["output"],
+            registry=r,
+        )
+        self.output_oldest_age = Gauge(
+            "spamtrap_output_oldest_age_seconds",
+            "Seconds the oldest message in an output's queue has waited (0: empty)",
+            ["output"],
+            registry=r,
+        )
+        self.output_queue_commits = Counter(
+            "spamtrap_output_queue_commits",
+            "Group commits (fsyncs) of an output's queue",
+            ["output"],
+            registry=r,
+        )
+        self.output_queue_recovered = Counter(
+            "spamtrap_output_queue_recovered",
+            "Messages found in an output's queue at start",
+            ["output"],
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -16,6 +16,10 @@ threads, and can look at what was done:
     A ``WorkSource`` over a list of records, for the pipeline.
 ``manifest_for``
     A valid ``Manifest`` for a bundle key and its bytes.
+``config``
+    A frozen ``Config`` with some keys changed, nested keys joined by
+    ``__``: ``config(traps__catch_all=True, smtp__rdns=True)``; pass a
+    config first to change that one instead of the defaults.
 
 Put the web layer on a ``MemoryStore`` and drive its resource tree
 (``spamtrap.web.make_root``) with ``treq.testing.StubTreq``::
@@ -27,17 +31,19 @@ Put the web layer on a ``MemoryStore`` and drive its resource tree
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from spamtrap.bundle.manifest import Manifest
+from spamtrap.config import Config
 from spamtrap.errors import SourceStoppedError, WorkSourceError
 from spamtrap.interfaces import EntryKey
 from spamtrap.store import (
@@ -47,11 +53,12 @@ from spamtrap.store import (
     Download,
     Redirect,
     StoreClosedError,
+    index_key,
     manifest_key,
     valid_set_name,
 )
 
-__all__ = ["ListEntry", "ListWorkSource", "MemoryStore", "SyncPool", "manifest_for"]
+__all__ = ["ListEntry", "ListWorkSource", "MemoryStore", "SyncPool", "config", "manifest_for"]
 
 
 # -- the pool ------------------------------------------------------------------
@@ -104,8 +111,8 @@ class SyncPool:
 class MemoryStore:
     """A ``Store`` in a dict, from key to bytes.
 
-    ``put`` reads the file at once (the caller keeps it), then records the
-    manifest, as real stores commit it last. ``url(key)`` is
+    ``put`` reads the file (and its index) at once (the caller keeps
+    them), then records the manifest, as real stores commit it last. ``url(key)`` is
     ``base_url/key`` when ``base_url`` is given (public by key, as S3 is),
     and ``open_download`` redirects there for a stored key.
 
@@ -145,13 +152,16 @@ class MemoryStore:
     def url(self, key: str) -> str | None:
         return f"{self.base_url}/{key}" if self.base_url else None
 
-    def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
+    def put(self, key: str, path: str, manifest: bytes, index: str | None = None) -> Deferred[None]:
         if self.closed:
             return fail(StoreClosedError("memory store is closed"))
         try:
             _check_bundle_key(key)
             with open(path, "rb") as f:
                 data = f.read()
+            if index is not None:
+                with open(index, "rb") as f:
+                    self.objects[index_key(key)] = f.read()
         except (OSError, ValueError) as e:
             return fail(e)
         self.puts.append(key)
@@ -335,6 +345,53 @@ class ListWorkSource:
         self._next += 1
         self._handed_out.add(entry.index)
         return entry
+
+
+# -- configs -------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    _D = TypeVar("_D", bound=DataclassInstance)
+
+
+@overload
+def config(base: None = None, /, **changes: object) -> Config: ...
+
+
+@overload
+def config(base: _D, /, **changes: object) -> _D: ...
+
+
+def config(base: object = None, /, **changes: object) -> object:
+    """``base`` (else ``Config()``) with ``changes``, a frozen config's way
+    of being set up: a key names a field, ``__`` joins the names of nested
+    ones. ``config(cfg, smtp__timeouts__data=5.0, sets=[SetConfig("all")])``
+    is ``cfg`` with those two changed; ``config(set_config, token="t")``
+    changes any section the same way. An unknown name is an error. Values
+    are taken as they are, unchecked: to check YAML as a file would be,
+    use ``spamtrap.config.parse_config``."""
+    section = Config() if base is None else base
+    if not dataclasses.is_dataclass(section) or isinstance(section, type):
+        raise TypeError(f"not a config section: {section!r}")
+    return _replaced(section, changes)
+
+
+def _replaced(obj: _D, changes: dict[str, object]) -> _D:
+    direct: dict[str, object] = {}
+    nested: dict[str, dict[str, object]] = {}
+    for key, value in changes.items():
+        name, joined, rest = key.partition("__")
+        if joined:
+            nested.setdefault(name, {})[rest] = value
+        else:
+            direct[name] = value
+    for name, inner in nested.items():
+        if name not in {f.name for f in dataclasses.fields(obj)}:
+            raise TypeError(f"{type(obj).__name__} has no field {name!r}")
+        section = cast("DataclassInstance", direct.get(name, getattr(obj, name)))
+        direct[name] = _replaced(section, inner)
+    return dataclasses.replace(obj, **direct)
 
 
 if TYPE_CHECKING:

@@ -37,14 +37,18 @@ from spamtrap.bundle.manifest import Manifest
 from spamtrap.config import Config, SetConfig
 from spamtrap.interfaces import Store
 from spamtrap.metrics import Metrics
-from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, LocalFile, Redirect
+from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, LocalFile, Redirect, index_key
 from spamtrap.store.published import download_url
 
 _log = Logger()
 
 # Key suffix -> Content-Type. Never Content-Encoding: gzip for a bundle, or
 # HTTP clients would silently gunzip the very file whose sha256 is published.
-CONTENT_TYPES = {".mbox.gz": b"application/gzip", ".json": b"application/json"}
+CONTENT_TYPES = {
+    ".mbox.gz": b"application/gzip",
+    ".json": b"application/json",
+    ".index.jsonl": b"application/x-ndjson",
+}
 IMMUTABLE = b"public, max-age=31536000, immutable"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 TEXT_TYPE = b"text/plain; charset=utf-8"
@@ -59,12 +63,15 @@ spamtrap: a spam trap's bundle server.
 
 GET /bundles/<set>/<name>.mbox.gz  a bundle of trapped spam (gzipped mboxrd)
 GET /bundles/<set>/<name>.json     its manifest (size, sha256, messages, period)
+GET /bundles/<set>/<name>.index.jsonl  its index, one JSON line per message
 GET /bundles/<set>/                the set's manifests, newest first
                                    (needs Authorization: Bearer <token>)
 GET /feeds/<set>?since=C&limit=N   the set's bundles after cursor C, newest
                                    first, with the next cursor (same token)
 GET /metrics                       Prometheus metrics
 GET /healthz                       health as JSON; 503 when not ok
+GET /dashboard                     the live dashboard (unless http.dashboard
+                                   is off; with token, ?token=<token>)
 """
 
 
@@ -73,9 +80,11 @@ def make_root(
     config: Config,
     metrics: Metrics,
     health: Callable[[], dict[str, Any]],
+    dashboard: resource.Resource | None = None,
 ) -> resource.Resource:
     """The resource tree of the HTTP service (what ``make_site`` serves,
-    and what tests drive with ``treq.testing.StubTreq``)."""
+    and what tests drive with ``treq.testing.StubTreq``); ``dashboard``
+    (spamtrap.dashboard) is mounted at /dashboard when given."""
     root = _Page()
     children: dict[bytes, resource.Resource] = {
         b"": _Index(),
@@ -84,6 +93,8 @@ def make_root(
         b"metrics": _Metrics(metrics),
         b"healthz": _Health(health),
     }
+    if dashboard is not None:
+        children[b"dashboard"] = dashboard
     for name, child in children.items():
         # Without mypy-zope, mypy does not know a Resource is an IResource.
         root.putChild(name, child)  # type: ignore[arg-type]
@@ -96,10 +107,11 @@ def make_site(
     metrics: Metrics,
     health: Callable[[], dict[str, Any]],
     reactor: Any,
+    dashboard: resource.Resource | None = None,
 ) -> server.Site:
     """The whole HTTP service over ``store``, whose listings run in the
     store's own pool."""
-    site = _Site(make_root(store, config, metrics, health), reactor=reactor)
+    site = _Site(make_root(store, config, metrics, health, dashboard), reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory" log line per listen
     return site
@@ -226,10 +238,17 @@ class _SetPages(_Page):
         notices use too (:func:`spamtrap.store.published.download_url`): the
         store's own (S3) if it has one, else this server's for the local
         store, else None (an S3 store without a URL for the key: a
-        download here would only redirect to that missing URL)."""
+        download here would only redirect to that missing URL). A bundle
+        with an index gets its ``index_url`` by the same rule."""
         key = manifest.key
         url = download_url(key, self._store.url(key), self._public_url, self._store.served_by_web)
-        return {**manifest.to_dict(), "url": url}
+        doc: dict[str, object] = {**manifest.to_dict(), "url": url}
+        if manifest.index is not None:
+            ikey = index_key(key)
+            doc["index_url"] = download_url(
+                ikey, self._store.url(ikey), self._public_url, self._store.served_by_web
+            )
+        return doc
 
     def _answer_later(
         self,

@@ -10,6 +10,11 @@ existed and one stored after have the same manifest bytes.
 
 :meth:`Manifest.from_json` checks every field and raises
 :class:`ManifestError` naming the bundle key (when known) and the bad field.
+A bundle stored with an index (:mod:`spamtrap.bundle.index`) has two more
+keys after those: ``index``, the index's file name (the bundle's name with
+``.index.jsonl`` for ``.mbox.gz``), and ``index_sha256``. Both or neither;
+a manifest without them (every bundle stored before indexes) stays valid.
+
 Keys that a later format or another tool added are kept, in order, in
 ``extra`` and written back after the known ones, so reading and writing a
 manifest loses nothing.
@@ -22,6 +27,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from spamtrap.store import index_key
 
 MANIFEST_FORMAT = 1
 
@@ -37,6 +44,8 @@ FIELDS = (
     "last_received",
     "node",
 )
+# Optional, after FIELDS: the bundle's index (both or neither).
+INDEX_FIELDS = ("index", "index_sha256")
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _UTC_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
@@ -69,12 +78,18 @@ class Manifest:
     last_received: str
     node: str
     format: int = MANIFEST_FORMAT
+    # The index's file name and sha256; None for a bundle without one.
+    index: str | None = None
+    index_sha256: str | None = None
     # Keys beyond format 1, kept in their order: (name, JSON value).
     extra: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in the written order."""
         doc: dict[str, Any] = {name: getattr(self, name) for name in FIELDS}
+        if self.index is not None:
+            doc["index"] = self.index
+            doc["index_sha256"] = self.index_sha256
         doc.update(self.extra)
         return doc
 
@@ -129,6 +144,7 @@ class Manifest:
                 raise bad(name, f"expected a UTC time (2026-11-22T13:31:15Z), got {_kind(value)}")
         if doc["first_received"] > doc["last_received"]:
             raise bad("first_received", "later than last_received")
+        index, index_sha256 = _index_fields(doc, bad)
         return cls(
             format=fmt,
             set=doc["set"],
@@ -139,8 +155,35 @@ class Manifest:
             first_received=doc["first_received"],
             last_received=doc["last_received"],
             node=doc["node"],
-            extra=tuple((str(k), v) for k, v in doc.items() if k not in FIELDS),
+            index=index,
+            index_sha256=index_sha256,
+            extra=tuple(
+                (str(k), v) for k, v in doc.items() if k not in FIELDS and k not in INDEX_FIELDS
+            ),
         )
+
+
+def index_name(key: str) -> str:
+    """The file name of bundle ``key``'s index (no set directory)."""
+    return index_key(key).rsplit("/", 1)[-1]
+
+
+def _index_fields(doc: Mapping[str, Any], bad: Any) -> tuple[str | None, str | None]:
+    """``index`` and ``index_sha256`` of a checked manifest, or (None, None).
+    The name must be the bundle's own: readers fetch and write a file by it."""
+    present = [name for name in INDEX_FIELDS if name in doc]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        other = INDEX_FIELDS[1 - INDEX_FIELDS.index(present[0])]
+        raise bad(other, f"missing (the manifest has {present[0]})")
+    name, sha256 = doc["index"], doc["index_sha256"]
+    expected = index_name(doc["key"]) if str(doc["key"]).endswith(".mbox.gz") else None
+    if name != expected:
+        raise bad("index", f"expected {expected!r} for this key, got {_kind(name)}")
+    if not isinstance(sha256, str) or _SHA256_RE.fullmatch(sha256) is None:
+        raise bad("index_sha256", f"expected 64 lower-case hex digits, got {_kind(sha256)}")
+    return name, sha256
 
 
 def _is_int(value: object) -> bool:

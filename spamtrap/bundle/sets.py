@@ -3,7 +3,8 @@
 Each set keeps ``shards`` bundles open; every message goes to one of them at
 random, so one period yields several files instead of one file full of a
 single dictionary attack. A bundle is a single-member gzip file written to
-``WORK/<set>/<name>.part`` with a running sha256 of the compressed bytes. It
+``WORK/<set>/<name>.part`` with a running sha256 of the compressed bytes,
+and its index (one line per message, spamtrap.bundle.index) beside it. It
 uses ``zlib.compressobj`` with the gzip wrapper (wbits 31) rather than
 GzipFile: deflate dominates either way (measured within a few per cent,
 compressobj ahead), and compressobj hands us the compressed bytes to hash
@@ -13,8 +14,8 @@ A bundle is rotated when it reaches ``rotate.max_bytes`` compressed bytes
 (as written so far: deflate holds back a little), ``rotate.max_messages`` or
 ``rotate.max_age``. Rotation seals it (gzip trailer, fsync) in the store
 pool; then, in the reactor, the manifest is built and the store is asked to
-put the object and then the manifest. Only after that are the messages'
-tokens handed to ``on_stored`` (the caller acknowledges the spool), so a
+put the object, its index and then the manifest. Only after that are the
+messages' tokens handed to ``on_stored`` (the caller acknowledges the spool), so a
 crash at any point leaves the messages in the spool to be replayed: leftover
 ``.part`` files are deleted at start. Failed stores are retried with backoff
 and jitter (``store.retry_initial`` doubling to ``store.retry_max``) until
@@ -53,6 +54,9 @@ move and keeps the gauges in step. Two halves share the work:
   skipping, acknowledging and announcing. Its blocking file work (removing
   a ``.part``) goes to the same pool.
 
+``per_campaign_cap`` is counted per bundle under the shard's lock
+(spamtrap.bundle.campaign_cap).
+
 ``add_many`` compresses a batch's share of a shard in few calls: zlib
 releases the GIL on every call, and a worker that hands the GIL back and
 forth once per message costs the reactor (and itself) a thread switch each
@@ -75,12 +79,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from spamtrap.bundle.campaign_cap import CampaignCap
 from spamtrap.bundle.file import BundleFile as _Bundle
-from spamtrap.bundle.file import BundleWriteError, failure_reason, unlink_quietly
+from spamtrap.bundle.file import BundleWriteError, Item, failure_reason, unlink_quietly
 from spamtrap.bundle.manifest import Published
 from spamtrap.bundle.state import BundleState, Lifecycle
 from spamtrap.bundle.upload import Uploader
-from spamtrap.config import SetConfig, StoreConfig
+from spamtrap.config import RotateConfig, SetConfig, StoreConfig
+from spamtrap.interfaces import (
+    ReactorFromThreads,
+    ReactorTime,
+    WorkerReactor,
+    as_reactor_from_threads,
+    as_reactor_time,
+    pick_clock,
+)
+from spamtrap.latch import FailureLatch
 from spamtrap.metrics import Metrics
 from spamtrap.store import Store, bundle_key, valid_set_name
 
@@ -109,18 +123,24 @@ class ShardWriter:
         set_name: str,
         node: str,
         directory: str,
-        rotate_config: Any,
+        rotate_config: RotateConfig,
         shards: int,
         lifecycle: Lifecycle,
         metrics: Metrics,
-        reactor: Any,
+        reactor: ReactorFromThreads,
         pool: ThreadPool,
-        clock: Any,
+        clock: ReactorTime,
         rng: random.Random,
         on_sealed: Callable[[_Bundle], None],
         on_seal_failed: Callable[[_Bundle, Failure], None],
+        per_campaign_cap: int = 0,
     ) -> None:
         self._set = set_name
+        # One count per shard's bundle; None: no cap.
+        self._caps = (
+            [CampaignCap(per_campaign_cap) for _ in range(shards)] if per_campaign_cap else None
+        )
+        self._m_sampled = metrics.campaign_sampled_out.labels(set=set_name)
         self._node = node
         self.directory = directory
         self._rotate_config = rotate_config
@@ -138,44 +158,42 @@ class ShardWriter:
         self._m_dropped = metrics.bundles_dropped.labels(set=set_name, reason="write-error")
         # (why, since) while bundle writes or seals fail (a full disk):
         # health reports it. Set and cleared by any thread, under the lock.
-        self._failing: tuple[str, float] | None = None
-        self._failing_lock = threading.Lock()
+        self._failing = FailureLatch(clock)
 
     @property
     def write_failure(self) -> tuple[str, float] | None:
         """``(reason, since)`` while writing or sealing bundles fails, e.g.
         ``("No space left on device", <epoch seconds of the first
         failure>)``; None once a write reaches the disk again."""
-        return self._failing
+        return self._failing.failure
 
     def _write_failed(self, error: BaseException) -> None:
         """Any thread: remember the first failure of an outage."""
-        with self._failing_lock:
-            if self._failing is None:
-                self._failing = (failure_reason(error), self._clock.seconds())
+        self._failing.failed(failure_reason(error))
 
     def _write_succeeded(self) -> None:
         """Any thread: bytes reached the disk; log the end of an outage once."""
-        with self._failing_lock:
-            failing, self._failing = self._failing, None
-        if failing is not None:
-            why, since = failing
+        ended = self._failing.succeeded()
+        if ended is not None:
+            why, lasted = ended
             log.info(
                 "set {set}: bundle writes succeed again after {s:.0f}s of failures ({why})",
                 set=self._set,
-                s=self._clock.seconds() - since,
+                s=lasted,
                 why=why,
             )
 
-    def add(self, entry: bytes, received_at: float, token: Any) -> None:
+    def add(
+        self, entry: bytes, received_at: float, token: Any, fields: bytes | None = None
+    ) -> None:
         shard = self._rng.randrange(len(self.shards))
         with self._locks[shard]:
-            full = self._write_locked(shard, [(entry, received_at, token)])
+            full = self._write_locked(shard, [(entry, received_at, token, fields)])
         for bundle in full:
             self._seal_later(bundle)
 
-    def add_many(self, items: Sequence[tuple[bytes, float, Any]]) -> list[Any]:
-        groups: dict[int, list[tuple[bytes, float, Any]]] = {}
+    def add_many(self, items: Sequence[Item]) -> list[Any]:
+        groups: dict[int, list[Item]] = {}
         for item in items:
             groups.setdefault(self._rng.randrange(len(self.shards)), []).append(item)
         failed: list[Any] = []
@@ -196,7 +214,7 @@ class ShardWriter:
                 self._seal_later(bundle)
         return failed
 
-    def _chunk_length(self, shard: int, items: list[tuple[bytes, float, Any]]) -> int:
+    def _chunk_length(self, shard: int, items: list[Item]) -> int:
         """With the shard's lock held: how many of ``items`` to compress in
         one call. The chunk ends where the shard's bundle may be due to
         rotate: raw bytes bound the compressed growth, give or take
@@ -206,13 +224,13 @@ class ShardWriter:
         room = rc.max_messages - (bundle.messages if bundle is not None else 0)
         budget = min(rc.max_bytes - (bundle.size if bundle is not None else 0), CHUNK_BYTES)
         raw = 0
-        for n, (entry, _, _) in enumerate(items, 1):
-            raw += len(entry)
+        for n, item in enumerate(items, 1):
+            raw += len(item[0])
             if n >= room or raw >= budget:
                 return n
         return len(items)
 
-    def _write_locked(self, shard: int, items: list[tuple[bytes, float, Any]]) -> list[_Bundle]:
+    def _write_locked(self, shard: int, items: list[Item]) -> list[_Bundle]:
         """With the shard's lock held: write the items to the shard's bundle;
         returns it if it is now due to rotate (detached: seal it). Raises
         BundleWriteError (not logged: the caller decides) if the write fails."""
@@ -225,10 +243,14 @@ class ShardWriter:
             except OSError as e:
                 self._write_failed(e)
                 raise
-        failing = self._failing is not None
+        failing = self._failing.failure is not None
+        sampled: list[Any] = []  # tokens of entries over per_campaign_cap
+        if self._caps is not None:
+            items, sampled = self._caps[shard].split(bundle, items)
         try:
-            bundle.write_many(items)
-            if failing:
+            if items:
+                bundle.write_many(items)
+            if failing and items:
                 # Buffered and held back by deflate, a write "succeeds"
                 # without touching the disk: only bytes on it end an outage.
                 bundle.push()
@@ -245,11 +267,15 @@ class ShardWriter:
             except OSError:
                 pass  # the write error is the one to report
             raise BundleWriteError(
-                self._set, bundle.key, [t for _, _, t in items], earlier, e
+                self._set, bundle.key, [item[2] for item in items] + sampled, earlier, e
             ) from e
-        if failing:
+        if failing and items:
             self._write_succeeded()
         self._m_messages.inc(len(items))
+        if sampled:
+            # Acknowledged with the bundle that holds their campaign's first copies.
+            bundle.tokens.extend(sampled)
+            self._m_sampled.inc(len(sampled))
         rc = self._rotate_config
         if bundle.size < rc.max_bytes and bundle.messages < rc.max_messages:
             return []
@@ -292,7 +318,7 @@ class ShardWriter:
             self._write_failed(e)
             self._reactor.callFromThread(self._on_seal_failed, bundle, Failure())
         else:
-            if self._failing is not None:
+            if self._failing.failure is not None:
                 self._write_succeeded()
             self._reactor.callFromThread(self._on_sealed, bundle)
 
@@ -312,10 +338,10 @@ class BundleSet:
         work_dir: str,
         store: Store,
         metrics: Metrics,
-        reactor: Any,
+        reactor: WorkerReactor,
         pool: ThreadPool,
         on_stored: Callable[[list[Any]], None],
-        clock: Any = None,
+        clock: ReactorTime | None = None,
         rng: random.Random | None = None,
         store_config: StoreConfig | None = None,
         on_published: Callable[[Published], object] | None = None,
@@ -336,7 +362,7 @@ class BundleSet:
         self._rotate_config = set_config.rotate
         self._reactor = reactor
         self._pool = pool
-        self._clock = clock if clock is not None else reactor
+        self._clock = pick_clock(clock, reactor)
         rng = rng if rng is not None else random.Random()
         self.lifecycle = Lifecycle(
             self.name,
@@ -373,12 +399,12 @@ class BundleSet:
             rng,
             self.uploader.sealed,
             self.uploader.seal_failed,
+            per_campaign_cap=set_config.per_campaign_cap,
         )
         self._detaching = 0  # reactor only: detach tasks queued in the pool
-        self._stopped = False
         self._stop_waiters: list[Deferred[None]] = []
         self._loop = LoopingCall(self._check_age)
-        self._loop.clock = self._clock
+        self._loop.clock = as_reactor_time(self._clock)
 
     # -- start -------------------------------------------------------------
 
@@ -402,12 +428,15 @@ class BundleSet:
 
     # -- writing (worker threads) -------------------------------------------
 
-    def add(self, entry: bytes, received_at: float, token: Any) -> None:
+    def add(
+        self, entry: bytes, received_at: float, token: Any, fields: bytes | None = None
+    ) -> None:
         """Thread-safe; call from a worker thread, never the reactor (it
-        writes a file). ``entry`` is an mbox.entry(). Raises
+        writes a file). ``entry`` is an mbox.entry(), ``fields`` the
+        message's index fields (spamtrap.bundle.index.encode_fields). Raises
         BundleWriteError, not logged, if the write fails (the bundle is
         then dropped; its messages stay spooled)."""
-        self.writer.add(entry, received_at, token)
+        self.writer.add(entry, received_at, token, fields)
 
     @property
     def write_failure(self) -> tuple[str, float] | None:
@@ -415,8 +444,8 @@ class BundleSet:
         (see ShardWriter.write_failure); None when writes succeed."""
         return self.writer.write_failure
 
-    def add_many(self, items: Sequence[tuple[bytes, float, Any]]) -> list[Any]:
-        """add() for a batch of (entry, received_at, token), each to a random
+    def add_many(self, items: Sequence[Item]) -> list[Any]:
+        """add() for a batch of (entry, received_at, token[, fields]), each to a random
         shard as add() does. Returns the tokens that could not be written
         (their bundle was dropped, and logged once here with the set, the
         key and the spool keys; the spool keeps those messages)."""
@@ -447,7 +476,9 @@ class BundleSet:
 
     def _rotate_shard(self, shard: int, expected: _Bundle | None) -> None:
         self._detaching += 1
-        d = deferToThreadPool(self._reactor, self._pool, self.writer.detach, shard, expected)
+        d = deferToThreadPool(
+            as_reactor_from_threads(self._reactor), self._pool, self.writer.detach, shard, expected
+        )
         d.addErrback(lambda f: log.failure("set {set}: rotation failed", f, set=self.name))
         d.addBoth(self._detach_done)
 
@@ -464,8 +495,7 @@ class BundleSet:
         in the spool, and their .part files are removed at the next start."""
         if self._loop.running:
             self._loop.stop()
-        self._stopped = True
-        self.writer.stopped = True
+        self.writer.stopped = True  # stopping: what _check_idle reads too
         self.uploader.stopping = True
         # Every shard, not only the open ones: a worker may be opening a
         # bundle right now; the pool task takes the lock after it.
@@ -482,7 +512,7 @@ class BundleSet:
         self.uploader.abandon()
 
     def _check_idle(self) -> None:
-        if not self._stopped or self._detaching or self.uploader.cleaning:
+        if not self.writer.stopped or self._detaching or self.uploader.cleaning:
             return
         if self.lifecycle.in_flight:
             return

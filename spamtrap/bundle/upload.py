@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap.bundle.file import BundleFile as _Bundle
-from spamtrap.bundle.file import manifest_bytes, message_keys, unlink_quietly
+from spamtrap.bundle.file import manifest_bytes, message_keys
 from spamtrap.bundle.manifest import Published
 from spamtrap.bundle.state import BundleState, Lifecycle
 from spamtrap.config import SetConfig, StoreConfig
@@ -125,7 +125,9 @@ class Uploader:
         self._lifecycle.move(bundle, S.UPLOADING)
         assert bundle.doc is not None  # built when it was sealed
         manifest = manifest_bytes(bundle.doc)
-        d = maybeDeferred(self._store.put, bundle.key, bundle.part_path, manifest)
+        d = maybeDeferred(
+            self._store.put, bundle.key, bundle.part_path, manifest, bundle.index_path
+        )
         d.addCallbacks(lambda _: self._stored(bundle), lambda f: self._put_failed(bundle, f))
         d.addErrback(
             lambda f: log.failure(
@@ -243,7 +245,7 @@ class Uploader:
 
     def _remove_part(self, bundle: _Bundle) -> None:
         self.cleaning += 1
-        d = deferToThreadPool(self._reactor, self._pool, unlink_quietly, bundle.part_path)
+        d = deferToThreadPool(self._reactor, self._pool, bundle.remove_parts)
         d.addErrback(
             lambda f: log.failure(
                 "set {set}: removing {path}", f, set=self._set, path=bundle.part_path

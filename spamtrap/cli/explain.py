@@ -298,6 +298,7 @@ async def explain_files(
     reactor: Any, cfg: Config, paths: Sequence[str], options: Options, as_json: bool
 ) -> int:
     """Explain every file, print the reports; the exit code."""
+    from spamtrap.filters import lists
     from spamtrap.filters.custom import StageLoadError
     from spamtrap.filters.registry import build_stages
 
@@ -306,6 +307,9 @@ async def explain_files(
     except StageLoadError as e:
         print(f"spamtrap explain: {e}", file=sys.stderr)
         return 2
+    lists_stage = lists.find(stages)
+    if lists_stage is not None:
+        lists_stage.reload()  # its files; a bad one is logged, as the daemon does
     collator = Collator(cfg.sets)
     pool = ThreadPool(minthreads=1, maxthreads=1, name="spamtrap-explain")
     pool.start()

@@ -2,7 +2,7 @@
 
 Each subcommand is one ``add_*`` function that declares its arguments and one
 function that runs it and returns the exit code, so new commands (``explain``,
-``pull``) slot in beside ``check-config`` without touching the others.
+``pull``, ``stats``) slot in beside ``check-config`` without touching the others.
 """
 
 from __future__ import annotations
@@ -121,6 +121,30 @@ def add_pull(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(run=pull)
 
 
+def stats(args: argparse.Namespace) -> int:
+    """Count what the bundle indexes say, per hour or day."""
+    from spamtrap.cli.stats import run
+
+    return run(args)
+
+
+def add_stats(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from spamtrap.cli.stats import add_arguments
+
+    p = commands.add_parser(
+        "stats",
+        help="top campaigns, dialects, HELOs and peers per hour or day, from bundle indexes",
+        description="Read the bundle indexes of a local store, a `spamtrap pull` directory or "
+        "a node's set listing (http://node:8025/bundles/SET/, with the set's token) and print, "
+        "per hour or day, the messages and the top campaigns, SMTP dialects, HELO names and "
+        "peers with their counts. Exit 0 if all went well, 1 if an index or listing could not "
+        "be read (the rest is still counted), 2 on usage errors or a missing directory. See "
+        "docs/indexes.md.",
+    )
+    add_arguments(p)
+    p.set_defaults(run=stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spamtrap",
@@ -131,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_config(commands)
     add_explain(commands)
     add_pull(commands)
+    add_stats(commands)
     return parser
 
 

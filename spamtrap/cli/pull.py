@@ -31,708 +31,46 @@ message's wire bytes (as the SMTP client sent them) instead of the stored
 form; see :func:`wire_bytes`.
 
 Downloads go to ``DEST/<key>.part`` and resume with a Range request from
-its size; a verified file is renamed into place. Exit status: 0 when all
+its size; a verified file is renamed into place. A bundle whose manifest
+(or feed entry) names an index gets it too, beside it as
+``<name>.index.jsonl``, checked against the manifest's ``index_sha256``
+before the bundle counts as fetched; a bundle without one (stored before
+indexes) is pulled as ever. Exit status: 0 when all
 went well, 1 when something failed (the rest is still done), 2 on usage
 errors.
+
+This module is the command and the download loop; pull_remote holds what
+sources list, pull_sources the sources, pull_state the state file,
+pull_unpack the unpacking and pull_progress the progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
-import calendar
 import contextlib
-import email
-import email.policy
-import fcntl
-import gzip
 import hashlib
-import http.client
-import json
-import mailbox
 import os
-import re
-import shutil
-import socket
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
-from typing import IO, Any, Protocol, TextIO
+from typing import Any, TextIO
 
-from spamtrap import __version__
-from spamtrap.bundle.mbox import MboxReader
+from spamtrap.cli.pull_progress import Progress, megabytes
+from spamtrap.cli.pull_remote import PullError, Remote, ResumeRefusedError, Source, index_name
+from spamtrap.cli.pull_sources import FeedSource, MailSource, S3Source
+from spamtrap.cli.pull_state import State, fsync_dir, locked, rewind
+from spamtrap.cli.pull_unpack import Skipped, unpack_maildir, unpack_mbox
 from spamtrap.message import wire_bytes
-from spamtrap.store import BUNDLE_SUFFIX, KEY_RE, MANIFEST_SUFFIX, valid_set_name
-from spamtrap.store.published import subject_set
+from spamtrap.store import valid_set_name
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-CHUNK = 64 * 1024
-PAGE = 500  # feed entries asked for per request
 DEFAULT_OVERLAP = 86400.0
 DEFAULT_TIMEOUT = 60.0
 STATE_NAME = ".spamtrap-pull.json"
-STATE_VERSION = 1
-UNPACK_TARGETS = ("maildir", "mbox", "wire")
 WIRE_DIR = "wire"  # DEST/<set>/wire/: a maildir of the messages' wire bytes
 MAX_SKIPPED_REPORTED = 10  # per bundle; the rest are counted in one line
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_TIME = "%Y-%m-%dT%H:%M:%S"
-USER_AGENT = f"spamtrap-pull/{__version__}"
-
-
-class PullError(Exception):
-    """A bundle or a listing failed; the message says which and why."""
-
-
-class ResumeRefusedError(PullError):
-    """The source cannot resume from the requested offset."""
-
-
-@dataclass
-class Remote:
-    """A bundle at a source."""
-
-    key: str  # "<set>/<name>.mbox.gz"
-    location: str  # where the source fetches it: a URL or an S3 object key
-    size: int | None = None
-    sha256: str | None = None
-    manifest_location: str | None = None  # a notice's Manifest-URL, if any
-
-    @property
-    def set_name(self) -> str:
-        return self.key.split("/", 1)[0]
-
-    @property
-    def cursor(self) -> str:
-        return self.key.split("/", 1)[1][: -len(BUNDLE_SUFFIX)]
-
-
-@dataclass(frozen=True)
-class RemoteManifest:
-    """What pull takes from a manifest another node or store sent: the
-    bundle's key, size and sha256. Checked here, not by
-    ``spamtrap.bundle.manifest.Manifest``: the remote may be an older spamtrap or
-    another tool, so fields pull does not use are not required, and an
-    upper-case sha256 is accepted."""
-
-    key: str
-    size: int
-    sha256: str  # lower case
-
-
-def remote_manifest(data: bytes, remote: Remote) -> RemoteManifest:
-    """Parse a remote's manifest of ``remote``; PullError naming the remote
-    key and the bad field otherwise."""
-    doc = _json(data, f"manifest of {remote.key}")
-    raw_key = doc.get("key")
-    if bundle_key(str(raw_key or "")) != remote.key:
-        raise PullError(f"{remote.key}: the manifest is for {raw_key!r}")
-    size = doc.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise PullError(f"{remote.key}: manifest field size: {size!r} is not a number of bytes")
-    sha = doc.get("sha256")
-    if not isinstance(sha, str) or _SHA256.fullmatch(sha.lower()) is None:
-        raise PullError(f"{remote.key}: manifest field sha256: {sha!r} is not 64 hex digits")
-    return RemoteManifest(remote.key, size, sha.lower())
-
-
-@dataclass
-class Problem:
-    """An entry of a listing (a notice, a feed entry) that cannot be
-    followed; ``key`` is the bundle it names, when that key is valid."""
-
-    text: str
-    key: str | None = None
-
-
-class Source(Protocol):
-    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
-        """The set's bundles after ``since`` (a cursor), oldest first (a
-        source without cursors may return older ones too), and the entries
-        that name a bundle of the set but cannot be followed."""
-        ...
-
-    def manifest(self, remote: Remote) -> RemoteManifest:
-        """The bundle's manifest (see :func:`remote_manifest`)."""
-        ...
-
-    def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
-        """The bundle's bytes from ``offset`` on, as chunks, and the offset
-        they really start at (0 when the source ignored the range)."""
-        ...
-
-
-def bundle_key(text: str) -> str | None:
-    """``<set>/<name>.mbox.gz`` from a key that may carry a store prefix;
-    None if it is not a bundle key (a notice's key is untrusted input that
-    becomes a file name: only exact keys pass)."""
-    tail = "/".join(text.strip().split("/")[-2:])
-    if KEY_RE.fullmatch(tail) is None or not tail.endswith(BUNDLE_SUFFIX):
-        return None
-    return tail
-
-
-def _manifest_name(name: str) -> str:
-    return name[: -len(BUNDLE_SUFFIX)] + MANIFEST_SUFFIX
-
-
-# -- HTTP: feeds, notices' URLs ------------------------------------------------
-
-
-def _http_url(url: str) -> str:
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise PullError(f"not an http(s) URL: {url!r}")
-    return url
-
-
-def _http_get(url: str, timeout: float, headers: dict[str, str] | None = None) -> Any:
-    request = urllib.request.Request(  # noqa: S310 - the scheme is checked
-        _http_url(url), headers={"User-Agent": USER_AGENT, **(headers or {})}
-    )
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
-
-
-def _chunks(body: IO[bytes], what: str) -> Generator[bytes, None, None]:
-    with body:
-        try:
-            while chunk := body.read(CHUNK):
-                yield chunk
-        except (OSError, http.client.HTTPException) as e:
-            raise PullError(f"{what}: download interrupted ({e}); the next run resumes it")
-
-
-class _UrlSource:
-    """Bundles fetched by URL, manifests beside them (``.json``)."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-
-    def manifest(self, remote: Remote) -> RemoteManifest:
-        url = remote.manifest_location or remote.location
-        if remote.manifest_location is None:
-            if not url.endswith(BUNDLE_SUFFIX):
-                raise PullError(f"{remote.key}: no manifest URL for {url}")
-            url = _manifest_name(url)
-        return remote_manifest(self._get(url), remote)
-
-    def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            response = _http_get(remote.location, self.timeout, headers)
-        except urllib.error.HTTPError as e:
-            e.close()
-            if e.code == 416:
-                raise ResumeRefusedError(f"{remote.key}: cannot resume at byte {offset}")
-            raise PullError(f"{remote.key}: {remote.location}: HTTP {e.code} {e.reason}")
-        except OSError as e:
-            raise PullError(f"{remote.key}: {remote.location}: {e}")
-        start = 0
-        if response.status == 206:
-            match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-            if match is None:
-                response.close()
-                raise PullError(f"{remote.key}: partial answer without a Content-Range")
-            start = int(match.group(1))
-        return _chunks(response, remote.key), start
-
-    def _get(self, url: str, headers: dict[str, str] | None = None) -> bytes:
-        try:
-            with _http_get(url, self.timeout, headers) as response:
-                data: bytes = response.read()
-                return data
-        except urllib.error.HTTPError as e:
-            e.close()
-            raise PullError(f"{url}: HTTP {e.code} {e.reason}")
-        except OSError as e:
-            raise PullError(f"{url}: {e}")
-
-
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise PullError(f"{what}: not JSON ({e})")
-    if not isinstance(doc, dict):
-        raise PullError(f"{what}: not a JSON object")
-    return doc
-
-
-def _remote_from(entry: dict[str, Any], set_name: str, what: str) -> Remote | Problem:
-    """A Remote from a feed entry or a notice (``url``, ``key``, ``size``,
-    ``sha256`` and optionally ``manifest_url``), or why it is unusable;
-    ``what`` names the entry in the problem's text."""
-    raw_key = entry.get("key")
-    key = bundle_key(str(raw_key)) if raw_key is not None else None
-    if key is None:
-        return Problem(f"{what}: {raw_key!r} is not a bundle key (<set>/<name>.mbox.gz)")
-    what = f"{what} ({key})"
-    if key.split("/", 1)[0] != set_name:
-        return Problem(f"{what}: the key is not of set {set_name}", key)
-    url = entry.get("url")
-    if not url:
-        return Problem(
-            f"{what}: no URL to download it from (a node whose store gave no public "
-            f"URL sent it); follow set {set_name} with --http or --s3 instead",
-            key,
-        )
-    manifest_url = entry.get("manifest_url") or None
-    for name, value in (("URL", url), ("manifest URL", manifest_url)):
-        if value is not None and not _is_http_url(str(value)):
-            return Problem(f"{what}: the {name} {str(value)!r} is not an http(s) URL", key)
-    size, sha = entry.get("size"), entry.get("sha256")
-    if size is not None:
-        text = str(size)
-        if isinstance(size, bool) or not text.isdigit() or not text.isascii():
-            return Problem(f"{what}: the size {text!r} is not a number of bytes", key)
-        size = int(text)
-    if sha is not None:
-        sha = str(sha).lower()
-        if _SHA256.fullmatch(sha) is None:
-            return Problem(
-                f"{what}: the sha256 {str(entry.get('sha256'))!r} is not 64 hex digits", key
-            )
-    return Remote(key, str(url), size, sha, str(manifest_url) if manifest_url else None)
-
-
-def _is_http_url(url: str) -> bool:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc) and url.isprintable()
-
-
-def _collect(results: list[Remote | Problem]) -> tuple[list[Remote], list[Problem]]:
-    """Remotes by key (the first usable entry of a key wins) and the
-    problems of keys that no usable entry names."""
-    found: dict[str, Remote] = {}
-    problems: list[Problem] = []
-    for result in results:
-        if isinstance(result, Remote):
-            found.setdefault(result.key, result)
-        else:
-            problems.append(result)
-    problems = [p for p in problems if p.key is None or p.key not in found]
-    return sorted(found.values(), key=lambda r: r.key), problems
-
-
-class FeedSource(_UrlSource):
-    """A spamtrap node's ``/feeds/<set>``; ``tokens`` maps set -> token."""
-
-    def __init__(self, base_url: str, tokens: dict[str, str], timeout: float) -> None:
-        super().__init__(timeout)
-        self.base = _http_url(base_url).rstrip("/")
-        self.tokens = tokens
-
-    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
-        headers = {"Authorization": f"Bearer {self.tokens[set_name]}"}
-        results: list[Remote | Problem] = []
-        cursor = since or ""
-        while True:
-            query = urllib.parse.urlencode({"since": cursor, "limit": PAGE})
-            url = f"{self.base}/feeds/{urllib.parse.quote(set_name)}?{query}"
-            try:
-                page = _json(self._get(url, headers), f"feed of set {set_name}")
-            except PullError as e:
-                raise PullError(f"set {set_name}: {e}")
-            entries = page.get("bundles")
-            if not isinstance(entries, list):
-                raise PullError(f"set {set_name}: feed answer without bundles")
-            for entry in entries:
-                what = f"set {set_name}: feed entry"
-                if isinstance(entry, dict):
-                    results.append(_remote_from(entry, set_name, what))
-                else:
-                    results.append(Problem(f"{what} {entry!r}: not a JSON object"))
-            next_cursor = page.get("cursor")
-            if not page.get("more") or not isinstance(next_cursor, str) or next_cursor <= cursor:
-                break
-            cursor = next_cursor
-        return _collect(results)
-
-
-@dataclass
-class Notice:
-    """One mail of a notice folder: its body's fields (lower-case names)."""
-
-    message_id: str | None
-    fields: dict[str, str]
-    subject_set: str | None = None  # the set our Subject names, if it is ours
-
-    def describe(self, where: str) -> str:
-        return f"notice {self.message_id}" if self.message_id else f"notice {where}"
-
-
-class MailSource(_UrlSource):
-    """List notices in a maildir or an mbox file."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__(timeout)
-        self.path = path
-        self._notices: list[tuple[Notice, str]] | None = None
-
-    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
-        # Every notice, whatever ``since``: mail arrives in no useful order,
-        # and the state file skips what is done.
-        results: list[Remote | Problem] = []
-        for notice, where in self.notices():
-            what = notice.describe(where)
-            fields = notice.fields
-            if "key" not in fields:
-                # Our Subject, but no body to follow: mangled on the way.
-                if notice.subject_set == set_name:
-                    text = f"{what}: a notice of set {set_name} without a Key field in its body"
-                    results.append(Problem(text))
-                continue
-            named = fields.get("set") or fields["key"].strip().split("/", 1)[0]
-            if named != set_name:
-                continue  # another set's notice, or another list's mail
-            entry = {**fields, "manifest_url": fields.get("manifest-url")}
-            results.append(_remote_from(entry, set_name, what))
-        return _collect(results)
-
-    def notices(self) -> list[tuple[Notice, str]]:
-        """The folder's notices and where each is (file name or position)."""
-        if self._notices is None:
-            found = []
-            for where, raw in self._messages():
-                notice = read_notice(raw)
-                if notice is not None:
-                    found.append((notice, where))
-            self._notices = found
-        return self._notices
-
-    def _messages(self) -> Iterator[tuple[str, bytes]]:
-        box: mailbox.Mailbox
-        if os.path.isdir(self.path):
-            if not all(os.path.isdir(os.path.join(self.path, d)) for d in ("new", "cur")):
-                raise PullError(f"{self.path}: a directory but not a maildir (no new/ and cur/)")
-            box = mailbox.Maildir(self.path, factory=None, create=False)
-        elif os.path.isfile(self.path):
-            with open(self.path, "rb") as f:
-                head = f.read(5)
-            if head and head != b"From ":
-                raise PullError(f"{self.path}: not an mbox file (it does not start with 'From ')")
-            box = mailbox.mbox(self.path, factory=None, create=False)
-        else:
-            raise PullError(f"{self.path}: no such maildir or mbox")
-        try:
-            for n, key in enumerate(box.keys()):
-                where = f"{key if isinstance(box, mailbox.Maildir) else f'#{n + 1}'} in {self.path}"
-                try:
-                    yield where, box.get_bytes(key)
-                except (OSError, KeyError):
-                    continue  # read or moved away by a mail client meanwhile
-        except OSError as e:
-            raise PullError(f"{self.path}: reading the mailbox: {e}")
-        finally:
-            box.close()
-
-
-def read_notice(raw: bytes) -> Notice | None:
-    """The mail as a notice: its Message-ID and the ``Header: value`` lines
-    of its first text/plain body; None for mail that is neither a notice nor
-    carries our Subject."""
-    try:
-        message = email.message_from_bytes(raw, policy=email.policy.default)
-    except Exception:  # noqa: BLE001 - a mailbox holds other mail too; none may stop the run
-        return None
-    message_id = _header(message, "message-id")
-    # Our notices' Subject, as the daemon writes it; a list may prefix it.
-    notice = Notice(message_id, {}, subject_set(_header(message, "subject") or ""))
-    try:
-        part = message.get_body(preferencelist=("plain",))
-        text = part.get_content() if part is not None else None
-    except Exception:  # noqa: BLE001 - undecodable: judged by its Subject below
-        text = None
-    if isinstance(text, str):
-        fields = email.message_from_string(text.lstrip("\r\n"), policy=email.policy.compat32)
-        notice.fields = {name.lower(): str(value).strip() for name, value in fields.items()}
-    if "key" in notice.fields or notice.subject_set is not None:
-        return notice
-    return None
-
-
-def _header(message: email.message.Message, name: str) -> str | None:
-    try:
-        value = message.get(name)
-        return " ".join(str(value).split()) if value is not None else None
-    except Exception:  # noqa: BLE001 - a malformed header is no header
-        return None
-
-
-def parse_notice(raw: bytes) -> dict[str, str]:
-    """A list notice's fields (lower-case names), from the ``Header: value``
-    lines of its first text/plain body; {} for any other mail."""
-    notice = read_notice(raw)
-    return notice.fields if notice is not None and "key" in notice.fields else {}
-
-
-class S3Source:
-    """``s3://bucket/prefix``: objects ``prefix/<set>/<name>.mbox.gz`` and
-    their manifests, through botocore (its standard credential chain)."""
-
-    def __init__(self, url: str, endpoint: str | None, region: str | None, timeout: float) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
-        self.bucket = parts.netloc
-        prefix = parts.path.strip("/")
-        self.prefix = f"{prefix}/" if prefix else ""
-        import botocore.config
-        import botocore.session
-
-        endpoint = (
-            endpoint
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
-        # S3-compatible servers (SeaweedFS, Garage, MinIO) want path-style.
-        style = "path" if endpoint else "auto"
-        config = botocore.config.Config(
-            s3={"addressing_style": style},
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": 3, "mode": "standard"},
-        )
-        session = botocore.session.get_session()
-        self.client = session.create_client(
-            "s3", endpoint_url=endpoint, region_name=region, config=config
-        )
-
-    def listing(self, set_name: str, since: str | None) -> tuple[list[Remote], list[Problem]]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        folder = f"{self.prefix}{set_name}/"
-        kwargs = {"Bucket": self.bucket, "Prefix": folder}
-        if since:
-            kwargs["StartAfter"] = folder + since
-        found = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
-                for item in page.get("Contents", []):
-                    name = item["Key"][len(folder) :]
-                    if not name.endswith(MANIFEST_SUFFIX):
-                        continue  # a bundle without its manifest is not complete
-                    key = bundle_key(f"{set_name}/{name[: -len(MANIFEST_SUFFIX)]}{BUNDLE_SUFFIX}")
-                    if key is not None:
-                        found.append(Remote(key, folder + key.split("/", 1)[1]))
-        except (BotoCoreError, ClientError) as e:
-            raise PullError(f"set {set_name}: listing s3://{self.bucket}/{folder}: {e}")
-        return sorted(found, key=lambda r: r.key), []
-
-    def manifest(self, remote: Remote) -> RemoteManifest:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        key = _manifest_name(remote.location)
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            with contextlib.closing(body):
-                data = body.read()
-        except (BotoCoreError, ClientError) as e:
-            raise PullError(f"{remote.key}: manifest s3://{self.bucket}/{key}: {e}")
-        return remote_manifest(data, remote)
-
-    def fetch(self, remote: Remote, offset: int) -> tuple[Generator[bytes, None, None], int]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        kwargs = {"Bucket": self.bucket, "Key": remote.location}
-        if offset:
-            kwargs["Range"] = f"bytes={offset}-"
-        try:
-            response = self.client.get_object(**kwargs)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") == "InvalidRange":
-                raise ResumeRefusedError(f"{remote.key}: cannot resume at byte {offset}")
-            raise PullError(f"{remote.key}: s3://{self.bucket}/{remote.location}: {e}")
-        except BotoCoreError as e:
-            raise PullError(f"{remote.key}: s3://{self.bucket}/{remote.location}: {e}")
-        start = 0
-        match = re.match(r"bytes (\d+)-", response.get("ContentRange") or "")
-        if match is not None:
-            start = int(match.group(1))
-        return _s3_chunks(response["Body"], remote.key), start
-
-
-def _s3_chunks(body: Any, what: str) -> Generator[bytes, None, None]:
-    from botocore.exceptions import BotoCoreError
-
-    with contextlib.closing(body):
-        try:
-            yield from body.iter_chunks(CHUNK)
-        except (OSError, BotoCoreError) as e:
-            raise PullError(f"{what}: download interrupted ({e}); the next run resumes it")
-
-
-# -- the state file ----------------------------------------------------------
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class State:
-    """What this destination has: per set the newest cursor seen, per key
-    the verified bundle and whether it is unpacked. Written atomically."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.cursors: dict[str, str] = {}
-        self.bundles: dict[str, dict[str, Any]] = {}
-        try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            raise PullError(f"state file {path}: {e}")
-        cursors = doc.get("cursors", {}) if isinstance(doc, dict) else None
-        bundles = doc.get("bundles", {}) if isinstance(doc, dict) else None
-        if (
-            not isinstance(doc, dict)
-            or doc.get("version") != STATE_VERSION
-            or not isinstance(cursors, dict)
-            or not isinstance(bundles, dict)
-            or not all(isinstance(b, dict) for b in bundles.values())
-        ):
-            raise PullError(f"state file {path}: not a spamtrap pull state (version 1)")
-        for key, entry in bundles.items():
-            if "unpacked" in entry or "unpack" in entry:
-                entry["unpacked"] = _unpacked(entry, f"state file {path}: {key}")
-        self.cursors, self.bundles = cursors, bundles
-
-    def save(self) -> None:
-        doc = {"version": STATE_VERSION, "cursors": self.cursors, "bundles": self.bundles}
-        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        directory = os.path.dirname(os.path.abspath(self.path))
-        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(directory)
-
-
-def _unpacked(entry: dict[str, Any], what: str) -> dict[str, bool]:
-    """A bundle's unpack record: target ("mbox", "maildir", "wire") -> done.
-    Older state files kept one target: ``"unpack": T, "unpacked": bool``."""
-    unpacked = entry.get("unpacked", {})
-    if isinstance(unpacked, bool):
-        mode = entry.pop("unpack", None)
-        unpacked = {mode: unpacked} if isinstance(mode, str) else {}
-    if not isinstance(unpacked, dict) or not all(
-        m in UNPACK_TARGETS and isinstance(v, bool) for m, v in unpacked.items()
-    ):
-        raise PullError(
-            f"{what}: 'unpacked' is not a map of {', '.join(UNPACK_TARGETS)} to true/false"
-        )
-    return unpacked
-
-
-@contextlib.contextmanager
-def _locked(state_path: str) -> Iterator[None]:
-    """One pull per state file: cron runs must not overlap."""
-    with open(state_path + ".lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise PullError(f"another spamtrap pull is using {state_path}")
-        yield
-
-
-def rewind(cursor: str | None, overlap: float) -> str | None:
-    """A cursor ``overlap`` seconds before ``cursor`` (a bare time, which
-    sorts before every key of that second); None to list from the start."""
-    if not cursor:
-        return None
-    try:
-        t = calendar.timegm(time.strptime(cursor[:19], _TIME))
-    except ValueError:
-        return None
-    return time.strftime(_TIME, time.gmtime(max(0, t - overlap)))
-
-
-# -- progress ------------------------------------------------------------------
-
-
-class Progress:
-    """A one-line progress bar on a terminal; nothing otherwise."""
-
-    WIDTH = 24
-
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.bundles = self.total_bundles = 0
-        self.bytes = self.total_bytes = 0
-        self._last = 0.0
-        self._shown = False
-
-    def start(self, bundles: int, total_bytes: int) -> None:
-        self.total_bundles, self.total_bytes = bundles, total_bytes
-        self._draw(force=True)
-
-    def advance(self, n: int) -> None:
-        self.bytes += n
-        self._draw()
-
-    def done(self, n: int = 1) -> None:
-        self.bundles += n
-        self._draw(force=True)
-
-    def skip_bytes(self, n: int) -> None:
-        """Bytes that will not come (a bundle failed or was resumed)."""
-        self.total_bytes = max(self.bytes, self.total_bytes - n)
-
-    def error(self, text: str) -> None:
-        """An error line, above the bar."""
-        self._clear()
-        print(f"spamtrap pull: {text}", file=self.stream)
-        self._draw(force=True)
-
-    def finish(self, summary: str) -> None:
-        if self.enabled:
-            self._clear()
-            print(summary, file=self.stream)
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled or not self.total_bundles:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
-            return
-        self._last = now
-        fraction = self.bytes / self.total_bytes if self.total_bytes else 1.0
-        filled = int(self.WIDTH * min(fraction, 1.0))
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        self.stream.write(
-            f"\r[{bar}] {self.bundles}/{self.total_bundles} bundles "
-            f"{_mb(self.bytes)}/{_mb(self.total_bytes)} MB"
-        )
-        self.stream.flush()
-        self._shown = True
-
-    def _clear(self) -> None:
-        if self._shown:
-            self.stream.write("\r\x1b[K")
-            self._shown = False
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f}"
-
-
-# -- downloading ----------------------------------------------------------------
 
 
 def _sha256_of(path: str) -> str:
@@ -818,6 +156,7 @@ class Puller:
             self.fail(f"{remote.key}: announced size {remote.size}, manifest says {manifest.size}")
             return False
         remote.size, remote.sha256 = manifest.size, manifest.sha256
+        remote.index_sha256 = remote.index_sha256 or manifest.index_sha256
         return True
 
     def _advance_cursor(self, set_name: str, remotes: list[Remote], failed: set[str]) -> None:
@@ -843,14 +182,37 @@ class Puller:
         else:
             self._download(remote, part)
             os.replace(part, final)
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
             self.fetched += 1
             self.fetched_bytes += remote.size or 0
         entry: dict[str, Any] = {"size": remote.size, "sha256": remote.sha256}
+        if remote.index_sha256 is not None:
+            self._pull_index(remote, final)
+            entry["index_sha256"] = remote.index_sha256
         self.state.bundles[remote.key] = entry
         self.state.save()
         if self.unpack:
             self._unpack(remote.key, entry, self.unpack)
+
+    def _pull_index(self, remote: Remote, final: str) -> None:
+        """Fetch and verify the bundle's index beside it (unless a verified
+        one is there already). Before the state records the bundle: a
+        failure here makes the next run try again."""
+        target = index_name(final)
+        if os.path.isfile(target) and _sha256_of(target) == remote.index_sha256:
+            return
+        data = self.source.fetch_index(remote)
+        if hashlib.sha256(data).hexdigest() != remote.index_sha256:
+            raise PullError(
+                f"{remote.key}: the index's sha256 does not match the manifest; it was not kept"
+            )
+        part = target + ".part"
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, target)
+        fsync_dir(os.path.dirname(target))
 
     def _download(self, remote: Remote, part: str) -> None:
         size = remote.size or 0
@@ -952,12 +314,12 @@ class Puller:
         skipped: list[Skipped] = []
         try:
             if mode == "mbox":
-                _unpack_mbox(final, self._mbox_path(set_name), entry.get("mbox_offset", 0))
+                unpack_mbox(final, self._mbox_path(set_name), entry.get("mbox_offset", 0))
             elif mode == "wire":
                 target = os.path.join(self.dest, set_name, WIRE_DIR)
-                skipped = _unpack_maildir(final, target, key, wire_bytes)
+                skipped = unpack_maildir(final, target, key, wire_bytes)
             else:
-                _unpack_maildir(final, os.path.join(self.dest, set_name, "maildir"), key)
+                unpack_maildir(final, os.path.join(self.dest, set_name, "maildir"), key)
         except (OSError, ValueError, EOFError, zlib.error) as e:
             self.fail(f"{key}: unpacking ({mode}): {e}")
             return
@@ -980,82 +342,6 @@ class Puller:
                 f"{key}: unpacking (wire): {len(skipped) - MAX_SKIPPED_REPORTED} more "
                 f"messages skipped ({len(skipped)} in all)"
             )
-
-
-def _unpack_mbox(bundle: str, target: str, offset: int) -> None:
-    """Append the bundle's mboxrd to ``target``; first cut ``target`` back
-    to ``offset``, where this bundle's earlier, interrupted append began."""
-    with gzip.open(bundle, "rb") as src:
-        head = src.read(5)
-        if head and head != b"From ":
-            raise ValueError("the bundle is not an mbox")
-        with open(target, "ab") as dst:
-            dst.truncate(min(offset, os.fstat(dst.fileno()).st_size))
-            dst.write(head)
-            shutil.copyfileobj(src, dst, CHUNK)
-            dst.flush()
-            os.fsync(dst.fileno())
-
-
-@dataclass
-class Skipped:
-    """A message of a bundle that ``transform`` refused (ValueError)."""
-
-    index: int  # 1-based position in the bundle
-    message_id: str | None  # its X-Spamtrap-Id, else its Message-ID
-    error: str
-
-
-# X-Spamtrap-Id first: it is ours, and unique within the corpus.
-_ID_FIELDS = re.compile(rb"^(x-spamtrap-id|message-id):[ \t]*([^\r\n]*)", re.I | re.M)
-_ID_SCAN = 64 * 1024  # the header section's start is enough to find them
-
-
-def message_id_of(message: bytes) -> str | None:
-    """The stored message's X-Spamtrap-Id, else its Message-ID, else None:
-    for naming it in an error (never parsed further)."""
-    head = message[:_ID_SCAN]
-    end = re.search(rb"\r?\n\r?\n", head)
-    found: dict[bytes, str] = {}
-    for m in _ID_FIELDS.finditer(head[: end.start()] if end else head):
-        value = m.group(2).strip().decode("ascii", "replace")
-        if value:
-            found.setdefault(m.group(1).lower(), value[:200])
-    return found.get(b"x-spamtrap-id") or found.get(b"message-id")
-
-
-def _unpack_maildir(
-    bundle: str, maildir: str, key: str, transform: Callable[[bytes], bytes] | None = None
-) -> list[Skipped]:
-    """One file per message in ``maildir/new`` (each message through
-    ``transform`` first, if given). The names are standard (time.unique.host)
-    and derived from the key, so unpacking again after an interruption
-    replaces files instead of adding copies. A message ``transform``
-    refuses is not written; it is returned, and the rest go on."""
-    skipped: list[Skipped] = []
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(maildir, sub), exist_ok=True)
-    m = KEY_RE.fullmatch(key)
-    assert m is not None
-    stamp = calendar.timegm(time.strptime(m.group("time"), _TIME))
-    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
-    with gzip.open(bundle, "rb") as f:
-        for i, (_, message) in enumerate(MboxReader(f)):  # type: ignore[arg-type]
-            if transform is not None:
-                try:
-                    message = transform(message)
-                except ValueError as e:
-                    skipped.append(Skipped(i + 1, message_id_of(message), str(e)))
-                    continue
-            name = f"{stamp}.R{m.group('random')}Q{i}.{host}"
-            tmp = os.path.join(maildir, "tmp", name)
-            with open(tmp, "wb") as out:
-                out.write(message)
-            os.replace(tmp, os.path.join(maildir, "new", name))
-    return skipped
-
-
-# -- the command -----------------------------------------------------------------
 
 
 def _tokens(values: list[str], sets: list[str]) -> dict[str, str] | str:
@@ -1121,7 +407,7 @@ def run(args: argparse.Namespace, err: TextIO | None = None) -> int:
     progress = Progress(err, show)
     try:
         os.makedirs(dest, exist_ok=True)
-        with _locked(state_path):
+        with locked(state_path):
             puller = Puller(source, dest, State(state_path), unpack, progress, args.overlap)
             try:
                 puller.run(list(dict.fromkeys(args.set)))  # each set once
@@ -1132,7 +418,7 @@ def run(args: argparse.Namespace, err: TextIO | None = None) -> int:
         progress.error(str(e))
         return EXIT_FAILED
     progress.finish(
-        f"{puller.fetched} new bundle(s), {_mb(puller.fetched_bytes)} MB"
+        f"{puller.fetched} new bundle(s), {megabytes(puller.fetched_bytes)} MB"
         + (f"; {puller.failures} error(s)" if puller.failures else "")
     )
     return EXIT_FAILED if puller.failures else EXIT_OK

@@ -8,13 +8,15 @@ services can run in one test process.
 The package, in the order a document goes through it:
 
 - ``schema``: the dataclasses. Each key is declared once there, with its
-  type, default, comment and rule.
+  type, default, comment and rule; the ``filters`` and ``outputs`` sections
+  in ``filter_schema`` and ``output_schema``.
 - ``rules``: the rules a field can declare, and sizes and durations.
 - ``nodes``: the YAML as nodes with line numbers, command-line overrides
   merged into it, and ConfigError.
 - ``walker`` and ``checks``: the walk against the declarations, and the
   cross-checks no single key's rule can make.
-- ``load``: ``load_config`` and ``parse_config``.
+- ``load``: ``load_config`` and ``parse_config``, and ``parse_list_rules``
+  for discard-list files.
 
 Everything public is re-exported here: import from ``spamtrap.config``.
 """
@@ -22,10 +24,23 @@ Everything public is re-exported here: import from ``spamtrap.config``.
 from spamtrap.config.checks import (
     forged_header_problem,
 )
+from spamtrap.config.filter_schema import (
+    BUILTIN_STAGES,
+    DANGEROUS_EXTENSIONS,
+    BounceConfig,
+    ClamdConfig,
+    CustomStageConfig,
+    FilterConfig,
+    ListRule,
+    ListsConfig,
+    SpamdConfig,
+    VirusConfig,
+)
 from spamtrap.config.load import (
     DEFAULT_DOCUMENT,
     load_config,
     parse_config,
+    parse_list_rules,
 )
 from spamtrap.config.nodes import (
     ConfigError,
@@ -45,32 +60,23 @@ from spamtrap.config.rules import (
     parse_size,
 )
 from spamtrap.config.schema import (
-    BUILTIN_STAGES,
-    DANGEROUS_EXTENSIONS,
-    BounceConfig,
-    ClamdConfig,
     Condition,
     Config,
-    CustomStageConfig,
     FeedConfig,
-    FilterConfig,
     HTTPConfig,
-    ListRule,
-    ListsConfig,
     ProxyConfig,
     QueueConfig,
     RelayConfig,
+    RetentionConfig,
     RotateConfig,
     SetConfig,
     SetNotifyConfig,
     SMTPConfig,
-    SpamdConfig,
     SpoolConfig,
     StoreConfig,
     TimeoutConfig,
     TLSConfig,
     TrapConfig,
-    VirusConfig,
     WebhookConfig,
     default_config,
 )
@@ -100,6 +106,7 @@ __all__ = [
     "QueueConfig",
     "ROLES",
     "RelayConfig",
+    "RetentionConfig",
     "RotateConfig",
     "SMTPConfig",
     "SetConfig",
@@ -118,6 +125,7 @@ __all__ = [
     "merge_overrides",
     "option_of",
     "parse_config",
+    "parse_list_rules",
     "parse_duration",
     "parse_redis_url",
     "parse_size",

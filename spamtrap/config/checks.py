@@ -1,21 +1,26 @@
-"""Cross-checks, run on each built object: what one key's rule cannot see."""
+"""Cross-checks, run on each built object: what one key's rule cannot see.
+
+A check reports problems through the walker. The config is frozen, so a
+check that completes an object from what the document left out (the stage
+order, the default set) returns the completed copy; the others return None.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from spamtrap.config.filter_schema import BUILTIN_STAGES, FilterConfig, ListRule
 from spamtrap.config.nodes import _entry, _join, option_of
 from spamtrap.config.rules import _unknown
 from spamtrap.config.schema import (
-    BUILTIN_STAGES,
     Condition,
     Config,
     FeedConfig,
-    FilterConfig,
-    ListRule,
+    OutputConfig,
     SetConfig,
     TLSConfig,
 )
@@ -62,7 +67,7 @@ def _check_header_or_meta(
     _check_forged_header(w, cond.header, node, path)
 
 
-def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> None:
+def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> FilterConfig:
     known = BUILTIN_STAGES + [c.name for c in f.custom]
     clash = [c.name for c in f.custom if c.name in BUILTIN_STAGES]
     found = _entry(node, "custom")
@@ -83,9 +88,8 @@ def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> N
                 " is ignored as over budget",
             )
     found = _entry(node, "order")
-    if found is None:
-        f.order = f.order + [c.name for c in f.custom]  # custom stages run last
-        return
+    if found is None:  # custom stages run last
+        return dataclasses.replace(f, order=f.order + [c.name for c in f.custom])
     seen: set[str] = set()
     for i, name in enumerate(f.order):
         item = found[1].value[i] if isinstance(found[1], yaml.SequenceNode) else found[1]
@@ -94,6 +98,7 @@ def _check_filters(w: _Walker, f: FilterConfig, node: yaml.Node, path: str) -> N
         elif name in seen:
             w.error(item, f"{path}.order[{i}]", f"stage {name!r} is listed twice")
         seen.add(name)
+    return f
 
 
 def _check_feed(w: _Walker, feed: FeedConfig, node: yaml.Node, path: str) -> None:
@@ -124,7 +129,50 @@ def _check_tls(w: _Walker, tls: TLSConfig, node: yaml.Node, path: str) -> None:
         w.error(found[1], _join(path, "key"), "a key needs a certificate")
 
 
-def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
+def _check_output(w: _Walker, out: OutputConfig, node: yaml.Node, path: str) -> None:
+    """The kind's own cross-checks (``problems()``), each at its key's line."""
+    if not w.clean(path):
+        return
+    for key, message in out.problems():
+        found = _entry(node, key)
+        w.error(found[1] if found else node, _join(path, key), message)
+
+
+def _check_output_sets(w: _Walker, cfg: Config) -> None:
+    """Every set an output lists is a configured set."""
+    if not w.clean("sets"):
+        return
+    names = [s.name for s in cfg.sets]
+    for out in cfg.outputs:
+        out_node, out_path = w.origin[id(out)]
+        if not w.clean(_join(out_path, "sets")):
+            continue
+        found = _entry(out_node, "sets")
+        for i, name in enumerate(out.sets):
+            if name in names:
+                continue
+            item = found[1] if found else out_node
+            if isinstance(item, yaml.SequenceNode):
+                item = item.value[i]
+            w.error(item, f"{out_path}.sets[{i}]", _unknown("set", name, names))
+
+
+def _check_campaign_caps(w: _Walker, cfg: Config) -> None:
+    """A set's per_campaign_cap counts campaigns: they must be assigned."""
+    if cfg.campaigns.enabled:
+        return
+    for s in cfg.sets:
+        if s.per_campaign_cap and id(s) in w.origin:
+            set_node, set_path = w.origin[id(s)]
+            found = _entry(set_node, "per_campaign_cap")
+            w.error(
+                found[1] if found else set_node,
+                _join(set_path, "per_campaign_cap"),
+                "per_campaign_cap needs campaigns.enabled: true (no message has a campaign)",
+            )
+
+
+def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> Config:
     if cfg.role != "all" and cfg.queue.url is None and w.clean("role") and w.clean("queue"):
         found = _entry(node, "role")
         need = (
@@ -145,7 +193,7 @@ def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
         found = _entry(node, "queue")
         w.error(found[1] if found else node, "queue", "give password or password_file, not both")
     if _entry(node, "sets") is None:
-        cfg.sets = [SetConfig(name="all")]
+        cfg = dataclasses.replace(cfg, sets=[SetConfig(name="all")])
     for attr in ("id", "address"):
         first: dict[str, int] = {}  # value -> line
         for feed in cfg.feeds:
@@ -161,6 +209,8 @@ def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
                 )
             else:
                 first[value] = value_node.start_mark.line + 1
+    _check_output_sets(w, cfg)
+    _check_campaign_caps(w, cfg)
     t = cfg.traps
     no_trap = not (t.domains or t.addresses or t.patterns or t.catch_all or cfg.feeds)
     # A misspelt top-level key may be the traps or feeds section itself.
@@ -172,13 +222,17 @@ def _check_config(w: _Walker, cfg: Config, node: yaml.Node, path: str) -> None:
             "traps",
             "no trap configured: give domains, addresses, patterns or feeds, or catch_all: true",
         )
+    return cfg
 
 
-CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], None]] = {
+# A check gets the walker, the built object, its node and its path; it
+# returns a completed copy of the object, or None when the object stands.
+CHECKS: dict[type, Callable[[_Walker, Any, yaml.Node, str], object | None]] = {
     Condition: _check_header_or_meta,
     ListRule: _check_header_or_meta,
     FilterConfig: _check_filters,
     TLSConfig: _check_tls,
     FeedConfig: _check_feed,
+    OutputConfig: _check_output,
     Config: _check_config,
 }

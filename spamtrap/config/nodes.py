@@ -95,6 +95,24 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 
 def _compose(text: str, issues: list[ConfigIssue]) -> yaml.MappingNode | None:
     """The root mapping node, or None with the problem added to ``issues``."""
+    root = _compose_any(text, issues)
+    if root is None:
+        return None
+    if _is_null(root):
+        issues.append(ConfigIssue(None, "", "the file is empty; see etc/spamtrap.yaml"))
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        line = root.start_mark.line + 1
+        issues.append(
+            ConfigIssue(line, "", f"expected a mapping of sections, got {_node_kind(root)}")
+        )
+        return None
+    return root
+
+
+def _compose_any(text: str, issues: list[ConfigIssue]) -> yaml.Node | None:
+    """The root node (a null scalar for an empty text), or None with the
+    YAML problem added to ``issues``."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -111,15 +129,8 @@ def _compose(text: str, issues: list[ConfigIssue]) -> yaml.MappingNode | None:
     except yaml.YAMLError as e:
         issues.append(ConfigIssue(None, "", f"YAML error: {e}"))
         return None
-    if root is None or _is_null(root):
-        issues.append(ConfigIssue(None, "", "the file is empty; see etc/spamtrap.yaml"))
-        return None
-    if not isinstance(root, yaml.MappingNode):
-        line = root.start_mark.line + 1
-        issues.append(
-            ConfigIssue(line, "", f"expected a mapping of sections, got {_node_kind(root)}")
-        )
-        return None
+    if root is None:  # no document at all
+        root = yaml.ScalarNode("tag:yaml.org,2002:null", "")
     return root
 
 

@@ -374,6 +374,16 @@ def _choice(*choices: str) -> Parser:
     return parse
 
 
+DASHBOARD_ACCESS = ("open", "token", "off")
+
+
+def _dashboard_access(value: object) -> str:
+    # YAML 1.1 reads a bare off as false: it means "off" here.
+    if value is False:
+        return "off"
+    return _choice(*DASHBOARD_ACCESS)(value)
+
+
 def _role(value: object) -> str:
     s = _string(value)
     if s not in ROLES:
@@ -407,6 +417,17 @@ def _port(value: object) -> int:
     return n
 
 
+def _rate(value: object) -> float:
+    # Messages per second, e.g. 0.5 or 20; 0 = unlimited.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f"expected messages per second (a number, 0 = unlimited), got {_describe(value)}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number at least 0, got {value}")
+    return float(value)
+
+
 def _unknown(what: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
@@ -425,6 +446,9 @@ class Rule:
     one_or_many: bool = False  # a single string is a list of one
     keyed_by: str | None = None  # a list written as a mapping: key -> this field
     nonempty: bool = False
+    # A keyed list whose items' class depends on their ``type`` key: the
+    # type's name -> the dataclass to build (raises ValueError if unknown).
+    kind_of: Callable[[str], type] | None = None
 
 
 RULE_KEY = "spamtrap.rule"
@@ -437,9 +461,10 @@ def rule(
     one_or_many: bool = False,
     keyed_by: str | None = None,
     nonempty: bool = False,
+    kind_of: Callable[[str], type] | None = None,
 ) -> Mapping[str, Any]:
     """Field metadata declaring the field's rule, next to its type and default."""
-    return {RULE_KEY: Rule(parse, one_or_many, keyed_by, nonempty)}
+    return {RULE_KEY: Rule(parse, one_or_many, keyed_by, nonempty, kind_of)}
 
 
 def rule_of(metadata: Mapping[str, Any]) -> Rule:

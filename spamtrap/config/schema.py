@@ -1,16 +1,20 @@
 """The configuration's declarations: one dataclass per section.
 
 The dataclasses are the whole configuration as the rest of spamtrap sees it.
-Each key is declared once, here: its type, its default, the comment that
-documents it and, in ``metadata=rule(...)``, the rule that checks it
-(spamtrap.config.rules). A field without a rule is read by its type's
-default parser (an int at least 0, a float as a duration). Cross-checks
-between keys are in spamtrap.config.checks. etc/spamtrap.yaml and the
-README's and operators' guide's key tables are checked against these
-declarations by tests/unit/test_config.py.
+Each key is declared once, here (the ``filters`` section in
+spamtrap.config.filter_schema, ``outputs`` in spamtrap.config.output_schema):
+its type, its default, the comment that documents it and, in
+``metadata=rule(...)``, the rule that checks it (spamtrap.config.rules).
+A field without a rule is read by its type's default parser (an int at
+least 0, a float as a duration). Cross-checks between keys are in
+spamtrap.config.checks. etc/spamtrap.yaml and the README's and operators'
+guide's key tables are checked against these declarations by
+tests/unit/test_config.py.
 
-The loaded config is not frozen yet: tests build configs by assigning to
-their attributes.
+The loaded config is frozen: nothing changes it once it is built. Code
+that needs a variant builds one with ``dataclasses.replace``; tests use
+``spamtrap.testing.config(base, smtp__rdns=True, ...)``, nested keys joined
+by ``__``, or parse YAML with ``parse_config``.
 """
 
 from __future__ import annotations
@@ -18,19 +22,19 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any
 
+from spamtrap.config.filter_schema import FilterConfig
+from spamtrap.config.output_schema import OutputConfig, output_kind
 from spamtrap.config.rules import (
     GIB,
     MIB,
     _address,
     _base_url,
-    _callable_path,
     _choice,
+    _dashboard_access,
     _domain,
     _duration,
     _endpoint,
-    _extension,
     _header_name,
     _hostname,
     _http_url,
@@ -52,7 +56,7 @@ from spamtrap.config.rules import (
 from spamtrap.message import LINE_ENDINGS
 
 
-@dataclass
+@dataclass(frozen=True)
 class TLSConfig:
     # PEM files. With neither given, a self-signed certificate for the SMTP
     # hostname is generated at start and kept in DATA/tls/.
@@ -61,7 +65,7 @@ class TLSConfig:
     enabled: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class TimeoutConfig:
     # Seconds of silence allowed while in command mode. RFC 5321 4.5.3.2
     # suggests 5 minutes; slow spam bots sit well inside that.
@@ -81,14 +85,14 @@ class TimeoutConfig:
     idle_before_mail: float = field(default=60.0, metadata=rule(_duration(positive=True)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProxyConfig:
     # PROXY protocol v1/v2 is accepted only from these networks (CIDR). Empty
     # = off. A connection from a trusted network *must* start with a header.
     trusted_networks: list[str] = field(default_factory=list, metadata=rule(_network))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SMTPConfig:
     listen: list[str] = field(
         default_factory=lambda: ["tcp:2525"], metadata=rule(_endpoint, one_or_many=True)
@@ -124,16 +128,23 @@ class SMTPConfig:
     rdns: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class HTTPConfig:
     listen: list[str] = field(
         default_factory=lambda: ["tcp:8025"], metadata=rule(_endpoint, one_or_many=True)
     )
     # Base URL that consumers use to download bundles (used in notices).
     public_url: str = field(default="http://localhost:8025", metadata=rule(_base_url))
+    # Who may see /dashboard, the live page: "open" (whoever reaches this
+    # server, like /metrics), "token" (only with dashboard_token, given as
+    # ?token= or Authorization: Bearer) or "off" (404).
+    dashboard: str = field(default="open", metadata=rule(_dashboard_access))
+    # The dashboard's token for dashboard: token (None: it answers 403 until
+    # one is set).
+    dashboard_token: str | None = field(default=None, metadata=rule(_nonempty))
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeedConfig:
     """A forwarder's feed address (use cases B and D)."""
 
@@ -167,7 +178,7 @@ class FeedConfig:
     extract_attached: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrapConfig:
     # Any local part at these domains is a trap.
     domains: list[str] = field(default_factory=list, metadata=rule(_domain))
@@ -179,7 +190,7 @@ class TrapConfig:
     catch_all: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpoolConfig:
     max_bytes: int = field(default=1 * GIB, metadata=rule(_size()))
     max_messages: int = field(default=1_000_000, metadata=rule(_integer(1)))
@@ -192,121 +203,7 @@ class SpoolConfig:
     fsync: bool = True
 
 
-DANGEROUS_EXTENSIONS = [
-    "exe", "scr", "com", "pif", "bat", "cmd", "cpl", "msi", "msp", "dll", "sys",
-    "js", "jse", "vbs", "vbe", "wsf", "wsh", "hta", "ps1", "psm1", "reg", "lnk",
-    "iso", "img", "vhd", "vhdx", "jar", "apk", "chm", "scf", "url", "inf",
-]  # fmt: skip
-
-
-@dataclass
-class VirusConfig:
-    """Stage "virus": the fast built-in malware detector."""
-
-    enabled: bool = True
-    # Attachment file name extensions that are discarded on sight.
-    extensions: list[str] = field(
-        default_factory=lambda: list(DANGEROUS_EXTENSIONS), metadata=rule(_extension)
-    )
-    # Zip archives are opened with these limits, so a zip bomb does no harm.
-    max_zip_depth: int = field(default=2, metadata=rule(_integer(0)))
-    max_zip_entries: int = field(default=1000, metadata=rule(_integer(1)))
-    max_zip_bytes: int = field(default=32 * MIB, metadata=rule(_size()))
-
-
-@dataclass
-class ClamdConfig:
-    """Stage "clamd": ClamAV's daemon over its INSTREAM protocol."""
-
-    enabled: bool = False
-    # A unix socket path; when unset, host and port are used.
-    socket: str | None = field(default=None, metadata=rule(_nonempty))
-    host: str = "127.0.0.1"
-    port: int = field(default=3310, metadata=rule(_port))
-    # Below filters.stage_budget.
-    timeout: float = field(default=8.0, metadata=rule(_duration(positive=True)))
-    max_concurrency: int = field(default=4, metadata=rule(_integer(1)))
-    # What to do with a message when clamd is down or times out.
-    on_error: str = field(default="keep", metadata=rule(_choice("keep", "discard")))
-
-
-@dataclass
-class ListRule:
-    """A named discard rule: the message is discarded when ``regex`` is
-    found in a header (``header:``) or metadata field (``meta:``)."""
-
-    name: str = field(metadata=rule(_name))
-    regex: re.Pattern[str]
-    header: str | None = field(default=None, metadata=rule(_header_name))
-    meta: str | None = field(default=None, metadata=rule(_meta_field))
-
-
-@dataclass
-class ListsConfig:
-    """Stage "lists": discard lists for retired trap addresses and ham."""
-
-    rules: list[ListRule] = field(default_factory=list)
-    # YAML files holding more rules (a list of {name, regex, header|meta}).
-    # They reload on SIGHUP and when they change (checked every interval).
-    files: list[str] = field(default_factory=list)
-    reload_interval: float = field(default=10.0, metadata=rule(_duration(positive=True)))
-
-
-@dataclass
-class BounceConfig:
-    """Stage "bounce": the native bounce and backscatter detector."""
-
-    enabled: bool = True
-
-
-@dataclass
-class SpamdConfig:
-    """Stage "spamd": ask a real SpamAssassin, discard on ANY_BOUNCE_MESSAGE."""
-
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = field(default=783, metadata=rule(_port))
-    # Below filters.stage_budget.
-    timeout: float = field(default=8.0, metadata=rule(_duration(positive=True)))
-    max_concurrency: int = field(default=3, metadata=rule(_integer(1)))
-    on_error: str = field(default="keep", metadata=rule(_choice("keep", "discard")))
-
-
-@dataclass
-class CustomStageConfig:
-    """An operator's own stage: ``callable`` is "package.module:factory",
-    called once with ``options`` (a mapping) to build the stage."""
-
-    name: str
-    callable: str = field(metadata=rule(_callable_path))
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-BUILTIN_STAGES = ["size", "virus", "clamd", "feeds", "lists", "bounce", "spamd"]
-
-
-@dataclass
-class FilterConfig:
-    # Bounded thread pool for filter stages and bundle writes. 0 = intake
-    # only: SMTP still answers 250 into the spool, which sheds its oldest.
-    workers: int = field(default=2, metadata=rule(_integer(0)))
-    # Stage "size": discard messages above this many bytes.
-    max_size: int = field(default=4 * MIB, metadata=rule(_size()))
-    # The stages in the order they run: built-in names and custom ones.
-    # A built-in stage left out of the list does not run.
-    order: list[str] = field(default_factory=lambda: list(BUILTIN_STAGES), metadata=rule(_name))
-    # Most seconds one stage may spend on one message; past it the stage's
-    # verdict is "error" and the message goes on (it is never lost).
-    stage_budget: float = field(default=10.0, metadata=rule(_duration(positive=True)))
-    virus: VirusConfig = field(default_factory=VirusConfig)
-    clamd: ClamdConfig = field(default_factory=ClamdConfig)
-    lists: ListsConfig = field(default_factory=ListsConfig)
-    bounce: BounceConfig = field(default_factory=BounceConfig)
-    spamd: SpamdConfig = field(default_factory=SpamdConfig)
-    custom: list[CustomStageConfig] = field(default_factory=list, metadata=rule(keyed_by="name"))
-
-
-@dataclass
+@dataclass(frozen=True)
 class Condition:
     """One condition of a set rule.
 
@@ -320,28 +217,28 @@ class Condition:
     meta: str | None = field(default=None, metadata=rule(_meta_field))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RotateConfig:
     max_bytes: int = field(default=64 * MIB, metadata=rule(_size()))  # compressed bytes written
     max_messages: int = field(default=100_000, metadata=rule(_integer(1)))
     max_age: float = field(default=3600.0, metadata=rule(_duration(positive=True)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class WebhookConfig:
     url: str = field(metadata=rule(_http_url))
     # HMAC-SHA256 key: the body's signature is sent in X-Spamtrap-Signature.
     secret: str | None = field(default=None, metadata=rule(_nonempty))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SetNotifyConfig:
     # List addresses that get one machine-readable mail per stored bundle.
     mail: list[str] = field(default_factory=list, metadata=rule(_address))
     webhooks: list[WebhookConfig] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SetConfig:
     name: str
     # Every condition must hold (AND). Empty: the set takes everything.
@@ -368,6 +265,10 @@ class SetConfig:
     # Drop exact copies (same body hash, volatile headers ignored) seen in
     # this set within the window (0 = off). Counted.
     dedup_window: float = field(default=0.0, metadata=rule(_duration()))
+    # At most this many messages of one campaign (X-Spamtrap-Campaign) in
+    # one bundle; the rest are left out of the set and counted as sampled
+    # out (0 = off). Needs campaigns.enabled.
+    per_campaign_cap: int = field(default=0, metadata=rule(_integer(0)))
     notify: SetNotifyConfig = field(default_factory=SetNotifyConfig)
     # "unix": a message sent with CRLF throughout is stored with LF and the
     # metadata uses LF (what mutt, formail and grep expect); other messages
@@ -375,7 +276,35 @@ class SetConfig:
     line_endings: str = field(default="unix", metadata=rule(_choice(*LINE_ENDINGS)))
 
 
-@dataclass
+@dataclass(frozen=True)
+class CampaignConfig:
+    """Campaign ids for near-copies (spamtrap.work.campaign, docs/campaigns.md)."""
+
+    # Give every kept message X-Spamtrap-Campaign, the id shared by the
+    # near-copies of one spam run. Costs some tens of µs per message.
+    enabled: bool = True
+    # A campaign not seen for this long is forgotten: its next message
+    # starts a campaign again (with the same id if it reads the same).
+    window: float = field(default=86400.0, metadata=rule(_duration(positive=True)))
+    # Campaigns remembered at most (2 to 4 KiB each); beyond it the least
+    # recently seen is forgotten.
+    max_campaigns: int = field(default=50_000, metadata=rule(_integer(1)))
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long the local store keeps bundles (S3: the bucket's lifecycle
+    rules instead, docs/s3.md). Oldest first, each with its index and
+    manifest; every deletion is counted."""
+
+    # Bundles opened longer ago than this are deleted. None: kept forever.
+    max_age: float | None = field(default=None, metadata=rule(_duration(positive=True)))
+    # The store's disk use (bundles, indexes, manifests) never exceeds this:
+    # the oldest bundles go to make room. None: no bound.
+    max_bytes: int | None = field(default=None, metadata=rule(_size()))
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     # file:///path or s3://bucket/prefix. None: DATA/bundles.
     url: str | None = field(default=None, metadata=rule(_store_url))
@@ -396,9 +325,11 @@ class StoreConfig:
     retry_max: float = field(default=300.0, metadata=rule(_duration(positive=True)))
     # Finished bundles waiting for upload (an outage); oldest shed beyond it.
     backlog_bytes: int = field(default=10 * GIB, metadata=rule(_size()))
+    # Local store only: delete the oldest bundles by age and disk use.
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RelayConfig:
     """The SMTP relay notification mail is sent through."""
 
@@ -411,7 +342,7 @@ class RelayConfig:
     retry_max: float = field(default=3600.0, metadata=rule(_duration(positive=True)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueueConfig:
     """The shared Redis Streams work queue (scaled out: listeners and
     workers on different processes or machines). See docs/scaling.md."""
@@ -456,7 +387,7 @@ class QueueConfig:
     connections: int = field(default=4, metadata=rule(_integer(2)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     node: str = field(
         default_factory=lambda: socket.gethostname().split(".")[0], metadata=rule(_node_name)
@@ -473,16 +404,20 @@ class Config:
     )
     store: StoreConfig = field(default_factory=StoreConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    campaigns: CampaignConfig = field(default_factory=CampaignConfig)
     # What this process does: "all" (SMTP intake and filter workers),
     # "listener" (intake only, into the queue) or "worker" (filters only,
     # from the queue). listener and worker need queue.url.
     role: str = field(default="all", metadata=rule(_role))
     queue: QueueConfig = field(default_factory=QueueConfig)
+    # Per-message outputs (reporting, forwarding, a local command), each
+    # with its own durable queue: name -> {type, sets, ...}. See
+    # docs/outputs.md. None by default.
+    outputs: list[OutputConfig] = field(
+        default_factory=list, metadata=rule(keyed_by="name", kind_of=output_kind)
+    )
 
 
 def default_config() -> Config:
     """The embedded default: a catch-all trap, one set ``all``."""
-    cfg = Config()
-    cfg.traps.catch_all = True
-    cfg.sets = [SetConfig(name="all")]
-    return cfg
+    return Config(traps=TrapConfig(catch_all=True), sets=[SetConfig(name="all")])

@@ -14,7 +14,7 @@ import functools
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -22,6 +22,7 @@ import yaml
 from spamtrap.config.checks import CHECKS
 from spamtrap.config.nodes import (
     ConfigIssue,
+    _entry,
     _is_null,
     _join,
     _node_kind,
@@ -41,7 +42,7 @@ from spamtrap.config.rules import (
     rule_of,
 )
 
-_DEFAULT_PARSERS: dict[Any, Parser] = {
+_DEFAULT_PARSERS: dict[object, Parser] = {
     str: _string,
     bool: _boolean,
     int: _integer(0),
@@ -49,7 +50,7 @@ _DEFAULT_PARSERS: dict[Any, Parser] = {
     re.Pattern: _regex,
 }
 
-_BAD: Any = object()  # a value that failed; the error is already recorded
+_BAD = object()  # a value that failed; the error is already recorded
 
 
 class _Walker:
@@ -104,8 +105,8 @@ class _Walker:
             yield key, key_node, value_node
 
     def build(
-        self, cls: type, node: yaml.Node, path: str, preset: dict[str, Any] | None = None
-    ) -> Any:
+        self, cls: type, node: yaml.Node, path: str, preset: dict[str, object] | None = None
+    ) -> object:
         """A dataclass instance from a mapping node (null: all defaults)."""
         preset = preset or {}
         if not isinstance(node, yaml.MappingNode) and not _is_null(node):
@@ -132,14 +133,16 @@ class _Walker:
                 self.error(node, path, f"missing required key {name!r}")
         if any(name not in values for name in required):
             return _BAD  # reported above, or where its value failed
-        obj = cls(**values)
-        self.origin[id(obj)] = (node, path)
-        check = CHECKS.get(cls)
+        obj: object = cls(**values)
+        # A kind's Settings is checked as its base (OutputConfig) too.
+        check = next((CHECKS[c] for c in cls.__mro__ if c in CHECKS), None)
         if check is not None:
-            check(self, obj, node, path)
+            completed = check(self, obj, node, path)
+            obj = obj if completed is None else completed
+        self.origin[id(obj)] = (node, path)
         return obj
 
-    def value(self, hint: Any, node: yaml.Node, path: str, rule: Rule) -> Any:
+    def value(self, hint: object, node: yaml.Node, path: str, rule: Rule) -> object:
         origin = typing.get_origin(hint)
         if dataclasses.is_dataclass(hint):
             return self.build(typing.cast(type, hint), node, path)
@@ -159,7 +162,7 @@ class _Walker:
             self.error(node, path, str(e))
             return _BAD
 
-    def list(self, item_hint: Any, node: yaml.Node, path: str, rule: Rule) -> Any:
+    def list(self, item_hint: object, node: yaml.Node, path: str, rule: Rule) -> object:
         if rule.keyed_by:
             return self.keyed_list(item_hint, node, path, rule)
         if _is_null(node):
@@ -171,10 +174,12 @@ class _Walker:
         else:
             self.error(node, path, f"expected a list, got {_node_kind(node)}")
             return _BAD
+        if rule.nonempty and not items:
+            self.error(node, path, "must not be empty")
         values = [self.value(item_hint, item, item_path, rule) for item, item_path in items]
         return [v for v in values if v is not _BAD]
 
-    def keyed_list(self, item_hint: Any, node: yaml.Node, path: str, rule: Rule) -> Any:
+    def keyed_list(self, item_hint: object, node: yaml.Node, path: str, rule: Rule) -> object:
         # e.g. sets: {name: {options}} -> [SetConfig(name=name, ...)]
         if _is_null(node):
             entries: list[tuple[str, yaml.Node, yaml.Node]] = []
@@ -194,14 +199,36 @@ class _Walker:
             except ValueError as e:
                 self.error(key_node, item_path, str(e))
                 continue
-            item = self.build(item_hint, value_node, item_path, {rule.keyed_by: name})
+            cls = typing.cast(type, item_hint)  # a keyed list holds dataclasses
+            if rule.kind_of is not None:
+                kind = self.kind(rule.kind_of, value_node, item_path)
+                if kind is None:
+                    continue
+                cls = kind
+            item = self.build(cls, value_node, item_path, {rule.keyed_by: name})
             if item is not _BAD:
                 result.append(item)
         if rule.nonempty and not entries:
             self.error(node, path, "must not be empty")
         return result
 
-    def mapping(self, node: yaml.Node, path: str) -> Any:
+    def kind(self, kind_of: Callable[[str], type], node: yaml.Node, path: str) -> type | None:
+        """The class an item's ``type`` key names (e.g. an output's Settings),
+        or None with the problem reported."""
+        found = _entry(node, "type")
+        if found is None:
+            if isinstance(node, yaml.MappingNode) or _is_null(node):
+                self.error(node, path, "missing required key 'type'")
+            else:
+                self.error(node, path, f"expected a mapping, got {_node_kind(node)}")
+            return None
+        try:
+            return kind_of(_name(self.scalar(found[1])))
+        except ValueError as e:
+            self.error(found[1], _join(path, "type"), str(e))
+            return None
+
+    def mapping(self, node: yaml.Node, path: str) -> object:
         """Free-form options (a custom stage's): any YAML mapping, as is."""
         if _is_null(node):
             return {}
@@ -232,5 +259,5 @@ def _has_default(f: dataclasses.Field[Any]) -> bool:
 
 
 @functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
+def _type_hints(cls: type) -> dict[str, object]:
     return typing.get_type_hints(cls)

@@ -362,7 +362,7 @@ def derived(env: Envelope, n: int, data: bytes) -> Envelope:
         data=data,
         feed=env.feed,
         meta=meta,
-        received=list(env.received_pieces()),
+        received=list(env.received),
     )
 
 

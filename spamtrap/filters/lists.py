@@ -18,7 +18,9 @@ Every regexp is checked at load for shapes that backtrack catastrophically
 value, so a rule costs milliseconds on any message.
 
 Operators edit the files often, so they reload without a restart: on
-SIGHUP, and when a file changes (checked every ``reload_interval``). A file
+SIGHUP (spamtrap.service.startup's one SIGHUP handler calls
+``reload_soon``), and when a file changes (checked every
+``reload_interval``). A file
 that fails to load (YAML error, bad regexp, unknown key) keeps its previous
 rules, and the error is logged with its file and line and counted.
 """
@@ -26,30 +28,37 @@ rules, and the error is logged with its file and line and counted.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
-import yaml
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
-from spamtrap.config import Config, ListRule, forged_header_problem
+from spamtrap.config import Config, ConfigError, ListRule, parse_list_rules
 from spamtrap.filters import Discard
-from spamtrap.message import META_FIELDS, Envelope
-from spamtrap.regex_safety import MAX_VALUE_CHARS, compile_safe
+from spamtrap.interfaces import (
+    ReactorFromThreads,
+    ReactorTime,
+    as_reactor_from_threads,
+    as_reactor_time,
+    pick_clock,
+)
+from spamtrap.message import Envelope
+from spamtrap.regex_safety import MAX_VALUE_CHARS
 from spamtrap.work.collate import message_headers
 
 log = Logger()
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as config's names
-_HEADER_RE = re.compile(r"[!-9;-~]+")  # RFC 5322 2.2: printable ASCII, no colon
-_OWN_META_RE = re.compile(r"x_[a-z0-9_]+")  # metadata added by stages
-_KEYS = ("name", "regex", "header", "meta")
-_STR = "tag:yaml.org,2002:str"
+
+class WatchReactor(ReactorTime, ReactorFromThreads, Protocol):
+    """What watching the files needs: timers, and a thread pool to read in."""
+
+    def getThreadPool(self) -> ThreadPool: ...
+
 
 # (path, line or None, message)
 Problem = tuple[str, int | None, str]
@@ -83,98 +92,14 @@ def load_rule_file(path: str) -> list[ListRule]:
 
 
 def parse_rules(text: str, path: str = "<string>") -> list[ListRule]:
-    """Rules from YAML text, checked strictly. Raises RuleFileError."""
-    problems: list[Problem] = []
+    """Rules from YAML text, checked by the config's own declarations of a
+    rule (spamtrap.config.parse_list_rules). Raises RuleFileError."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        raise RuleFileError([(path, line, f"YAML syntax error: {e.problem or e.context}")])
-    except yaml.YAMLError as e:
-        raise RuleFileError([(path, None, f"YAML error: {e}")])
-    except RecursionError:
-        raise RuleFileError([(path, None, "the YAML is nested too deeply")])
-    if root is None or (isinstance(root, yaml.ScalarNode) and root.value == ""):
-        return []  # an empty file: no rules
-    if not isinstance(root, yaml.SequenceNode):
-        line = root.start_mark.line + 1
-        raise RuleFileError([(path, line, "expected a list of rules ({name, regex, header|meta})")])
-    rules = []
-    names: dict[str, int] = {}
-    for item in root.value:
-        rule = _rule(item, path, problems)
-        if rule is None:
-            continue
-        line = item.start_mark.line + 1
-        if rule.name in names:
-            problems.append(
-                (path, line, f"duplicate rule name {rule.name!r} (line {names[rule.name]})")
-            )
-            continue
-        names[rule.name] = line
-        rules.append(rule)
-    if problems:
-        raise RuleFileError(problems)
-    return rules
-
-
-def _rule(node: yaml.Node, path: str, problems: list[Problem]) -> ListRule | None:
-    line = node.start_mark.line + 1
-    if not isinstance(node, yaml.MappingNode):
-        problems.append((path, line, "a rule must be a mapping {name, regex, header|meta}"))
-        return None
-    values: dict[str, str] = {}
-    ok = True
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        at = key_node.start_mark.line + 1
-        if key not in _KEYS:
-            problems.append((path, at, f"unknown key {key!r} (known: {', '.join(_KEYS)})"))
-            ok = False
-        elif key in values:
-            problems.append((path, at, f"duplicate key {key!r}"))
-            ok = False
-        elif not isinstance(value_node, yaml.ScalarNode) or value_node.tag != _STR:
-            shown = value_node.value if isinstance(value_node, yaml.ScalarNode) else "a collection"
-            problems.append((path, at, f"{key}: expected a string, got {shown!r}"))
-            ok = False
-        else:
-            values[key] = value_node.value
-    for key in ("name", "regex"):
-        if key not in values and ok:
-            problems.append((path, line, f"missing required key {key!r}"))
-            ok = False
-    if not ok:
-        return None
-    error = _check(values)
-    if error:
-        problems.append((path, line, error))
-        return None
-    try:
-        regex = compile_safe(values["regex"], re.IGNORECASE)
-    except (re.error, OverflowError, RecursionError, ValueError) as e:
-        problems.append((path, line, f"rule {values['name']!r}: bad regular expression: {e}"))
-        return None
-    return ListRule(values["name"], regex, values.get("header"), values.get("meta"))
-
-
-def _check(values: dict[str, str]) -> str | None:
-    name = values["name"]
-    if not _NAME_RE.fullmatch(name):
-        return f"bad rule name {name!r}: use letters, digits, '_', '.', '-' (not first)"
-    header, meta = values.get("header"), values.get("meta")
-    if (header is None) == (meta is None):
-        which = "both are given" if header else "neither is given"
-        return f"rule {name!r} needs exactly one of 'header' or 'meta' ({which})"
-    if header is not None and not _HEADER_RE.fullmatch(header):
-        return f"rule {name!r}: not a header field name: {header!r}"
-    if header is not None and (forged := forged_header_problem(header)):
-        return f"rule {name!r}: {forged}"
-    if meta is not None and meta not in META_FIELDS and not _OWN_META_RE.fullmatch(meta):
-        known = ", ".join(META_FIELDS)
-        return f"rule {name!r}: unknown metadata field {meta!r} (known: {known}, or x_...)"
-    return None
+        return parse_list_rules(text, path)
+    except ConfigError as e:
+        raise RuleFileError(
+            [(path, i.line, f"{i.path}: {i.message}" if i.path else i.message) for i in e.errors]
+        )
 
 
 def _stamp(path: str) -> tuple[int, int, int] | None:
@@ -206,8 +131,7 @@ class ListsStage:
         self._stamps: dict[str, tuple[int, int, int] | None] = {}
         self._lock = threading.Lock()  # one reload at a time (SIGHUP vs the loop)
         self._loop: task.LoopingCall | None = None
-        self._hup_handler: Any = None
-        self._previous_hup: Any = None
+        self._run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] | None = None
 
     def __call__(self, env: Envelope) -> Discard | None:
         headers: dict[str, list[str]] | None = None
@@ -263,16 +187,17 @@ class ListsStage:
                 self.rules_loaded = len(new)
             return ok
 
-    # -- watching: SIGHUP and a periodic check ---------------------------------
+    # -- watching: a periodic check, and reloads asked for (SIGHUP) -----------
 
     def watch(
         self,
-        reactor: Any,
+        reactor: WatchReactor,
         interval: float,
-        clock: Any = None,
+        clock: ReactorTime | None = None,
         run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] | None = None,
     ) -> None:
-        """Check the files every ``interval`` seconds and reload on SIGHUP.
+        """Check the files every ``interval`` seconds, and read them on
+        ``reload_soon``, until ``unwatch``.
 
         Call in the reactor thread once it runs. The file reading runs
         through ``run_in_thread`` (default: the reactor's thread pool).
@@ -281,56 +206,47 @@ class ListsStage:
             pool = reactor.getThreadPool()
 
             def run_in_thread(f: Callable[[], bool]) -> defer.Deferred[bool]:
-                return deferToThreadPool(reactor, pool, f)
+                return deferToThreadPool(as_reactor_from_threads(reactor), pool, f)
 
-        runner = run_in_thread
-
-        def poll(force: bool = False) -> defer.Deferred[Any]:
-            d = runner(self.reload if force else self.check)
-            # A LoopingCall stops for good when its call fails.
-            d.addErrback(lambda f: log.failure("reloading discard lists failed", f))
-            return d
-
-        self._loop = task.LoopingCall(poll)
-        self._loop.clock = clock if clock is not None else reactor
+        self._run_in_thread = run_in_thread
+        self._loop = task.LoopingCall(self._poll)
+        self._loop.clock = as_reactor_time(pick_clock(clock, reactor))
         self._loop.start(interval, now=False)
-        self._install_hup(reactor, lambda: poll(force=True))
 
-    def _install_hup(self, reactor: Any, hup: Callable[[], Any]) -> None:
-        # twistd uses SIGUSR1 (log rotation) but not SIGHUP, with or without -n.
-        if (
-            not hasattr(signal, "SIGHUP")
-            or threading.current_thread() is not threading.main_thread()
-        ):
-            return
-        previous = signal.getsignal(signal.SIGHUP)
+    def reload_soon(self) -> None:
+        """Re-read every file, unchanged-looking ones too, in a thread (what
+        SIGHUP does; spamtrap.service.startup.SighupHandler calls it). A
+        no-op when not watching."""
+        if self._run_in_thread is not None:
+            self._poll(force=True)
 
-        def on_hup(signum: int, frame: Any) -> None:
-            reactor.callFromThread(hup)
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGHUP, on_hup)
-        self._hup_handler = on_hup
-        self._previous_hup = previous
+    def _poll(self, force: bool = False) -> defer.Deferred[bool | None]:
+        assert self._run_in_thread is not None
+        d = self._run_in_thread(self.reload if force else self.check)
+        # A LoopingCall stops for good when its call fails.
+        return d.addErrback(_reload_failed)
 
     def unwatch(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._hup_handler is not None and signal.getsignal(signal.SIGHUP) is self._hup_handler:
-            previous = self._previous_hup
-            signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
-        self._hup_handler = None
+        self._run_in_thread = None
 
 
-def make(cfg: Config, reactor: Any) -> ListsStage | None:
+def _reload_failed(failure: Failure) -> None:
+    log.failure("reloading discard lists failed", failure)
+
+
+def make(cfg: Config, reactor: object) -> ListsStage | None:
+    """The stage with the config's own rules; its files are read by whoever
+    runs it: the daemon's ListsReloader at start (then on change and on
+    SIGHUP), a one-shot command with ``reload()``."""
     lists = cfg.filters.lists
     if not lists.rules and not lists.files:
         return None
-    stage = ListsStage(lists.rules, lists.files)
-    stage.reload()  # at start-up, before the reactor runs: a blocking read is fine
-    if lists.files:
-        reactor.callWhenRunning(stage.watch, reactor, lists.reload_interval)
-        reactor.addSystemEventTrigger("before", "shutdown", stage.unwatch)
-    return stage
+    return ListsStage(lists.rules, lists.files)
+
+
+def find(stages: Iterable[tuple[str, object]]) -> ListsStage | None:
+    """The discard-list stage among built ``stages``, if there is one."""
+    return next((s for _, s in stages if isinstance(s, ListsStage)), None)

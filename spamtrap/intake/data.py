@@ -102,9 +102,8 @@ class DataIntake(SessionBase):
                     self.dialect.flags.add("smuggling")
         else:
             end, skip = _lf_end(data, start)
-        limit = self.factory.config.smtp.max_message_size
         if end < 0:
-            if len(data) - len(DATA_SENTINEL) > limit:
+            if self._over_size(0, len(data)):
                 # Past the limit: keep only what can still hold the terminator.
                 self._data_overflow = True
                 del data[:-4]
@@ -115,20 +114,30 @@ class DataIntake(SessionBase):
         self._set_idle(self.timeout)
         if self._data_ended(data, end):
             return True
-        if self._data_overflow or end > limit + len(DATA_SENTINEL):
+        if self._data_overflow or self._over_size(0, end):
             self._end_transaction()
             self._data = bytearray()
             self.factory.metrics.messages_rejected.labels(reason="size").inc()
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
             return True
         # RFC 5321 4.5.2: drop the first period of every line that has one.
-        if self._crlf_client:
-            content = bytes(data[: end + 2]).replace(b"\r\n.", b"\r\n")[len(DATA_SENTINEL) :]
-        else:
-            content = bytes(data[: end + 1]).replace(b"\n.", b"\n")[len(DATA_SENTINEL) :]
+        eol = self._line_end
+        content = bytes(data[: end + len(eol)]).replace(eol + b".", eol)[len(DATA_SENTINEL) :]
         self._data = bytearray()
         self._deliver(content)
         return True
+
+    @property
+    def _line_end(self) -> bytes:
+        """What a line of this client's DATA ends with, as _data_chunk reads
+        it: CRLF for a client whose commands end in CRLF, else LF."""
+        return b"\r\n" if self._crlf_client else b"\n"
+
+    def _over_size(self, base: int, length: int) -> bool:
+        """Whether DATA ``length`` bytes into the scanned buffer (which has
+        DATA_SENTINEL in front), ``base`` bytes of it already spilled, is
+        over max_message_size: the one size check of the data path."""
+        return base + length - len(DATA_SENTINEL) > self.factory.config.smtp.max_message_size
 
     # -- DATA over the memory budget: the spill -------------------------------
 
@@ -156,10 +165,9 @@ class DataIntake(SessionBase):
                 and f.data_in_memory <= cfg.data_memory_budget
             ):
                 return
-            unstuff = b"\r\n" if self._crlf_client else b"\n"
-            spill = self._spill = f.spill.open(unstuff, skip=len(DATA_SENTINEL))
+            spill = self._spill = f.spill.open(self._line_end, skip=len(DATA_SENTINEL))
             spill.on_drained = self._spill_drained
-        if self._data_base + len(data) - len(DATA_SENTINEL) > cfg.max_message_size:
+        if self._over_size(self._data_base, len(data)):
             # As _data_chunk does in memory: keep what can hold the terminator.
             self._data_overflow = True
             spill.discard()
@@ -195,12 +203,11 @@ class DataIntake(SessionBase):
         base, self._data_base = self._data_base, 0
         if spill is None:
             return False
-        limit = self.factory.config.smtp.max_message_size
-        if self._data_overflow or base + end > limit + len(DATA_SENTINEL):
+        if self._data_overflow or self._over_size(base, end):
             spill.discard()
             self._data_overflow = True  # _data_chunk answers 552
             return False
-        spill.feed(bytes(data[: end + 2] if self._crlf_client else data[: end + 1]))
+        spill.feed(bytes(data[: end + len(self._line_end)]))
         self._data = bytearray()
         # Input is held while the content is read back, as while the spool
         # writes it.

@@ -44,8 +44,8 @@ from spamtrap.config import Config, SetConfig, WebhookConfig
 from spamtrap.interfaces import DelayedCall, NetworkReactor, NoticeChannel, ReactorTime, pick_clock
 from spamtrap.metrics import Metrics
 from spamtrap.notify import mail, webhook
-from spamtrap.store import BUNDLE_SUFFIX, MANIFEST_SUFFIX
-from spamtrap.store.published import download_url, served_by_web
+from spamtrap.store import BUNDLE_SUFFIX, MANIFEST_SUFFIX, served_by_web
+from spamtrap.store.published import download_url
 
 log = Logger()
 

@@ -8,10 +8,13 @@ tree starts, by SpamtrapService itself or by its child services
 document and checked once with it (config.merge_overrides). The start and
 stop order matters and lives in :class:`SpamtrapService`:
 
-start: spool recovery -> bundle sets -> filter pool and workers -> HTTP -> SMTP
+start: spool recovery -> output queues' recovery and runners -> bundle sets
+-> filter pool and workers -> HTTP -> SMTP
 stop (SIGTERM): SMTP stops listening and finishes replies in progress ->
 workers drain the spool -> every open bundle is finalised and stored ->
-spool closed -> HTTP closed.
+outputs stop (sends in flight get a grace; the unsent stay queued) ->
+spool closed -> HTTP closed. The outputs are started and stopped here,
+not as child services: children stop first, and draining still enqueues.
 
 With a Redis queue (--queue), a process has a role: a listener's intake goes
 into the stream (its spool only holds what came while Redis was down), a
@@ -41,6 +44,9 @@ from spamtrap.config import (
     load_config,
     parse_config,
 )
+from spamtrap.dashboard import Dashboard, make_dashboard_resource
+from spamtrap.filters import lists
+from spamtrap.filters.registry import build_stages
 from spamtrap.intake import memory
 from spamtrap.intake.endpoints import DEFAULT_BACKLOG
 from spamtrap.intake.smtp import TrapSMTPFactory
@@ -48,20 +54,15 @@ from spamtrap.intake.spill import SpillDir
 from spamtrap.interfaces import EntryT, Intake, WorkSource
 from spamtrap.metrics import Metrics
 from spamtrap.notify import Notifier
-from spamtrap.service.startup import HupLogger, ListsReloader, PTRLookup, TLSContext, build_stages
-from spamtrap.store import StoreConfigError, open_store
+from spamtrap.outputs.service import Outputs
+from spamtrap.service.startup import ListsReloader, PTRLookup, SighupHandler, TLSContext
+from spamtrap.store import StoreConfigError, open_store, served_by_web
 from spamtrap.web import make_site
 from spamtrap.work.collate import Collator
 from spamtrap.work.pipeline import Pipeline, StoredAcks
-from spamtrap.work.queue import (
-    Forwarder,
-    QueueIntake,
-    QueueLink,
-    QueueSource,
-    QueueWriter,
-    StreamEntry,
-    describe,
-)
+from spamtrap.work.queue import Forwarder, QueueIntake, QueueWriter
+from spamtrap.work.queue_link import QueueLink, describe
+from spamtrap.work.queue_source import QueueSource, StreamEntry
 from spamtrap.work.spool import Spool, SpoolEntry, SpoolError, SpoolIntake
 
 log = Logger()
@@ -190,23 +191,48 @@ class SpamtrapService(service.MultiService):
                 # The consumer name is the node name: a restarted worker
                 # finds the messages it held before, in its pending list.
                 self.source = QueueSource(self.link, cfg.node, self.metrics)
+        # The live page (spamtrap/dashboard), fed by the intake, the pipeline
+        # and the bundle sets; none of it exists with http.dashboard: off.
+        self.dashboard: Dashboard | None = None
+        if cfg.http.dashboard != "off":
+            self.dashboard = Dashboard(cfg, self.metrics, reactor, served_by_web(cfg.store.url))
+            self.intake = self.dashboard.counting(self.intake)
+            if cfg.http.dashboard == "token" and not cfg.http.dashboard_token:
+                log.info("http.dashboard_token is not set: /dashboard answers 403")
         self.submit = self.intake.submit
         # Uploads get their own small pool: saturated filters must not delay
         # signing and file reads for the store (that would cause "busy" skips).
         self.store_pool = ThreadPool(minthreads=1, maxthreads=4, name="spamtrap-store")
-        self.store = open_store(cfg.store.url, data, reactor, self.store_pool, config=cfg.store)
+        self.store = open_store(
+            cfg.store.url, data, reactor, self.store_pool, config=cfg.store, metrics=self.metrics
+        )
         # Built before the bundle sets: each announces its stored bundles through it.
         self.notifier = Notifier(cfg, self.metrics, reactor)
 
         # Signal handlers and list files are set up by child services at
         # start, in this order (stopped in reverse).
-        HupLogger(reactor).setServiceParent(self)
-        stages, lists_stage = build_stages(cfg, reactor)
+        hup = SighupHandler(reactor)
+        hup.setServiceParent(self)
+        stages = build_stages(cfg, reactor)
+        lists_stage = lists.find(stages)
         if lists_stage is not None and self.filters:
-            reloader = ListsReloader(lists_stage, cfg.filters.lists.reload_interval, reactor)
-            reloader.setServiceParent(self)
+            interval = cfg.filters.lists.reload_interval
+            ListsReloader(lists_stage, interval, reactor, hup=hup).setServiceParent(self)
+
+        # Per-message outputs run where the pipeline runs (docs/outputs.md);
+        # their queues open at start, and they stop after the pipeline drained.
+        self.outputs: Outputs | None = None
+        if self.filters and cfg.outputs:
+            self.outputs = Outputs(cfg, self.metrics, reactor)
+        elif cfg.outputs:
+            log.info("outputs: not run by a listener; the workers run them")
 
         self.bundles: dict[str, BundleSet]  # set by pipeline_from
+        on_published = (
+            self.notifier.published
+            if self.dashboard is None
+            else self.dashboard.chained(self.notifier.published)
+        )
 
         def bundles_for(acks: StoredAcks[Any]) -> dict[str, BundleSet]:
             return {
@@ -221,7 +247,7 @@ class SpamtrapService(service.MultiService):
                     pool=self.store_pool,
                     on_stored=acks.stored,
                     store_config=cfg.store,
-                    on_published=self.notifier.published,
+                    on_published=on_published,
                 )
                 for s in cfg.sets
             }
@@ -242,6 +268,8 @@ class SpamtrapService(service.MultiService):
                 workers=cfg.filters.workers,
                 config=cfg,
                 acks=acks,
+                outputs=self.outputs,
+                on_processed=self.dashboard.processed if self.dashboard else None,
             )
 
         self.pipeline: Pipeline[StreamEntry] | Pipeline[SpoolEntry] = (
@@ -268,7 +296,12 @@ class SpamtrapService(service.MultiService):
             resolve_ptr=resolve_ptr,
             spill=self.spill,
         )
-        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor)
+        dashboard_page = None
+        if self.dashboard is not None:
+            dashboard_page = make_dashboard_resource(
+                self.dashboard, cfg.http.dashboard, cfg.http.dashboard_token
+            )
+        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, dashboard_page)
         self.smtp_ports: list[Any] = []
         self.http_ports: list[Any] = []
         # Set when start-up failed (a port in use, the spool locked): only
@@ -305,6 +338,12 @@ class SpamtrapService(service.MultiService):
             out["problems"] = problems
         if self.link is not None:
             out["queue"] = "up" if self.link.up else "unreachable"
+        if self.outputs is not None:
+            # Named, not a 503: intake and bundles go on while an output is down.
+            out["outputs"] = {name: r.depth for name, r in self.outputs.runners.items()}
+            failing = self.outputs.failing()
+            if failing:
+                out["outputs_failing"] = failing
         return out
 
     def privilegedStartService(self) -> None:
@@ -373,6 +412,13 @@ class SpamtrapService(service.MultiService):
                 log.critical("cannot open the spool: {err}; exiting", err=e)
                 self._exit_non_zero()
                 return
+        if self.outputs is not None:
+            try:
+                self.outputs.startService()
+            except (SpoolError, OSError) as e:
+                log.critical("cannot open an output queue: {err}; exiting", err=e)
+                self._exit_non_zero()
+                return
         self._components_started = True
         if self.link is not None:
             self.link.start()
@@ -429,13 +475,15 @@ class SpamtrapService(service.MultiService):
     def stopService(self) -> Any:
         service.MultiService.stopService(self)
         if not self._components_started:
-            # Start-up failed before any mail came in: close the ports and
-            # the spool's lock only.
+            # Start-up failed before any mail came in: release what start
+            # took, in the order of a full stop below (the reverse of start).
             ports = self.smtp_ports + self.http_ports
             yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
-            yield self.spool.stop()
-            self.pool.stop()
+            if self.outputs is not None:
+                yield self.outputs.stopService()
             yield self.store.close()  # stops the store pool too
+            yield self.spool.stop()  # and its lock
+            self.pool.stop()
             return
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.smtp_ports])
         yield self.smtp_factory.shutdown()
@@ -451,6 +499,9 @@ class SpamtrapService(service.MultiService):
             yield defer.ensureDeferred(self.pipeline.drain())
         if self.filters:
             yield defer.DeferredList([b.stop() for b in self.bundles.values()])
+        if self.outputs is not None:
+            # Sends in flight get their grace; what is unsent stays queued.
+            yield self.outputs.stopService()
         if self.source is not None:
             # The last bundles are stored: acknowledge their messages.
             yield defer.ensureDeferred(self.source.stop())

@@ -9,56 +9,27 @@ those things; they start in the order they were added and stop in reverse.
 
 from __future__ import annotations
 
-import importlib
 import signal
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from spamtrap.config import Config, TLSConfig
-from spamtrap.filters import Stage
-from spamtrap.filters.lists import ListsStage
-from spamtrap.filters.registry import BUILTIN_MODULES
+from spamtrap.config import TLSConfig
+from spamtrap.filters.lists import ListsStage, WatchReactor
 from spamtrap.intake import rdns, tls
+from spamtrap.interfaces import ReactorFromThreads, ReactorTime
 
 log = Logger()
 
 
-def build_stages(cfg: Config, reactor: Any) -> tuple[list[tuple[str, Stage]], ListsStage | None]:
-    """The stages in ``filters.order``, as ``filters.registry.build_stages``
-    builds them, except that the discard-list stage is built without reading
-    its files: those are read by a :class:`ListsReloader` at start. Returns
-    the stages and that stage (None when no lists are configured)."""
-    custom = {c.name: c for c in cfg.filters.custom}
-    stages: list[tuple[str, Stage]] = []
-    lists_stage: ListsStage | None = None
-    for name in cfg.filters.order:
-        stage: Stage | None
-        if name in custom:
-            from spamtrap.filters.custom import load
-
-            stage = load(custom[name])
-        elif name == "lists":
-            lists = cfg.filters.lists
-            stage = lists_stage = (
-                ListsStage(lists.rules, lists.files) if lists.rules or lists.files else None
-            )
-        elif name in BUILTIN_MODULES:
-            stage = importlib.import_module(BUILTIN_MODULES[name]).make(cfg, reactor)
-        else:
-            continue
-        if stage is not None:
-            stages.append((name, stage))
-    return stages, lists_stage
-
-
 class ListsReloader(service.Service):
     """Reads the discard-list files at start, then reloads them every
-    ``reload_interval`` and on SIGHUP; stops watching at stop."""
+    ``reload_interval`` and on SIGHUP (through ``hup``); stops at stop."""
 
     name = "lists-reloader"
 
@@ -66,9 +37,10 @@ class ListsReloader(service.Service):
         self,
         stage: ListsStage,
         interval: float,
-        reactor: Any,
+        reactor: WatchReactor,
         *,
-        clock: Any = None,
+        hup: SighupHandler | None = None,
+        clock: ReactorTime | None = None,
         run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] | None = None,
     ) -> None:
         """``clock`` and ``run_in_thread`` replace the reactor's timers and
@@ -76,6 +48,7 @@ class ListsReloader(service.Service):
         self.stage = stage
         self.interval = interval
         self.reactor = reactor
+        self.hup = hup
         self.clock = clock
         self.run_in_thread = run_in_thread
 
@@ -86,21 +59,27 @@ class ListsReloader(service.Service):
         self.stage.reload()
         if self.stage.files:
             self.stage.watch(self.reactor, self.interval, self.clock, self.run_in_thread)
+            if self.hup is not None:
+                self.hup.listeners.append(self.stage.reload_soon)
 
     def stopService(self) -> defer.Deferred[None] | None:
+        if self.hup is not None and self.stage.reload_soon in self.hup.listeners:
+            self.hup.listeners.remove(self.stage.reload_soon)
         self.stage.unwatch()
         return super().stopService()
 
 
-class HupLogger(service.Service):
-    """Says what SIGHUP does. Without a handler SIGHUP would kill the
-    process (no drain, no clean stop); a ListsReloader started after this
-    chains its reload in front of it."""
+class SighupHandler(service.Service):
+    """The process's one SIGHUP handler. Without one, SIGHUP would kill the
+    process (no drain, no clean stop). It says what SIGHUP does and calls
+    each of ``listeners`` (the discard lists' reload) in the reactor thread;
+    at stop the previous handler is put back."""
 
     name = "sighup"
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: ReactorFromThreads) -> None:
         self.reactor = reactor
+        self.listeners: list[Callable[[], object]] = []
         self._handler: Any = None
         self._previous: Any = None
 
@@ -110,14 +89,21 @@ class HupLogger(service.Service):
         if threading.current_thread() is not threading.main_thread():
             return
 
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(
-                log.info, "SIGHUP: discard-list files are reloaded; other settings need a restart"
-            )
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self.reactor.callFromThread(self.hup)
 
         self._previous = signal.getsignal(signal.SIGHUP)
         signal.signal(signal.SIGHUP, on_hup)
         self._handler = on_hup
+
+    def hup(self) -> None:
+        """What SIGHUP does, in the reactor thread."""
+        log.info("SIGHUP: discard-list files are reloaded; other settings need a restart")
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - one listener must not stop the others
+                log.failure("a SIGHUP listener failed")
 
     def stopService(self) -> defer.Deferred[None] | None:
         if self._handler is not None and signal.getsignal(signal.SIGHUP) is self._handler:

@@ -19,11 +19,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping
-from urllib.parse import quote, urlsplit
-
-# The schemes of a store URL that open_store turns into a LocalStore: its
-# files are served by this node's own web server, under /bundles/<key>.
-_WEB_SERVED_SCHEMES = ("", "file")
+from urllib.parse import quote
 
 SUBJECT_TAG = "[spamtrap]"
 # "[spamtrap] <set>: <n> messages, <first>..<last>"; a list may prefix it
@@ -36,18 +32,11 @@ _SUBJECT_RE = re.compile(re.escape(SUBJECT_TAG) + r" ([^\s:]+): \d+ messages, ")
 _SAFE = "".join(c for c in string.printable if c not in string.whitespace)
 
 
-def served_by_web(store_url: str | None) -> bool:
-    """Whether this node's web server serves the bundles of the store that
-    ``store.url`` (the config value) opens: the local store, yes; S3, whose
-    bundles the web server only redirects to, no."""
-    return urlsplit(store_url or "").scheme in _WEB_SERVED_SCHEMES
-
-
 def download_url(key: str, store_url: str | None, public_url: str, web_served: bool) -> str | None:
     """The URL consumers download bundle ``key`` from: ``store_url`` (what
     the store's ``url(key)`` answered) if there is one, else this node's
     ``/bundles/<key>`` under ``public_url`` if ``web_served`` (see
-    :func:`served_by_web`), else None."""
+    :func:`spamtrap.store.served_by_web`), else None."""
     if store_url:
         return store_url
     if web_served:

@@ -50,6 +50,7 @@ from spamtrap.config import StoreConfig
 from spamtrap.interfaces import NetworkReactor, as_reactor_from_threads
 from spamtrap.store import (
     BUNDLE_SUFFIX,
+    INDEX_SUFFIX,
     KEY_RE,
     MANIFEST_SUFFIX,
     Download,
@@ -70,6 +71,7 @@ MAX_PARTS = 10_000  # S3's most parts per upload
 DEFAULT_REGION = "us-east-1"
 BUNDLE_TYPE = "application/gzip"
 MANIFEST_TYPE = "application/json"
+INDEX_TYPE = "application/x-ndjson"
 # Keys never change once written: caches and CDNs may keep them forever.
 IMMUTABLE = "public, max-age=31536000, immutable"
 # Seconds allowed for one request: a minute plus 1 s per 256 KiB of body,
@@ -415,10 +417,10 @@ class S3Store:
 
     # -- put -------------------------------------------------------------------
 
-    def put(self, key: str, path: str, manifest: bytes) -> Deferred[None]:
-        return self._track(ensureDeferred(self._put(key, path, manifest)))
+    def put(self, key: str, path: str, manifest: bytes, index: str | None = None) -> Deferred[None]:
+        return self._track(ensureDeferred(self._put(key, path, manifest, index)))
 
-    async def _put(self, key: str, path: str, manifest: bytes) -> None:
+    async def _put(self, key: str, path: str, manifest: bytes, index: str | None) -> None:
         self._refuse_if_closed()
         if KEY_RE.fullmatch(key) is None or not key.endswith(BUNDLE_SUFFIX):
             raise ValueError(f"not a bundle key: {key!r}")
@@ -429,7 +431,9 @@ class S3Store:
             await self._put_multipart(object_key, path, size)
         else:
             await self._put_single(object_key, _FileRange(path, 0, size))
-        # Only now, with the object complete, the commit marker.
+        if index is not None:
+            await self._put_index(object_key[: -len(BUNDLE_SUFFIX)] + INDEX_SUFFIX, index)
+        # Only now, with the object and its index complete, the commit marker.
         manifest_object = object_key[: -len(BUNDLE_SUFFIX)] + MANIFEST_SUFFIX
         await self._request(
             "PUT",
@@ -438,6 +442,21 @@ class S3Store:
             headers={"Content-Type": MANIFEST_TYPE, "Cache-Control": IMMUTABLE},
             body=manifest,
         )
+
+    async def _put_index(self, object_key: str, path: str) -> None:
+        # An index is a few hundred bytes per message: one PUT, never parts.
+        size = await deferToThreadPool(self._threads, self._pool, os.path.getsize, path)
+        await self._transfers.acquire()
+        try:
+            await self._request(
+                "PUT",
+                object_key,
+                "PutObject (index)",
+                headers={"Content-Type": INDEX_TYPE, "Cache-Control": IMMUTABLE},
+                body=_FileRange(path, 0, size),
+            )
+        finally:
+            self._transfers.release()
 
     async def _put_single(self, object_key: str, body: _FileRange) -> None:
         await self._transfers.acquire()

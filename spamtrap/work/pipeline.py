@@ -9,7 +9,7 @@ or at once when the stages discard it or no set wants it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -18,7 +18,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from spamtrap.bundle import mbox
+from spamtrap.bundle import index, mbox
+from spamtrap.bundle.file import Item
 from spamtrap.config import Config
 from spamtrap.errors import WorkSourceError
 from spamtrap.filters import Outcome, Stage, run_stages
@@ -31,9 +32,12 @@ from spamtrap.interfaces import (
 )
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
+from spamtrap.outputs.base import OutputSink
+from spamtrap.outputs.queue import encode_item
+from spamtrap.work.campaign import CampaignAssigner, CampaignIndex
 from spamtrap.work.collate import Collator
 from spamtrap.work.dedup import Deduper
-from spamtrap.work.redact import EnvelopeRedactor
+from spamtrap.work.redact import EnvelopeRedactor, redact_text
 
 log = Logger()
 
@@ -94,9 +98,15 @@ def evaluate(
     collator: Collator,
     env: Envelope,
     budget: float = float("inf"),
+    campaigns: CampaignAssigner | None = None,
 ) -> Result:
-    """The decision for one message; shared by the daemon and ``spamtrap explain``."""
+    """The decision for one message; shared by the daemon and ``spamtrap explain``.
+    With ``campaigns``, each message the stages keep gets its campaign
+    before the set rules run (they may read ``meta: campaign``)."""
     outcome = run_stages(stages, env, budget)
+    if campaigns is not None and outcome.keep:
+        for survivor, _ in outcome.survivors:
+            campaigns.assign(survivor)
     deliveries = survivor_sets(collator, outcome) if outcome.keep else []
     sets = [s.name for s in collator.sets if any(s.name in d for _, d in deliveries)]
     return Result(env, outcome, sets, deliveries)
@@ -144,8 +154,17 @@ class Pipeline(Generic[EntryT]):
         config: Config | None = None,
         *,
         acks: StoredAcks[EntryT] | None = None,
+        on_processed: Callable[[list[Envelope]], object] | None = None,
+        outputs: OutputSink | None = None,
     ) -> None:
         self.spool = spool
+        # Per-message outputs: each kept copy of a set they list is queued
+        # durably before the spool entry may be acked (it holds one count
+        # of the entry's Pending until the appends commit).
+        self.outputs = outputs
+        # Called in the reactor thread once per batch with the messages that
+        # landed in a set (the dashboard counts their campaigns).
+        self.on_processed = on_processed
         self.stages = list(stages)
         self.collator = collator
         self.bundles = bundles
@@ -170,6 +189,15 @@ class Pipeline(Generic[EntryT]):
         }
         # Sets storing the wire bytes; every other set stores unix line ends.
         self.wire_sets = {s.name for s in cfg.sets if s.line_endings == "wire"}
+        # Campaign ids, on each message the stages keep, before the set
+        # rules and any set's redaction (a redacted copy is in the same campaign).
+        self.campaigns = (
+            CampaignAssigner(
+                CampaignIndex(reactor, cfg.campaigns.window, cfg.campaigns.max_campaigns), metrics
+            )
+            if cfg.campaigns.enabled
+            else None
+        )
 
     def stored(self, tokens: Sequence[Token]) -> None:
         """The BundleSink: see StoredAcks."""
@@ -204,9 +232,15 @@ class Pipeline(Generic[EntryT]):
                 self._busy -= len(batch)
 
     async def _process(self, batch: list[EntryT]) -> None:
+        handoffs: list[tuple[Token, list[tuple[str, bytes]]]] = []
         results = await deferToThreadPool(
-            as_reactor_from_threads(self.reactor), self.pool, self._work_batch, batch
+            as_reactor_from_threads(self.reactor), self.pool, self._work_batch, batch, handoffs
         )
+        if handoffs:
+            # One hand-over per batch; its messages' counts go when it commits.
+            assert self.outputs is not None
+            items = [item for _, batch_items in handoffs for item in batch_items]
+            self.outputs.enqueue(items).addCallback(self._queued, [t for t, _ in handoffs])
         # Counted and acked once per batch: the reactor's share stays small.
         verdicts: Counter[tuple[str, str, str]] = Counter()
         unrouted = []
@@ -220,13 +254,27 @@ class Pipeline(Generic[EntryT]):
             if not result.sets:
                 unrouted.append(entry.key)
         self.spool.ack_keys(unrouted)
+        if self.on_processed is not None:
+            self._tell_processed(results)
         if errors:
             self.metrics.processing_errors.inc(errors)
         self.metrics.messages_processed.inc(len(batch) - errors)
         for (stage, verdict, reason), n in verdicts.items():
             self.metrics.filter_verdicts.labels(stage=stage, verdict=verdict, reason=reason).inc(n)
 
-    def _work_batch(self, batch: list[EntryT]) -> list[Result | None]:
+    def _tell_processed(self, results: list[Result | None]) -> None:
+        assert self.on_processed is not None
+        landed = [r.deliveries[0][0] for r in results if r is not None and r.sets and r.deliveries]
+        try:
+            self.on_processed(landed)
+        except Exception:  # noqa: BLE001 - an observer must never stop the pipeline
+            log.failure("on_processed failed")
+
+    def _work_batch(
+        self,
+        batch: list[EntryT],
+        handoffs: list[tuple[Token, list[tuple[str, bytes]]]] | None = None,
+    ) -> list[Result | None]:
         """In a pool thread: read, decide, and write into the sets' bundles.
 
         Each step runs for the whole batch: one read (see read_entries), the
@@ -236,13 +284,13 @@ class Pipeline(Generic[EntryT]):
         records = self.spool.read_entries(batch)
         results: list[Result | None] = []
         tokens: list[Token | None] = []
-        adds: dict[str, list[tuple[bytes, float, Token]]] = {}
+        adds: dict[str, list[Item]] = {}
         for entry, record in zip(batch, records, strict=True):
             token: Token | None = None
             try:
                 if isinstance(record, WorkSourceError):
                     raise record
-                result, token = self._decide(entry, record, adds)
+                result, token = self._decide(entry, record, adds, handoffs)
             except Exception:  # noqa: BLE001 - one bad record must not stop the batch
                 log.failure("processing spooled message failed; it stays spooled")
                 result = None
@@ -253,19 +301,30 @@ class Pipeline(Generic[EntryT]):
             # add_many logs a failed write once, with the bundle and spool keys.
             failed.update(self.bundles[name].add_many(items))
         if failed:
+            if handoffs:  # stays spooled: it is processed again
+                handoffs[:] = [h for h in handoffs if h[0] not in failed]
             return [None if t in failed else r for t, r in zip(tokens, results, strict=True)]
         return results
 
     def _decide(
-        self, entry: EntryT, record: bytes, adds: dict[str, list[tuple[bytes, float, Token]]]
+        self,
+        entry: EntryT,
+        record: bytes,
+        adds: dict[str, list[Item]],
+        handoffs: list[tuple[Token, list[tuple[str, bytes]]]] | None = None,
     ) -> tuple[Result, Token | None]:
-        """The decision for one message; its bundle entries go to ``adds``."""
+        """The decision for one message; its bundle entries (with their
+        index fields) go to ``adds``."""
         env = Envelope.from_record(record)
-        result = evaluate(self.stages, self.collator, env, self.budget)
-        writes: list[tuple[str, bytes, float]] = []
+        result = evaluate(self.stages, self.collator, env, self.budget, self.campaigns)
+        writes: list[tuple[str, bytes, float, bytes, str | None]] = []
+        sends: list[tuple[str, bytes]] = []  # (output, encoded item)
+        reasons = index.notable(result.outcome.verdicts) if result.deliveries else []
         for msg, sets in result.deliveries:
+            campaign = next(iter(msg.meta.get("campaign", ())), None)
             # One mbox entry per distinct copy: (redacted?, line endings).
             entries: dict[tuple[bool, str], bytes] = {}
+            fields: dict[bool, bytes] = {}  # index fields per (redacted?)
             redacted_env: Envelope | None = None
             for name in sets:
                 copy = msg
@@ -283,15 +342,45 @@ class Pipeline(Generic[EntryT]):
                 if data is None:
                     data = mbox.entry(copy.mail_from, copy.received_at, copy.stored_bytes(kind[1]))
                     entries[kind] = data
-                writes.append((name, data, msg.received_at))
+                info = fields.get(kind[0])
+                if info is None:
+                    info = fields[kind[0]] = self._index_fields(msg, copy, reasons)
+                writes.append((name, data, msg.received_at, info, campaign))
+                if self.outputs is not None:
+                    sends += self._handoffs(name, copy)
         if not writes:
             result.sets = []  # discarded, unrouted or all duplicates: acked at once
             return result, None
         # One count per bundle entry: the spool entry is acked when all are stored.
-        token: Token = entry.key if len(writes) == 1 else Pending(entry.key, len(writes))
-        for name, data, received_at in writes:
-            adds.setdefault(name, []).append((data, received_at, token))
+        # The outputs' appends together hold one more count.
+        counts = len(writes) + (1 if sends else 0)
+        token: Token = entry.key if counts == 1 else Pending(entry.key, counts)
+        if sends and handoffs is not None:
+            handoffs.append((token, sends))
+        for name, data, received_at, info, campaign in writes:
+            adds.setdefault(name, []).append((data, received_at, token, info, campaign))
         return result, token
+
+    def _queued(self, _: None, tokens: list[Token]) -> None:
+        """The outputs' appends of a batch committed: release their counts."""
+        self.acks.stored(tokens)
+
+    def _handoffs(self, set_name: str, copy: Envelope) -> list[tuple[str, bytes]]:
+        """The queue records of a set's kept copy, one per output listing it."""
+        assert self.outputs is not None
+        names = self.outputs.routes(set_name)
+        record = encode_item(set_name, copy) if names else b""
+        return [(name, record) for name in names]
+
+    def _index_fields(
+        self, msg: Envelope, copy: Envelope, reasons: list[tuple[str, str, str]]
+    ) -> bytes:
+        """A stored copy's index fields: from the copy, so a redacted copy's
+        (its HELO, ...) are redacted; a stage reason may quote an address too."""
+        if copy is not msg and reasons:
+            traps = self.redactor.traps.plus(msg.rcpts)
+            reasons = [(s, v, redact_text(r, traps)) for s, v, r in reasons]
+        return index.encode_fields(copy, len(msg.rcpts), reasons)
 
     @property
     def idle(self) -> bool:

@@ -52,6 +52,10 @@ Recovery
     ``start()`` scans the segments in order and checks each record's CRC. A
     torn or corrupt tail (a crash mid-write, which never got a 250) ends that
     segment's scan. Records not listed in the ack file are queued again.
+
+This module is the spool the reactor sees (Spool, SpoolIntake);
+spamtrap.work.spool_records holds the record format and the scans recovery
+makes, spamtrap.work.spool_writer the writer thread.
 """
 
 from __future__ import annotations
@@ -59,484 +63,40 @@ from __future__ import annotations
 import collections
 import fcntl
 import os
-import re
-import struct
-import threading
-import time
-import zlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, cast
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from spamtrap.config import SpoolConfig
-from spamtrap.errors import SourceStoppedError, WorkSourceError
 from spamtrap.interfaces import ReactorFromThreads, ReactorTime, as_reactor_time, pick_clock
+from spamtrap.latch import FailureLatch
 from spamtrap.metrics import Metrics
+from spamtrap.work.spool_records import (
+    MAX_PAYLOAD,
+    SEGMENT_NAME,
+    SpoolEntry,
+    SpoolError,
+    SpoolStoppedError,
+    ack_path,
+    read_acks,
+    read_entries,
+    scan_segment,
+    segment_path,
+    unlink_quietly,
+)
+from spamtrap.work.spool_writer import Append, Batch, SpoolWriter
 
 if TYPE_CHECKING:
     from spamtrap.message import Envelope
 
-MAGIC = b"SPR1"
-# magic, payload length, received_at in ms, crc32 of the payload
-HEADER = struct.Struct(">4sIQI")
-MAX_PAYLOAD = 0xFFFFFFFF
+__all__ = ["Spool", "SpoolEntry", "SpoolError", "SpoolIntake", "SpoolStoppedError", "read_entries"]
+
 AGE_CHECK_INTERVAL = 1.0
-# Longest time acks and deletions wait for an append to ride along with.
-ACK_DELAY = 0.1
-_SEGMENT_NAME = re.compile(r"^seg-(\d{16})\.(log|ack)$")
 
 log = Logger()
-
-
-class SpoolError(WorkSourceError):
-    """The spool could not store or return a message."""
-
-
-class SpoolStoppedError(SpoolError, SourceStoppedError):
-    """The spool stopped: it takes and hands out nothing any more."""
-
-
-def segment_path(directory: str, seq: int) -> str:
-    return os.path.join(directory, f"seg-{seq:016d}.log")
-
-
-def ack_path(directory: str, seq: int) -> str:
-    return os.path.join(directory, f"seg-{seq:016d}.ack")
-
-
-@dataclass(slots=True, eq=False)
-class SpoolEntry:
-    """Where one spooled record lives; the payload stays on disk."""
-
-    seq: int  # segment
-    offset: int  # of the record header in the segment
-    size: int  # payload bytes
-    received_at: float  # seconds, millisecond precision
-    path: str = field(repr=False)  # the segment file
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.seq, self.offset)
-
-    def read(self) -> bytes:
-        """The payload, read from disk and CRC-checked. Blocking: call it in a
-        worker thread."""
-        (payload,) = read_entries([self])
-        if isinstance(payload, SpoolError):
-            raise payload
-        return payload
-
-
-# Longest single read when read_entries() joins adjacent records.
-READ_SPAN = 4 * 1024 * 1024
-
-
-def read_entries(entries: Sequence[SpoolEntry]) -> list[bytes | SpoolError]:
-    """The payloads of ``entries`` in order, CRC-checked; a SpoolError in
-    place of each one that cannot be read. Blocking: call it in a worker
-    thread.
-
-    Each segment is opened once, and a run of adjacent records (the usual
-    case: the queue is FIFO) is read with one pread. A worker thread that
-    makes one system call per batch instead of four per message hands the
-    GIL back and forth far less often.
-    """
-    out: list[bytes | SpoolError] = []
-    fds: dict[str, int] = {}
-    try:
-        i = 0
-        while i < len(entries):
-            first = entries[i]
-            # The run: following entries of the same segment, back to back.
-            end = first.offset + HEADER.size + first.size
-            j = i + 1
-            while j < len(entries):
-                e = entries[j]
-                if e.path != first.path or e.offset != end or end - first.offset > READ_SPAN:
-                    break
-                end += HEADER.size + e.size
-                j += 1
-            run = entries[i:j]
-            try:
-                fd = fds.get(first.path)
-                if fd is None:
-                    fd = fds[first.path] = os.open(first.path, os.O_RDONLY | os.O_CLOEXEC)
-                buf = os.pread(fd, end - first.offset, first.offset)
-            except OSError as err:
-                out.extend(SpoolError(f"spool record {x.path}@{x.offset}: {err}") for x in run)
-            else:
-                out.extend(_check_record(x, buf, x.offset - first.offset) for x in run)
-            i = j
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out
-
-
-def _check_record(entry: SpoolEntry, buf: bytes, at: int) -> bytes | SpoolError:
-    where = f"spool record {entry.path}@{entry.offset}"
-    if len(buf) < at + HEADER.size + entry.size:
-        return SpoolError(f"{where}: truncated")
-    magic, length, _, crc = HEADER.unpack_from(buf, at)
-    if magic != MAGIC or length != entry.size:
-        return SpoolError(f"{where}: bad header")
-    start = at + HEADER.size
-    payload = buf[start : start + entry.size]
-    if zlib.crc32(payload) != crc:
-        return SpoolError(f"{where}: CRC mismatch")
-    return payload
-
-
-@dataclass(slots=True)
-class _Append:
-    payload: bytes
-    received_ms: int
-    deferred: Deferred[SpoolEntry]
-
-
-@dataclass(slots=True)
-class _Batch:
-    """The outcome of one group commit, handed back to the reactor."""
-
-    results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]]
-    # The segment the next append goes to; every lower one is sealed.
-    next_seq: int
-    committed: bool
-    # Why the batch failed, for health and the log: e.g. "No space left on device".
-    error: str = ""
-
-
-def _scan_segment(path: str) -> tuple[list[tuple[int, int, int]], int, int]:
-    """Valid records of a segment as (offset, size, received_ms), then where
-    the scan stopped and the file size. It stops at the first torn or corrupt
-    record."""
-    records = []
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        offset = 0
-        while offset + HEADER.size <= file_size:
-            magic, length, received_ms, crc = HEADER.unpack(f.read(HEADER.size))
-            # Check the length against the file before reading: a garbage
-            # header must not make us allocate gigabytes.
-            if magic != MAGIC or offset + HEADER.size + length > file_size:
-                break
-            payload = f.read(length)
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                break
-            records.append((offset, length, received_ms))
-            offset += HEADER.size + length
-    return records, offset, file_size
-
-
-def _read_acks(path: str) -> set[int]:
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-    except FileNotFoundError:
-        return set()
-    # The last element is "" or a torn line (no newline): ignore it, and any
-    # line that is not a number (an ack file is never fsynced).
-    return {int(line) for line in lines[:-1] if line.isdigit()}
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warn("spool: cannot delete {path}: {error}", path=path, error=e)
-
-
-class _Writer:
-    """Owns the segment and ack files and does all spool I/O in one thread.
-
-    The reactor posts work through the thread-safe methods (``append``,
-    ``ack``, ``delete``, ``barrier``, ``exit``); results come back through
-    ``deliver`` (``reactor.callFromThread``).
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        config: SpoolConfig,
-        next_seq: int,
-        deliver: Callable[..., None],
-        on_batch: Callable[[_Batch], None],
-        on_exit: Callable[[], None],
-    ) -> None:
-        self._dir = directory
-        self._config = config
-        self._deliver = deliver
-        self._on_batch = on_batch
-        self._on_exit = on_exit
-        self._cond = threading.Condition()
-        # Inbox, guarded by _cond.
-        self._appends: list[_Append] = []
-        self._acks: list[tuple[int, int]] = []
-        self._deletes: list[int] = []
-        self._barriers: list[Callable[[], None]] = []
-        self._exit = False
-        self._sleeping = False  # the writer waits for work: wake it
-        # Writer-thread state.
-        self._seq = next_seq
-        self._fd: int | None = None
-        self._path = ""  # of the segment open in _fd
-        self._size = 0
-        self._ack_files: dict[int, IO[str]] = {}
-        self._thread = threading.Thread(target=self._run, name="spamtrap-spool-writer")
-        # A daemon: durability comes from fsync before the 250, not from this
-        # thread finishing, and a crashed main thread must not hang the exit.
-        self._thread.daemon = True
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-
-    # -- reactor side ---------------------------------------------------
-
-    def append(self, item: _Append) -> None:
-        with self._cond:
-            self._appends.append(item)
-            if self._sleeping:
-                self._cond.notify()
-
-    def ack(self, records: list[tuple[int, int]]) -> None:
-        """Record (segment, offset) keys as done."""
-        with self._cond:
-            self._wake_for_lazy_work()
-            self._acks += records
-
-    def delete(self, seq: int) -> None:
-        with self._cond:
-            self._wake_for_lazy_work()
-            self._deletes.append(seq)
-
-    def _wake_for_lazy_work(self) -> None:
-        # Called holding _cond. Only the first ack or delete needs to wake a
-        # sleeping writer: it then waits ACK_DELAY with a timeout of its own.
-        if self._sleeping and not (self._acks or self._deletes):
-            self._cond.notify()
-
-    def barrier(self, callback: Callable[[], None]) -> None:
-        """Call back (in the reactor) once everything posted so far is done."""
-        with self._cond:
-            self._barriers.append(callback)
-            self._cond.notify()
-
-    def exit(self) -> None:
-        with self._cond:
-            self._exit = True
-            self._cond.notify()
-
-    # -- writer thread --------------------------------------------------
-
-    def _wait_for_work(self) -> None:
-        # Called holding _cond. Appends, barriers and exit are urgent; acks and
-        # deletes wait up to ACK_DELAY for an append to share the wake-up with.
-        deadline: float | None = None
-        while not (self._appends or self._barriers or self._exit):
-            timeout = None
-            if self._acks or self._deletes:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + ACK_DELAY
-                elif now >= deadline:
-                    return
-                timeout = deadline - now
-            self._sleeping = True
-            try:
-                self._cond.wait(timeout)
-            finally:
-                self._sleeping = False
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._wait_for_work()
-                if self._appends and self._config.commit_interval > 0:
-                    self._gather()
-                appends, self._appends = self._appends, []
-                acks, self._acks = self._acks, []
-                deletes, self._deletes = self._deletes, []
-                barriers, self._barriers = self._barriers, []
-                exiting = self._exit
-            # Acks and deletes first: an append firing then tells the reactor
-            # (and tests) that earlier acks reached the OS.
-            if acks:
-                self._write_acks(acks, set(deletes))
-            for seq in deletes:
-                self._delete(seq)
-            if appends:
-                self._deliver(self._on_batch, self._commit(appends))
-            for callback in barriers:
-                self._deliver(callback)
-            if exiting:
-                self._close()
-                self._deliver(self._on_exit)
-                return
-
-    def _gather(self) -> None:
-        # Called holding _cond; wait() releases it so appends keep coming in
-        # (without waking us: only exit and barriers notify meanwhile).
-        deadline = time.monotonic() + self._config.commit_interval
-        while not self._exit:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._cond.wait(remaining)
-
-    def _commit(self, appends: list[_Append]) -> _Batch:
-        entries: list[SpoolEntry] = []
-        created = False
-        try:
-            chunks: list[bytes] = []
-            for item in appends:
-                record_size = HEADER.size + len(item.payload)
-                if (
-                    self._fd is not None
-                    and self._size > 0
-                    and self._size + record_size > self._config.segment_bytes
-                ):
-                    self._write(chunks)
-                    chunks = []
-                    self._seal()
-                if self._fd is None:
-                    self._open_segment()
-                    created = True
-                crc = zlib.crc32(item.payload)
-                chunks.append(HEADER.pack(MAGIC, len(item.payload), item.received_ms, crc))
-                chunks.append(item.payload)
-                entries.append(
-                    SpoolEntry(
-                        seq=self._seq,
-                        offset=self._size,
-                        size=len(item.payload),
-                        received_at=item.received_ms / 1000.0,
-                        path=self._path,
-                    )
-                )
-                self._size += record_size
-            self._write(chunks)
-            self._sync()
-            if created:
-                self._sync_directory()
-        # Any failure to persist must fail the batch (451), never hang it.
-        except Exception as e:  # noqa: BLE001
-            self._abandon_segment()
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            return _Batch(
-                [(item.deferred, SpoolError(f"spool write failed: {e}")) for item in appends],
-                next_seq=self._seq,
-                committed=False,
-                error=why,
-            )
-        results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]] = [
-            (item.deferred, entry) for item, entry in zip(appends, entries, strict=True)
-        ]
-        return _Batch(results, next_seq=self._seq, committed=True)
-
-    def _open_segment(self) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._path = segment_path(self._dir, self._seq)
-        self._fd = os.open(self._path, flags, 0o640)
-        self._size = 0
-
-    def _write(self, chunks: list[bytes]) -> None:
-        # self._size already counts these bytes; only the fd moves here.
-        assert self._fd is not None
-        view = memoryview(b"".join(chunks))
-        while view:
-            view = view[os.write(self._fd, view) :]
-
-    def _sync(self) -> None:
-        if self._config.fsync and self._fd is not None:
-            os.fdatasync(self._fd)
-
-    def _sync_directory(self) -> None:
-        # A new file's directory entry is only durable once the dir is synced.
-        if not self._config.fsync:
-            return
-        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _seal(self) -> None:
-        """Finish the current segment (synced) and move on to the next."""
-        self._sync()
-        self._close_segment()
-
-    def _close_segment(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._seq += 1
-        self._size = 0
-
-    def _abandon_segment(self) -> None:
-        # After a failed write or sync, the segment may end in a torn record
-        # (or unsynced data): recovery would stop there, so later records must
-        # never follow it. Start a fresh segment for the next batch.
-        try:
-            self._close_segment()
-        except OSError:
-            self._fd = None
-
-    def _write_acks(self, acks: list[tuple[int, int]], deleting: set[int]) -> None:
-        touched = set()
-        for seq, offset in acks:
-            if seq in deleting:
-                continue
-            try:
-                f = self._ack_files.get(seq)
-                if f is None:
-                    f = self._ack_files[seq] = open(  # kept open
-                        ack_path(self._dir, seq), "a", encoding="ascii"
-                    )
-                f.write(f"{offset}\n")
-                touched.add(seq)
-            except OSError as e:
-                # A lost ack only means a duplicate after a restart.
-                log.warn(
-                    "spool: cannot record ack {seq}@{offset}: {e}", seq=seq, offset=offset, e=e
-                )
-        for seq in touched:
-            try:
-                self._ack_files[seq].flush()
-            except OSError as e:
-                log.warn("spool: cannot flush acks of segment {seq}: {e}", seq=seq, e=e)
-
-    def _delete(self, seq: int) -> None:
-        f = self._ack_files.pop(seq, None)
-        if f is not None:
-            try:
-                f.close()
-            except OSError as e:
-                log.warn("spool: cannot close acks of segment {seq}: {e}", seq=seq, e=e)
-        if seq == self._seq and self._fd is not None:
-            self._abandon_segment()
-        # The log first: a leftover .ack without its .log is harmless, the
-        # other way round would bring every record back.
-        _unlink(segment_path(self._dir, seq))
-        _unlink(ack_path(self._dir, seq))
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            self._abandon_segment()
-        for seq in list(self._ack_files):
-            f = self._ack_files.pop(seq)
-            try:
-                f.close()
-            except OSError as e:
-                log.warn("spool: cannot close acks of segment {seq}: {e}", seq=seq, e=e)
 
 
 class Spool:
@@ -575,7 +135,7 @@ class Spool:
         # The segment the writer appends to; lower ones are sealed. None once
         # stopping: then every segment is sealed.
         self._current_seq: int | None = None
-        self._writer: _Writer | None = None
+        self._writer: SpoolWriter | None = None
         self._lock_fd: int | None = None
         self._writer_open = False  # still taking acks and deletes
         self._closed = False  # no more appends or gets
@@ -583,7 +143,7 @@ class Spool:
         self._stop_waiters: list[Deferred[None]] = []
         self._age_loop: task.LoopingCall | None = None
         # (why, since) while appends fail (a full disk): health reports it.
-        self._failing: tuple[str, float] | None = None
+        self._failing = FailureLatch(self._clock)
         # Read at scrape time, not updated on every queue change.
         metrics.spool_depth.set_function(lambda: len(self._queue))
         metrics.spool_bytes.set_function(lambda: self._bytes)
@@ -606,6 +166,11 @@ class Spool:
         return len(self._in_flight)
 
     @property
+    def oldest_queued(self) -> float | None:
+        """``received_at`` of the oldest entry queued and not handed out."""
+        return self._queue[0][3] if self._queue else None
+
+    @property
     def remaining(self) -> int:
         """Records on disk that are neither acked nor shed: after stop(),
         what the next start recovers and processes."""
@@ -616,7 +181,7 @@ class Spool:
         """``(reason, since)`` while appends fail, e.g. ``("No space left on
         device", <epoch seconds of the first failure>)``; None once a write
         succeeds again."""
-        return self._failing
+        return self._failing.failure
 
     # -- lifecycle ------------------------------------------------------
 
@@ -629,7 +194,7 @@ class Spool:
         self._lock()
         next_seq = self._recover()
         self._current_seq = next_seq
-        self._writer = _Writer(
+        self._writer = SpoolWriter(
             self._dir,
             self._config,
             next_seq,
@@ -714,10 +279,10 @@ class Spool:
             return defer.fail(SpoolError(f"spool record too large: {len(payload)} bytes"))
         d: Deferred[SpoolEntry] = Deferred()
         received_ms = max(0, round(received_at * 1000))
-        self._writer.append(_Append(bytes(payload), received_ms, d))
+        self._writer.append(Append(bytes(payload), received_ms, d))
         return d
 
-    def _committed(self, batch: _Batch) -> None:
+    def _committed(self, batch: Batch) -> None:
         if self._current_seq is not None:
             self._current_seq = batch.next_seq
         for _, outcome in batch.results:
@@ -737,23 +302,19 @@ class Spool:
             else:
                 d.errback(outcome)
 
-    def _note_outcome(self, batch: _Batch) -> None:
+    def _note_outcome(self, batch: Batch) -> None:
         """Log the first failed write of an outage and the first success
         after it, never each 451 in between."""
-        now = self._clock.seconds()
-        if not batch.committed and self._failing is None:
-            self._failing = (batch.error, now)
-            log.error(
-                "spool: write failed: {why}; new mail gets 451 until a write succeeds",
-                why=batch.error,
-            )
-        elif batch.committed and self._failing is not None:
-            why, since = self._failing
-            self._failing = None
+        if not batch.committed:
+            if self._failing.failed(batch.error):
+                log.error(
+                    "spool: write failed: {why}; new mail gets 451 until a write succeeds",
+                    why=batch.error,
+                )
+        elif ended := self._failing.succeeded():
+            why, lasted = ended
             log.info(
-                "spool: writes succeed again after {s:.0f}s of failures ({why})",
-                s=now - since,
-                why=why,
+                "spool: writes succeed again after {s:.0f}s of failures ({why})", s=lasted, why=why
             )
 
     # -- consumers ------------------------------------------------------
@@ -890,13 +451,13 @@ class Spool:
         logs: set[int] = set()
         acks: set[int] = set()
         for name in os.listdir(self._dir):
-            m = _SEGMENT_NAME.match(name)
+            m = SEGMENT_NAME.match(name)
             if m:
                 (logs if m.group(2) == "log" else acks).add(int(m.group(1)))
         recovered = 0
         for seq in sorted(logs):
             path = segment_path(self._dir, seq)
-            records, end, file_size = _scan_segment(path)
+            records, end, file_size = scan_segment(path)
             if end < file_size:
                 log.warn(
                     "spool: {path}: ignoring {n} bytes after offset {end} (torn or corrupt)",
@@ -904,11 +465,11 @@ class Spool:
                     n=file_size - end,
                     end=end,
                 )
-            acked = _read_acks(ack_path(self._dir, seq))
+            acked = read_acks(ack_path(self._dir, seq))
             live = [r for r in records if r[0] not in acked]
             if not live:
-                _unlink(path)
-                _unlink(ack_path(self._dir, seq))
+                unlink_quietly(path)
+                unlink_quietly(ack_path(self._dir, seq))
                 continue
             self._live[seq] = len(live)
             for offset, size, received_ms in live:
@@ -916,7 +477,7 @@ class Spool:
                 self._bytes += size
             recovered += len(live)
         for seq in acks - logs:
-            _unlink(ack_path(self._dir, seq))
+            unlink_quietly(ack_path(self._dir, seq))
         self._metrics.spool_recovered.inc(recovered)
         return max(logs | acks, default=0) + 1
 

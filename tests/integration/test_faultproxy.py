@@ -14,6 +14,7 @@ from typing import cast
 
 import pytest
 
+from tests.support import poll
 from tests.support.faultproxy import FaultProxy
 from tests.support.node import free_port, require_binary
 
@@ -92,11 +93,7 @@ def roundtrip(sock: socket.socket, data: bytes, reply_len: int | None = None) ->
 def wait_until(predicate: Callable[[], bool], what: str, deadline: float = 2.0) -> None:
     # The proxy serves real sockets from its own threads: no clock can drive
     # them, so poll briefly, with a deadline.
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    poll.wait_until(predicate, deadline, what, interval=0.01)
 
 
 def assert_silent(sock: socket.socket) -> None:
@@ -285,17 +282,12 @@ def redis_port(tmp_path: Path) -> Iterator[int]:
         args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        end = time.monotonic() + 10
-        while True:
+        def pong() -> bool:
             assert proc.poll() is None, f"redis-server exited with {proc.returncode}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    if roundtrip(s, b"PING\r\n", 7) == b"+PONG\r\n":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < end, "redis-server did not answer PING"
-            time.sleep(0.05)
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                return roundtrip(s, b"PING\r\n", 7) == b"+PONG\r\n"
+
+        poll.wait_until(pong, 10, "redis-server to answer PING", retry_on=(OSError,))
         yield port
     finally:
         proc.terminate()

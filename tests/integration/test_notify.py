@@ -1,9 +1,8 @@
 """Notifications: list mail through a real loopback relay, webhooks to a real
-loopback web server, retries on a Clock, privacy between sets, stop.
+loopback web server, retries on a Clock, stop.
 
 The network I/O is real (the default reactor, 127.0.0.1 only); backoff and
-deadlines run on a task.Clock the tests advance.
-"""
+deadlines run on a task.Clock the tests advance."""
 
 from __future__ import annotations
 
@@ -11,166 +10,58 @@ import base64
 import email
 import email.parser
 import email.policy
-import hashlib
-import hmac
 import json
-import string
-import time
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
-import pytest
 import pytest_twisted
-from hypothesis import given
-from hypothesis import strategies as st
-from prometheus_client import Counter
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import protocol, ssl
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.mail import smtp
 from twisted.mail._cred import LOGINCredentials, PLAINCredentials
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from spamtrap.bundle.manifest import Manifest, Published
+from spamtrap import testing
 from spamtrap.config import (
-    Config,
-    RelayConfig,
     SetConfig,
     SetNotifyConfig,
     TLSConfig,
     WebhookConfig,
 )
 from spamtrap.intake import tls
-from spamtrap.intake.smtp import TrapSMTPFactory
-from spamtrap.message import Envelope
-from spamtrap.metrics import Metrics
 from spamtrap.notify import (
-    GIVE_UP_AFTER,
     MAIL_RETRY_FIRST,
     STOP_DEADLINE,
     Notifier,
-    listen_port,
-    notice_urls,
 )
-from spamtrap.notify.mail import RelayConfigError, check_relay, notice
 from spamtrap.notify.webhook import SIGNATURE_HEADER, signature
 from tests.support.node import free_port
+from tests.support.notify import (
+    HookServer,
+    MailTrap,
+    NotifyMetrics,
+    as_published,
+    body_fields,
+    config,
+    mail_set,
+    manifest,
+    notify_errors,
+    pending,
+    verify,
+)
+from tests.support.poll import until
 
 reactor: Any = _reactor
 LOCAL = "127.0.0.1"
 
 
-class NotifyMetrics(Metrics):
-    """Metrics with the notifications counter, until metrics.py has it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        if not hasattr(self, "notifications"):
-            self.notifications = Counter(
-                "spamtrap_notifications",
-                "Notices of stored bundles, by channel and outcome",
-                ["channel", "outcome"],
-                registry=self.registry,
-            )
-
-    def count(self, channel: str, outcome: str) -> float:
-        labels = {"channel": channel, "outcome": outcome}
-        return self.registry.get_sample_value("spamtrap_notifications_total", labels) or 0.0
-
-
-def manifest(set_name: str = "all", **changes: Any) -> dict[str, Any]:
-    key = f"{set_name}/2026-11-22T13:00:00.node1.4wHkcYIyIeNMVh2H{set_name}.mbox.gz"
-    doc: dict[str, Any] = {
-        "format": 1,
-        "set": set_name,
-        "key": key,
-        "size": 123456,
-        "sha256": hashlib.sha256(key.encode()).hexdigest(),
-        "messages": 1234,
-        "first_received": "2026-11-22T13:00:00Z",
-        "last_received": "2026-11-22T14:00:00Z",
-        "node": "node1",
-        "url": f"https://traps.example.org/bucket/{key}",
-    }
-    doc.update(changes)
-    return doc
-
-
-def as_published(doc: dict[str, Any]) -> Published:
-    """What BundleSet hands over for a manifest() notice: the manifest and
-    the store's URL."""
-    stored = {k: v for k, v in doc.items() if k != "url"}
-    return Published(Manifest.from_dict(stored), doc.get("url"))
-
-
-def config(*sets: SetConfig, relay_port: int = 25, **relay: Any) -> Config:
-    cfg = Config(node="node1")
-    cfg.smtp.hostname = "node1.test"
-    cfg.sets = list(sets)
-    cfg.relay = RelayConfig(host=LOCAL, port=relay_port, sender="spamtrap@notify.test", **relay)
-    return cfg
-
-
-def mail_set(name: str, *addresses: str, private: bool = False) -> SetConfig:
-    return SetConfig(name=name, private=private, notify=SetNotifyConfig(mail=list(addresses)))
-
-
-def pending(clock: Clock) -> list[Any]:
-    """The clock's delayed calls (typed loosely: zope interfaces do not type-check)."""
-    return list(clock.getDelayedCalls())
-
-
-async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Let the real reactor run until ``condition()`` holds (real I/O only)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await deferLater(reactor, 0.005, lambda: None)
-
-
 # -- a real SMTP server: spamtrap's own, catching everything -----------------
-
-
-class MailTrap:
-    def __init__(self, tls_context: Any = None) -> None:
-        cfg = Config(node="relay")
-        cfg.smtp.hostname = "relay.test"
-        cfg.traps.catch_all = True
-        self.received: list[Envelope] = []
-        self.factory = TrapSMTPFactory(
-            cfg, self._submit, Metrics(), reactor, tls_context=tls_context
-        )
-        self.port: Any = None
-
-    def _submit(self, env: Envelope) -> Deferred[None]:
-        self.received.append(env)
-        return succeed(None)
-
-    async def listen(self, port: int = 0) -> int:
-        ep = serverFromString(reactor, f"tcp:{port}:interface={LOCAL}")
-        self.port = await ep.listen(self.factory)
-        return int(self.port.getHost().port)
-
-    async def close(self) -> None:
-        await self.factory.shutdown()
-        await self.port.stopListening()
-
-    def mail_to(self, address: str) -> list[email.message.Message]:
-        return [
-            email.message_from_bytes(e.data, policy=email.policy.compat32)
-            for e in self.received
-            if e.rcpts == [address]
-        ]
 
 
 @pytest_twisted.async_yield_fixture
@@ -179,12 +70,6 @@ async def mailtrap() -> Any:
     await trap.listen()
     yield trap
     await trap.close()
-
-
-def body_fields(msg: email.message.Message) -> dict[str, str]:
-    payload = msg.get_payload()
-    assert isinstance(payload, str)
-    return dict(email.parser.HeaderParser().parsestr(payload).items())
 
 
 # -- mail ---------------------------------------------------------------------
@@ -406,32 +291,6 @@ async def test_auth_after_starttls_and_a_wrong_password_is_not_retried(tmp_path:
         await port.stopListening()
 
 
-@pytest.mark.parametrize(
-    "relay, problem",
-    [
-        (RelayConfig(host="relay.example", username="u", password="p"), "plaintext"),
-        (RelayConfig(host="192.0.2.1", username="u", password="p"), "plaintext"),
-        (RelayConfig(host="relay.example", username="u"), "both"),
-        (RelayConfig(host="relay.example", password="p", starttls=True), "both"),
-        (RelayConfig(host="relay.example", username="u", password="p", starttls=True), None),
-        (RelayConfig(host="localhost", username="u", password="p"), None),
-        (RelayConfig(host="127.0.0.2", username="u", password="p"), None),
-        (RelayConfig(host="::1", username="u", password="p"), None),
-        (RelayConfig(host="relay.example"), None),
-    ],
-)
-def test_credentials_never_go_out_in_plaintext(relay: RelayConfig, problem: str | None) -> None:
-    if problem is None:
-        check_relay(relay)
-        return
-    with pytest.raises(RelayConfigError, match=problem):
-        check_relay(relay)
-    cfg = config(mail_set("all", "list@lists.test"))
-    cfg.relay = relay
-    with pytest.raises(ValueError, match=problem):  # the Notifier refuses to start
-        Notifier(cfg, NotifyMetrics(), reactor, Clock())
-
-
 @pytest_twisted.ensureDeferred
 async def test_relay_down_then_up_is_retried_after_the_backoff() -> None:
     port = free_port()
@@ -458,50 +317,7 @@ async def test_relay_down_then_up_is_retried_after_the_backoff() -> None:
         await trap.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_backoff_doubles_to_retry_max_and_gives_up_at_the_deadline() -> None:
-    attempts: list[float] = []
-    clock = Clock()
-
-    def refuse(host: str, port: int, factory: Any) -> Any:
-        attempts.append(clock.seconds())
-        raise ConnectionRefusedError()
-
-    metrics = NotifyMetrics()
-    cfg = config(mail_set("all", "list@lists.test"), retry_max=3600.0)
-    n = Notifier(cfg, metrics, reactor, clock, smtp_connect=refuse)
-    n.published(as_published(manifest()))  # a synchronous failure does not escape
-    while pending(clock):
-        clock.advance(pending(clock)[0].getTime() - clock.seconds())
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
-    for i, gap in enumerate(gaps):
-        base = min(3600.0, MAIL_RETRY_FIRST * 2**i)
-        assert base / 2 <= gap <= base
-    assert max(gaps) > 1800  # reached the cap's range
-    assert attempts[-1] <= GIVE_UP_AFTER
-    assert metrics.count("mail", "retry") == len(attempts) - 1
-    assert metrics.count("mail", "failed") == 1
-    assert metrics.count("mail", "sent") == 0
-
-
 # -- webhooks -------------------------------------------------------------------
-
-
-class HookServer(Resource):
-    isLeaf = True
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        super().__init__()
-        self.statuses = list(statuses or [])
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-
-    def render_POST(self, request: Any) -> bytes:
-        headers = {
-            k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()
-        }
-        self.requests.append((request.path.decode(), headers, request.content.read()))
-        request.setResponseCode(self.statuses.pop(0) if self.statuses else 200)
-        return b"thanks"
 
 
 @pytest_twisted.async_yield_fixture
@@ -513,12 +329,6 @@ async def hooks() -> Any:
     await port.stopListening()
 
 
-def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """What a receiver does (the snippet in docs/notifications.md)."""
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, headers.get("x-spamtrap-signature", ""))
-
-
 @pytest_twisted.ensureDeferred
 async def test_webhook_posts_a_signed_s3_style_record_and_retries_a_500(hooks: Any) -> None:
     hooks.statuses = [500, 200]
@@ -527,7 +337,7 @@ async def test_webhook_posts_a_signed_s3_style_record_and_retries_a_500(hooks: A
         name="all", notify=SetNotifyConfig(webhooks=[WebhookConfig(url=url, secret="k1")])
     )
     cfg = config(s)
-    cfg.store.url = "s3://trapbucket/spam/v1"
+    cfg = testing.config(cfg, store__url="s3://trapbucket/spam/v1")
     metrics = NotifyMetrics()
     clock = Clock()
     clock.advance(1795352400.5)  # 2026-11-22T13:00:00.500Z
@@ -647,40 +457,7 @@ async def test_a_private_sets_bundle_reaches_only_its_own_channels(
         assert (docs["shared"]["key"].encode() in data) == (not mine)
 
 
-def test_a_private_set_may_not_share_a_channel_with_another_set() -> None:
-    hook = WebhookConfig(url="https://hooks.example/x")
-    for private_notify, other_notify in (
-        (SetNotifyConfig(mail=["list@lists.test"]), SetNotifyConfig(mail=["LIST@lists.test"])),
-        (SetNotifyConfig(webhooks=[hook]), SetNotifyConfig(webhooks=[hook])),
-    ):
-        sets = [
-            SetConfig(name="private", private=True, notify=private_notify),
-            SetConfig(name="shared", notify=other_notify),
-        ]
-        with pytest.raises(ValueError, match="'private' is private.*serves set.*shared"):
-            Notifier(config(*sets), NotifyMetrics(), reactor, Clock())
-        sets[0].private = False  # two shared sets may share a list
-        Notifier(config(*sets), NotifyMetrics(), reactor, Clock())
-
-
 # -- never raising, stopping, bounds -------------------------------------------------
-
-
-def test_published_never_raises() -> None:
-    calls: list[Any] = []
-    n = Notifier(
-        config(mail_set("all", "list@lists.test")),
-        NotifyMetrics(),
-        reactor,
-        Clock(),
-        smtp_connect=lambda *a: calls.append(a),
-    )
-    n.published(as_published(manifest("unknown")))  # a set this node does not have
-    n.published({"set": "all"})  # type: ignore[arg-type] # not a Published: logged
-    n.published(None)  # type: ignore[arg-type]
-    assert calls == []
-    n.published(as_published(manifest()))
-    assert len(calls) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -724,55 +501,7 @@ async def test_stop_drops_waiting_retries_and_cancels_sends_at_the_deadline() ->
         await port.stopListening()
 
 
-def test_too_many_pending_notices_drop_the_oldest_waiting_one() -> None:
-    clock = Clock()
-    tried: list[bytes] = []
-
-    def refuse(host: str, port: int, factory: Any) -> Any:
-        tried.append(factory.toEmail[0])
-        raise ConnectionRefusedError()
-
-    metrics = NotifyMetrics()
-    cfg = config(mail_set("a", "a@lists.test"), mail_set("b", "b@lists.test"))
-    n = Notifier(cfg, metrics, reactor, clock, smtp_connect=refuse, max_pending=2)
-    for name in ("a", "b", "a"):
-        n.published(as_published(manifest(name)))
-    assert metrics.count("mail", "failed") == 1  # the first "a", oldest, dropped
-    assert len(clock.getDelayedCalls()) == 2
-    clock.advance(MAIL_RETRY_FIRST)
-    assert sorted(tried[3:]) == [b"a@lists.test", b"b@lists.test"]  # 2 retries, not 3
-
-
 # -- the mail body as a format ---------------------------------------------------
-
-
-@given(
-    url=st.text(min_size=1, max_size=200),
-    node=st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1),
-)
-def test_the_body_is_always_a_clean_header_block(url: str, node: str) -> None:
-    doc = manifest(url=url, node=node)
-    raw = notice(doc, "spamtrap@notify.test", "list@lists.test", 0.0)
-    assert raw.isascii() and b"\r" not in raw
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
-    assert not msg.defects
-    fields = body_fields(msg)
-    assert list(fields) == [
-        "Set", "Key", "URL", "Size", "SHA256", "Messages",
-        "First-Received", "Last-Received", "Node", "Format",
-    ]  # fmt: skip
-    assert not any(c.isspace() for c in fields["URL"])
-    assert fields["Node"] == node
-    if "%" not in url:
-        assert unquote(fields["URL"]) == url
-    if all(c in string.printable and not c.isspace() for c in url):
-        assert fields["URL"] == url  # ordinary URLs stay exactly as they are
-
-
-def test_a_store_without_public_urls_leaves_the_url_out() -> None:
-    raw = notice(manifest(url=None), "spamtrap@notify.test", "list@lists.test", 0.0)
-    fields = body_fields(email.message_from_bytes(raw, policy=email.policy.compat32))
-    assert "URL" not in fields and fields["Key"] == manifest()["key"]
 
 
 # -- the URLs in notices -----------------------------------------------------------
@@ -789,7 +518,7 @@ async def test_a_local_store_notice_carries_this_nodes_download_urls(
         ),
     )
     cfg = config(s, relay_port=mailtrap.port.getHost().port)
-    cfg.http.public_url = "https://traps.example.org:8443/spamtrap/"
+    cfg = testing.config(cfg, http__public_url="https://traps.example.org:8443/spamtrap/")
     metrics = NotifyMetrics()
     n = Notifier(cfg, metrics, reactor, Clock())
     doc = manifest(url=None)  # what BundleSet hands over for the local store
@@ -809,41 +538,6 @@ async def test_a_local_store_notice_carries_this_nodes_download_urls(
     assert doc["url"] is None  # the caller's manifest is left alone
 
 
-def test_notice_urls() -> None:
-    key = manifest()["key"]
-
-    def with_url(url: str | None) -> Published:
-        return as_published(manifest(url=url))
-
-    base = "http://node1.example:8025"
-    assert notice_urls(with_url(None), base) == (
-        f"{base}/bundles/{key}",
-        f"{base}/bundles/{key.removesuffix('.mbox.gz')}.json",
-    )
-    s3 = f"https://cdn.example/spam/{key}"
-    assert notice_urls(with_url(s3), base) == (
-        s3,
-        s3.removesuffix(".mbox.gz") + ".json",
-    )
-    # A URL that does not end in the bundle's name has no manifest beside it.
-    signed = f"https://s3.example/{key}?X-Amz-Signature=abc"
-    assert notice_urls(with_url(signed), base) == (signed, None)
-    # An S3 store without a URL for the key: this node's /bundles/<key>
-    # would redirect to that missing URL, so there is none to give.
-    assert notice_urls(with_url(None), base, web_served=False) == (None, None)
-    assert notice_urls(with_url(s3), base, web_served=False)[0] == s3
-
-
-def notify_errors(events: list[dict[str, Any]]) -> list[str]:
-    return [
-        formatEvent(e)
-        for e in events
-        if e.get("log_namespace", "").startswith("spamtrap.notify")
-        and e.get("log_level") is not None
-        and e["log_level"].name == "error"
-    ]
-
-
 @pytest_twisted.ensureDeferred
 async def test_an_s3_store_without_a_url_sends_none_and_logs_once_per_bundle(
     mailtrap: MailTrap, hooks: Any
@@ -856,8 +550,11 @@ async def test_an_s3_store_without_a_url_sends_none_and_logs_once_per_bundle(
         ),
     )
     cfg = config(s, relay_port=mailtrap.port.getHost().port)
-    cfg.store.url = "s3://trapbucket/spam"  # AWS, no region: store.url() is None
-    cfg.http.public_url = "https://traps.example.org"
+    cfg = testing.config(
+        cfg,
+        store__url="s3://trapbucket/spam",  # AWS, no region: store.url() is None
+        http__public_url="https://traps.example.org",
+    )
     metrics = NotifyMetrics()
     n = Notifier(cfg, metrics, reactor, Clock())
     events: list[dict[str, Any]] = []
@@ -884,59 +581,3 @@ async def test_an_s3_store_without_a_url_sends_none_and_logs_once_per_bundle(
     assert "store.public_url" in errors[0]
 
 
-def test_a_set_without_channels_logs_no_missing_url() -> None:
-    cfg = config(SetConfig(name="all"))
-    cfg.store.url = "s3://trapbucket/spam"
-    n = Notifier(cfg, NotifyMetrics(), reactor, Clock())
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        n.published(as_published(manifest(url=None)))
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    assert notify_errors(events) == []
-
-
-def test_listen_port() -> None:
-    assert listen_port("tcp:8025") == 8025
-    assert listen_port("tcp:8025:interface=127.0.0.1") == 8025
-    assert listen_port("tcp6:port=9000:interface=\\:\\:1") == 9000
-    assert listen_port("tcp:interface=127.0.0.1:port=81") == 81
-    assert listen_port("ssl:443:privateKey=k.pem") == 443
-    assert listen_port("unix:/run/spamtrap.sock") is None
-    assert listen_port("systemd:domain=INET:index=0") is None
-
-
-def warnings_of(cfg: Config) -> list[str]:
-    seen: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace", "").startswith("spamtrap.notify"):
-            seen.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        Notifier(cfg, NotifyMetrics(), reactor, Clock())
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    return seen
-
-
-def test_a_public_url_that_consumers_cannot_reach_is_logged() -> None:
-    cfg = config(mail_set("all", "list@lists.test"))
-    # The default http://localhost:8025 with HTTP elsewhere: nowhere at all.
-    cfg.http.listen = ["tcp:9025:interface=127.0.0.1"]
-    (warning,) = warnings_of(cfg)
-    assert "http://localhost:8025 names port 8025, but HTTP listens on tcp:9025" in warning
-    # The right port, but loopback: only this machine's consumers get there.
-    cfg.http.listen = ["tcp:8025"]
-    (warning,) = warnings_of(cfg)
-    assert "a loopback address" in warning
-    cfg.http.public_url = "https://traps.example.org"  # a proxy in front: fine
-    assert warnings_of(cfg) == []
-    cfg.http.public_url = "http://127.0.0.1:8025"
-    cfg.store.url = "s3://bucket/prefix"  # the URLs are the bucket's
-    assert warnings_of(cfg) == []
-    cfg.store.url = None
-    cfg.sets = [SetConfig(name="all")]  # no notices: nothing to warn about
-    assert warnings_of(cfg) == []

@@ -14,24 +14,16 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.internet.threads import deferToThread
 
 from spamtrap.config import QueueConfig, SpoolConfig
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
-from spamtrap.work.queue import (
-    ACK_DELAY,
-    Forwarder,
-    QueueIntake,
-    QueueLink,
-    QueueSource,
-    QueueUnavailableError,
-    QueueWriter,
-    format_id,
-    parse_id,
-)
+from spamtrap.work.queue import Forwarder, QueueIntake, QueueWriter
+from spamtrap.work.queue_link import QueueLink, QueueUnavailableError, format_id, parse_id
+from spamtrap.work.queue_source import ACK_DELAY, QueueSource
 from spamtrap.work.spool import Spool
 from tests.support.node import free_port
+from tests.support.poll import until
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("redis_server")
@@ -78,11 +70,6 @@ def fill(link: QueueLink, n: int) -> defer.Deferred[Any]:
 
 def stream(server: RedisServer) -> list[Any]:
     return server.command("XRANGE", "spamtrap", "-", "+") or []
-
-
-def test_ids_round_trip() -> None:
-    assert parse_id(b"1700000000000-5") == (1700000000000, 5)
-    assert format_id((1700000000000, 5)) == b"1700000000000-5"
 
 
 @pytest_twisted.inlineCallbacks
@@ -327,14 +314,9 @@ def test_replicas_wait_for_a_real_replica(
         replica.stop()
 
 
-@defer.inlineCallbacks
 def poll(check: Any, timeout: float = 10.0) -> Any:
     # The real reactor runs the Redis threads; this waits for their results.
-    deadline = reactor.seconds() + timeout
-    while not (yield deferToThread(lambda: None)) and not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached")
-        yield task.deferLater(reactor, 0.02, lambda: None)
+    return defer.ensureDeferred(until(check, timeout, interval=0.02))
 
 
 def documented_acl() -> list[str]:

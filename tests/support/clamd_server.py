@@ -2,7 +2,7 @@
 
 freshclam cannot reach its mirrors from a test, so the fixture builds its own
 signature database: EICAR and the MD5 of a generated sample file, as ``.hdb``
-hash signatures (docs: ../shared/docs/recipes.md). clamd listens on a unix
+hash signatures (docs/testing.md). clamd listens on a unix
 socket and on a free loopback TCP port at once.
 """
 
@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from spamtrap.config import ClamdConfig
 from spamtrap.filters.virus import EICAR
 from tests.support.node import free_port, require_binary
+from tests.support.poll import wait_until
 
 EICAR_NAME = "Eicar-Test-Signature"
 SAMPLE_NAME = "Spamtrap-Test-Sample"
@@ -99,13 +99,14 @@ def start_clamd(directory: Path) -> Clamd:
         proc = subprocess.Popen([clamd, "-c", str(conf)], stdout=output, stderr=subprocess.STDOUT)
     server = Clamd(sock, port, sample, proc, log)
     # Polls a real process: there is no clock to inject across a fork.
-    end = time.monotonic() + START_DEADLINE
-    while not ping(sock):
-        if proc.poll() is not None or time.monotonic() > end:
-            stop_clamd(server)
-            said = (directory / "clamd.out").read_text(errors="replace")
-            raise RuntimeError(f"clamd did not start:\n{said}\n{server.log_tail()}")
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: proc.poll() is not None or ping(sock), START_DEADLINE, "clamd")
+    except TimeoutError:
+        pass
+    if proc.poll() is not None or not ping(sock):
+        stop_clamd(server)
+        said = (directory / "clamd.out").read_text(errors="replace")
+        raise RuntimeError(f"clamd did not start:\n{said}\n{server.log_tail()}")
     return server
 
 

@@ -47,7 +47,8 @@ from typing import Any
 
 from spamtrap.bundle.mbox import MboxReader
 from spamtrap.message import Envelope
-from spamtrap.work.queue import format_id, parse_id
+from spamtrap.work.queue_link import format_id, parse_id
+from tests.support import poll
 from tests.support.faultproxy import FaultProxy
 from tests.support.node import Node, RawSMTP, SMTPError, free_port
 from tests.support.redis_server import RedisServer
@@ -143,16 +144,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 def wait_until(check: Callable[[], bool], deadline: float, interval: float = 0.1) -> float:
     """Poll ``check`` until it holds; the seconds it took. TimeoutError past ``deadline``."""
     # Polls real processes: there is no clock to inject across a fork.
-    start = time.monotonic()
-    while True:
-        try:
-            if check():
-                return time.monotonic() - start
-        except (OSError, RuntimeError):
-            pass  # a server being restarted: ask again
-        if time.monotonic() - start > deadline:
-            raise TimeoutError(f"condition not reached in {deadline:g}s")
-        time.sleep(interval)
+    return poll.wait_until(check, deadline, interval=interval, retry_on=(OSError, RuntimeError))
 
 
 class Cluster:

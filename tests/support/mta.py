@@ -20,16 +20,17 @@ nothing and deliver nothing locally.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.node import free_port, require_binary
+from tests.support.poll import wait_until
 
 # Daemons a relay needs; chroot off (a chroot needs copies of system files).
 _MASTER_CF = """\
@@ -61,16 +62,16 @@ def wait_for_banner(port: int, deadline: float, alive: Callable[[], None] = lamb
     """Whether an SMTP server on 127.0.0.1:``port`` greets with 220 within
     ``deadline`` seconds. ``alive`` raises if the server process died.
     Polls a real process's port: there is no clock to inject across a fork."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    def greets() -> bool:
         alive()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                if s.recv(100).startswith(b"220"):
-                    return True
-        except OSError:
-            time.sleep(0.1)
-    return False
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(100).startswith(b"220")
+
+    try:
+        wait_until(greets, deadline, f"a 220 on port {port}", interval=0.1, retry_on=(OSError,))
+    except TimeoutError:
+        return False
+    return True
 
 
 def _main_cf(base: Path) -> dict[str, str]:
@@ -184,13 +185,18 @@ class PrivatePostfix:
         self.running = False
         # master exits asynchronously (and leaves its pid file): wait for it,
         # so that the queue can be removed and the port reused.
-        end = time.monotonic() + 30
-        while pid is not None and time.monotonic() < end:
+        if pid is None:
+            return
+
+        def gone() -> bool:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                return
-            time.sleep(0.05)
+                return True
+            return False
+
+        with contextlib.suppress(TimeoutError):  # as before: a master that hangs is left
+            wait_until(gone, 30, "postfix's master to exit")
 
     def cleanup(self) -> None:
         self.stop()

@@ -9,12 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.support.poll import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -42,18 +43,15 @@ def wait_for_port(
     host: str, port: int, proc: subprocess.Popen[bytes], deadline: float = 30
 ) -> None:
     # Polls a real process's port: there is no clock to inject across a fork.
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    def listening() -> bool:
         if proc.poll() is not None:
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
             raise RuntimeError(f"twistd exited with {proc.returncode} before listening:\n{out}")
-        try:
-            with socket.create_connection((host, port), timeout=1) as s:
-                s.recv(100)
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port}")
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.recv(100)
+        return True
+
+    wait_until(listening, deadline, f"a listener on {host}:{port}", retry_on=(OSError,))
 
 
 @dataclass
@@ -95,18 +93,15 @@ class Node:
 
     def wait_for_http(self, deadline: float = 30) -> None:
         # Polls a real process's HTTP port: no clock to inject across a fork.
-        assert self.proc is not None
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"twistd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.http_get("/healthz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"no HTTP on {self.host}:{self.http_port}")
+        proc = self.proc
+        assert proc is not None
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"twistd exited with {proc.returncode}:\n{self.log()}")
+            return self.http_get("/healthz")[0] == 200
+
+        wait_until(healthy, deadline, f"HTTP on {self.host}:{self.http_port}", retry_on=(OSError,))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         assert self.proc is not None

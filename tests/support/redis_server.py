@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.node import free_port, require_binary
+from tests.support.poll import wait_until
 
 
 @dataclass
@@ -63,18 +63,18 @@ class RedisServer:
 
     def _wait_ready(self, deadline: float) -> None:
         # Polls a real process: there is no clock to inject across a fork.
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.log_tail()}")
-            try:
-                if self.command("PING") == b"PONG":
-                    return
-            except (OSError, RuntimeError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"redis-server not ready: {self.log_tail()}")
+        proc = self.proc
+        assert proc is not None
+
+        def pong_or_exit() -> bool:
+            return proc.poll() is not None or self.command("PING") == b"PONG"
+
+        try:
+            wait_until(pong_or_exit, deadline, "redis-server", retry_on=(OSError, RuntimeError))
+        except TimeoutError as e:
+            raise TimeoutError(f"redis-server not ready: {self.log_tail()}") from e
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {self.log_tail()}")
 
     def kill(self) -> None:
         """A crash: SIGKILL, no shutdown save."""

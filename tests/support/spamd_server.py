@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.node import free_port, require_binary
+from tests.support.poll import wait_until
 
 # use_auto_whitelist (in the recipe) is left out: 4.0 does not load the AWL
 # plugin, so spamd only logs that it cannot parse the line.
@@ -103,15 +103,17 @@ def start_spamd(
         )
     server = SpamdServer(proc, port, workdir)
     # Polls a real process: there is no clock to inject across a fork.
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    def pong() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"spamd exited with {proc.returncode}:\n{server.log()}")
-        if server.ping(timeout=2):
-            return server
-        time.sleep(0.2)
-    server.stop()
-    raise TimeoutError(f"spamd did not answer PING in {deadline}s:\n{server.log()}")
+        return server.ping(timeout=2)
+
+    try:
+        wait_until(pong, deadline, "spamd to answer PING", interval=0.2)
+    except TimeoutError as e:
+        server.stop()
+        raise TimeoutError(f"spamd did not answer PING in {deadline}s:\n{server.log()}") from e
+    return server
 
 
 @contextmanager

@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 import smtplib
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from spamtrap.bundle.mbox import read_mbox
 from tests.support.exim import PrivateExim
 from tests.support.mta import PrivatePostfix
 from tests.support.node import Node, bundles, require_binary, split_metadata
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -89,12 +89,10 @@ def meta_value(meta: bytes, name: bytes) -> list[bytes]:
 
 def wait(done: Callable[[], bool], what: Callable[[], str], deadline: float = 60) -> None:
     # Polls real processes: there is no clock to inject across a fork.
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if done():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not delivered in {deadline}s:\n{what()}")
+    try:
+        wait_until(done, deadline, "delivery", interval=0.2)
+    except TimeoutError:
+        raise AssertionError(f"not delivered in {deadline}s:\n{what()}") from None
 
 
 def run_donor(

@@ -35,6 +35,7 @@ from tests.support.node import (
     require_binary,
     split_metadata,
 )
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -108,18 +109,22 @@ class Balancer:
 
     def wait_for(self, what: str, ok: Check, deadline: float = 20) -> dict[str, dict[str, str]]:
         # Polls a real process: there is no clock to inject across a fork.
-        end = time.monotonic() + deadline
-        while True:
-            try:
-                servers = self.servers()
-                if ok(servers):
-                    return servers
-            except OSError:
-                servers = {}
-            if time.monotonic() > end or self.proc.poll() is not None:
-                state = {name: {k: s[k] for k in SHOWN} for name, s in servers.items()}
-                raise AssertionError(f"haproxy: no {what} in {deadline}s: {state}\n{self.log()}")
-            time.sleep(0.05)
+        seen: dict[str, dict[str, str]] = {}
+
+        def reached() -> bool:
+            nonlocal seen
+            seen = {}
+            assert self.proc.poll() is None, f"haproxy exited:\n{self.log()}"
+            seen = self.servers()
+            return ok(seen)
+
+        try:
+            wait_until(reached, deadline, what, retry_on=(OSError,))
+        except TimeoutError:
+            state = {name: {k: s[k] for k in SHOWN} for name, s in seen.items()}
+            message = f"haproxy: no {what} in {deadline}s: {state}\n{self.log()}"
+            raise AssertionError(message) from None
+        return seen
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
@@ -232,9 +237,11 @@ def test_sessions_spread_over_nodes_with_the_client_address(
     end = time.monotonic() + 20
     for n in nodes:
         name = n.data_dir.name
-        while count(n, "spamtrap_smtp_connections_total") < before[name] + 3:
-            assert time.monotonic() < end, f"no health checks reached {name}"
-            time.sleep(0.05)
+        wait_until(
+            lambda n=n, name=name: count(n, "spamtrap_smtp_connections_total") >= before[name] + 3,
+            max(0.0, end - time.monotonic()),
+            f"health checks to reach {name}",
+        )
         # ... and none of them left a message, a refusal or a protocol error.
         assert count(n, "spamtrap_messages_accepted_total") == len(by_node[name])
         assert count(n, "spamtrap_messages_rejected_total") == 0

@@ -42,190 +42,43 @@ import pytest
 import yaml
 
 from spamtrap.bundle.mbox import read_mbox
-from spamtrap.config import parse_config
-from spamtrap.filters.lists import parse_rules
-from spamtrap.metrics import Metrics
-from tests.support.node import REPO, Node, RawSMTP, free_port, require_binary, split_metadata
-from tests.system import test_debian as deb
-
-GUIDE = REPO / "docs" / "operators-guide.md"
-ALERTS = REPO / "docs" / "prometheus-alerts.yml"
-CLEAN_EXIT = (0, -signal.SIGTERM)  # twistd re-raises SIGTERM after a clean stop
-
-_MARKED = re.compile(
-    r"^<!-- (?P<kind>newcomer|check):(?P<what>[\w-]+)(?: (?P<arg>\S+))? -->\n"
-    r"```(?P<lang>\w*)\n(?P<body>.*?)^```$",
-    re.M | re.S,
+from tests.support.debian import (
+    APT,
+    CONFIG,
+    DEBIAN_ENV,
+    PACKAGE,
+    STATE,
+    dpkg_status,
+    read_unit,
+    require_root_on_a_clean_machine,
+    run,
+    source_tree,
+    start_as_unit,
 )
-_YAML_FENCE = re.compile(r"^```yaml$", re.M)
+from tests.support.guide import (
+    Names,
+    Paths,
+    blocks,
+    guide_config,
+    names,
+)
+from tests.support.node import (
+    Node,
+    RawSMTP,
+    free_port,
+    require_binary,
+    split_metadata,
+    wait_for_port,
+)
+from tests.support.poll import wait_until
+
+CLEAN_EXIT = (0, -signal.SIGTERM)  # twistd re-raises SIGTERM after a clean stop
 
 
 # -- the guide ----------------------------------------------------------------
 
 
-@dataclass
-class Block:
-    mark: str  # "newcomer:config", "check:config", ...
-    arg: str | None
-    lang: str
-    body: str
-
-
-def guide_blocks() -> list[Block]:
-    text = GUIDE.read_text()
-    return [
-        Block(f"{m['kind']}:{m['what']}", m["arg"], m["lang"], m["body"])
-        for m in _MARKED.finditer(text)
-    ]
-
-
-def blocks(mark: str) -> list[Block]:
-    found = [b for b in guide_blocks() if b.mark == mark]
-    assert found, f"the guide has no {mark} block"
-    return found
-
-
-def merge(into: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Snippets add up: mappings merge, lists concatenate, scalars must not clash."""
-    for key, value in extra.items():
-        old = into.get(key)
-        if key not in into:
-            into[key] = value
-        elif isinstance(old, dict) and isinstance(value, dict):
-            merge(old, value, f"{where}{key}.")
-        elif isinstance(old, list) and isinstance(value, list):
-            into[key] = old + value
-        else:
-            raise AssertionError(f"guide snippets disagree on {where}{key}: {old!r} / {value!r}")
-    return into
-
-
-@dataclass
-class Paths:
-    """Where the guide's /etc/spamtrap and /var/lib/spamtrap are in this run."""
-
-    etc: Path
-    state: Path
-
-    def map(self, text: str) -> str:
-        text = text.replace("/etc/spamtrap/", f"{self.etc}/")
-        return text.replace("/var/lib/spamtrap", str(self.state))
-
-    def path(self, guide_path: str) -> Path:
-        return Path(self.map(guide_path))
-
-
-def guide_config(paths: Paths) -> dict[str, Any]:
-    cfg: dict[str, Any] = {}
-    for block in blocks("newcomer:config"):
-        merge(cfg, yaml.safe_load(paths.map(block.body)))
-    return cfg
-
-
-@dataclass(frozen=True)
-class Names:
-    """The names the guide's config uses, read from it."""
-
-    domain: str
-    feed_id: str
-    feed_address: str
-    direct_token: str
-    feeds_token: str
-
-
-def names(cfg: dict[str, Any]) -> Names:
-    (domain,) = cfg["traps"]["domains"]
-    (feed,) = cfg["feeds"]
-    assert set(cfg["sets"]) == {"direct", "feeds"}, "the guide's two sets"
-    assert feed["extract_attached"] is True and feed["strip_received_by"] == ["mx.donor.example"]
-    return Names(
-        domain,
-        feed["id"],
-        feed["address"],
-        cfg["sets"]["direct"]["token"],
-        cfg["sets"]["feeds"]["token"],
-    )
-
-
 # -- the guide's snippets, without running a node -----------------------------
-
-MINIMAL = {"traps": {"domains": ["trap.example"]}}
-
-
-def test_every_yaml_block_is_marked_and_checked() -> None:
-    marked = [b for b in guide_blocks() if b.lang == "yaml"]
-    assert len(marked) == len(_YAML_FENCE.findall(GUIDE.read_text())), (
-        "every ```yaml block in the guide needs a <!-- newcomer:... --> or <!-- check:... --> mark"
-    )
-    kinds = {b.mark for b in marked}
-    known = {"newcomer:config", "newcomer:file", "newcomer:append"}
-    assert kinds <= known | {"check:config", "check:prometheus"}, kinds
-
-
-def test_guide_config_fragments_pass_the_checker() -> None:
-    as_written = Paths(Path("/etc/spamtrap"), Path("/var/lib/spamtrap"))
-    parse_config(yaml.safe_dump(guide_config(as_written)), "guide config")
-    for block in blocks("check:config"):
-        fragment = yaml.safe_load(block.body)
-        base = {} if "traps" in fragment or "feeds" in fragment else dict(MINIMAL)
-        parse_config(yaml.safe_dump(merge(base, fragment)), "guide fragment")
-
-
-def test_guide_rule_files_parse() -> None:
-    (first,) = blocks("newcomer:file")
-    (append,) = blocks("newcomer:append")
-    assert first.arg == append.arg
-    assert [r.name for r in parse_rules(first.body)] == ["role-accounts"]
-    rules = parse_rules(first.body + append.body)
-    assert [r.name for r in rules] == ["role-accounts", "retired-jane"]
-    # What the guide says they catch, in the form the rcpt metadata has.
-    role, jane = rules
-    assert role.meta == "rcpt" and role.regex.search("<Postmaster@trap.example>")
-    assert not role.regex.search("<postmaster-x@trap.example>")
-    assert jane.regex.search("<jane@trap.example>") and not jane.regex.search("<jane@trapxexample>")
-
-
-def exported_metric_names() -> set[str]:
-    out = set()
-    for family in Metrics().registry.collect():
-        out.add(family.name + "_total" if family.type == "counter" else family.name)
-    return out
-
-
-def test_alert_rules_use_real_metrics_and_match_the_guide() -> None:
-    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
-    exported = exported_metric_names()
-    used = {n for r in rules for n in re.findall(r"\bspamtrap_\w+", r["expr"])}
-    assert used and used <= exported, f"not exported by spamtrap.metrics: {used - exported}"
-    # The guide's table lists every alert, with its expression.
-    text = GUIDE.read_text()
-    for rule in rules:
-        assert f"| `{rule['alert']}` | `{rule['expr']}`" in text, rule["alert"]
-    # ... and the scrape job it shows is the job the rules select.
-    (scrape,) = blocks("check:prometheus")
-    (job,) = yaml.safe_load(scrape.body)["scrape_configs"]
-    assert any(f'job="{job["job_name"]}"' in r["expr"] for r in rules)
-
-
-def slug(heading: str) -> str:
-    """GitHub's anchor for a Markdown heading."""
-    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
-    return text.replace(" ", "-")
-
-
-def anchors(path: Path) -> set[str]:
-    return {slug(h) for h in re.findall(r"(?m)^#+ (.*)$", path.read_text())}
-
-
-def test_guide_links_resolve() -> None:
-    links = re.findall(r"\]\(([^)\s]+)\)", GUIDE.read_text())
-    assert links
-    for link in links:
-        target, _, anchor = link.partition("#")
-        path = (GUIDE.parent / target).resolve() if target else GUIDE
-        assert path.exists(), f"{link}: no such file"
-        if anchor:
-            assert anchor in anchors(path), f"{link}: no such heading"
 
 
 # -- mail the way the guide's donors send it ----------------------------------
@@ -379,11 +232,11 @@ class UnitRunner:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = deb.start_as_unit(
-            self.service, deb.CONFIG, self.smtp_port, self.http_port, self.log_path
+        self.proc = start_as_unit(
+            self.service, CONFIG, self.smtp_port, self.http_port, self.log_path
         )
         try:
-            deb.wait_for_port("127.0.0.1", self.smtp_port, self.proc)
+            wait_for_port("127.0.0.1", self.smtp_port, self.proc)
         except (RuntimeError, TimeoutError) as e:
             raise AssertionError(f"{e}\n{self.log()}") from None
 
@@ -426,10 +279,14 @@ def metric(port: int, name: str, **labels: str) -> float:
 
 def wait_processed(runner: Runner, n: int) -> None:
     # A real process: poll its metrics, there is no clock to inject.
-    deadline = time.monotonic() + 30
-    while metric(runner.http_port, "spamtrap_messages_processed_total") < n:
-        assert time.monotonic() < deadline, f"{n} messages not processed:\n{runner.log()}"
-        time.sleep(0.02)
+    try:
+        wait_until(
+            lambda: metric(runner.http_port, "spamtrap_messages_processed_total") >= n,
+            30,
+            interval=0.02,
+        )
+    except TimeoutError:
+        raise AssertionError(f"{n} messages not processed:\n{runner.log()}") from None
 
 
 def lists_verdicts(runner: Runner) -> float:
@@ -509,9 +366,11 @@ def retire_jane(runner: Runner, paths: Paths, domain: str) -> list[str]:
         c.send(b"bot@spam.example", [f"jane@{domain}".encode()], direct_message(token))
         c.close()
         probes.append(token)
-        while lists_verdicts(runner) == seen:  # until the probe met the rules
-            assert time.monotonic() < deadline, f"probe not processed:\n{runner.log()}"
-            time.sleep(0.02)
+        try:  # until the probe met the rules
+            left = max(0.0, deadline - time.monotonic())
+            wait_until(lambda seen=seen: lists_verdicts(runner) != seen, left, interval=0.02)
+        except TimeoutError:
+            raise AssertionError(f"probe not processed:\n{runner.log()}") from None
     return probes
 
 
@@ -666,11 +525,11 @@ def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The .deb built from a copy of the tree, once per session."""
     for tool in ("dpkg-buildpackage", "apt-get", "git", "curl"):
         require_binary(tool)
-    deb.require_root_on_a_clean_machine()
+    require_root_on_a_clean_machine()
     tmp = tmp_path_factory.mktemp("newcomer-deb")
-    src = deb.source_tree(tmp / "build" / deb.PACKAGE)
-    deb.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, timeout=1200)
-    (package,) = (tmp / "build").glob(f"{deb.PACKAGE}_*_all.deb")
+    src = source_tree(tmp / "build" / PACKAGE)
+    run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, timeout=1200)
+    (package,) = (tmp / "build").glob(f"{PACKAGE}_*_all.deb")
     return package
 
 
@@ -681,18 +540,18 @@ def installed(built_deb: Path) -> Iterator[Any]:
     Files the test adds to /etc/spamtrap (the guide's lists.yaml) are not
     the package's, so purge leaves them: they are removed here too.
     """
-    deb.require_root_on_a_clean_machine()
-    etc = deb.CONFIG.parent
+    require_root_on_a_clean_machine()
+    etc = CONFIG.parent
     before = set(etc.iterdir()) if etc.is_dir() else set()
     try:
-        deb.run([*deb.APT, "install", str(built_deb)])
-        files = deb.run(["dpkg", "-L", deb.PACKAGE]).stdout.split()
+        run([*APT, "install", str(built_deb)])
+        files = run(["dpkg", "-L", PACKAGE]).stdout.split()
         (unit,) = [p for p in files if p.endswith("/systemd/system/spamtrap.service")]
-        yield deb.read_unit(unit)["Service"]
+        yield read_unit(unit)["Service"]
     finally:
-        if deb.dpkg_status():
+        if dpkg_status():
             subprocess.run(
-                [*deb.APT, "purge", deb.PACKAGE], env=deb.DEBIAN_ENV, capture_output=True
+                [*APT, "purge", PACKAGE], env=DEBIAN_ENV, capture_output=True
             )
         if etc.is_dir():
             for path in set(etc.iterdir()) - before:
@@ -705,11 +564,11 @@ def installed(built_deb: Path) -> Iterator[Any]:
 @pytest.mark.needs_debian
 def test_newcomer_on_the_installed_deb(installed: Any, tmp_path: Path) -> None:
     # The guide's paths as they are: /etc/spamtrap and /var/lib/spamtrap.
-    paths = Paths(Path("/etc/spamtrap"), deb.STATE)
+    paths = Paths(Path("/etc/spamtrap"), STATE)
     runner = UnitRunner(installed, tmp_path / "twistd.log")
     try:
         run_scenario(
-            runner, paths, deb.CONFIG, ["spamtrap", "check-config"], tmp_path, deb.DEBIAN_ENV
+            runner, paths, CONFIG, ["spamtrap", "check-config"], tmp_path, DEBIAN_ENV
         )
     finally:
         runner.kill()

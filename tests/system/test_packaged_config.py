@@ -44,6 +44,7 @@ def without_outside(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         smtp=dataclasses.replace(cfg.smtp, listen=[]),
+        http=dataclasses.replace(cfg.http, dashboard="token"),
         sets=[
             dataclasses.replace(s, notify=dataclasses.replace(s.notify, mail=[], webhooks=[]))
             for s in cfg.sets
@@ -59,6 +60,7 @@ def test_the_conffile_notifies_nobody_and_listens_on_loopback(packaged: Path) ->
     for endpoint in cfg.smtp.listen + cfg.http.listen:
         assert LOOPBACK.match(endpoint), endpoint
     assert not cfg.smtp.rdns and cfg.queue.url is None
+    assert (cfg.http.dashboard, cfg.http.dashboard_token) == ("token", None)  # closed: 403
     assert not cfg.filters.clamd.enabled and not cfg.filters.spamd.enabled
     # Everything else is the example, and the examples are still shown.
     example = load_config(str(EXAMPLE))

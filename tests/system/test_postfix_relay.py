@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from spamtrap.bundle.mbox import read_mbox
 from tests.support.mta import PrivatePostfix
 from tests.support.node import Node, bundles, require_binary
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,14 @@ def run_through_postfix(tmp_path: Path, xforward: str) -> tuple[bytes, int]:
                 b"From: bot@spam.example\r\nSubject: relayed\r\n\r\nbuy now\r\n",
             )
         # Polls two real processes: there is no clock to inject across a fork.
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            if node.metric("spamtrap_messages_accepted_total") >= 1 and mta.queue_empty():
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"Postfix did not deliver:\n{mta.log()}\n{node.log()}")
+        try:
+            wait_until(
+                lambda: node.metric("spamtrap_messages_accepted_total") >= 1 and mta.queue_empty(),
+                60,
+                interval=0.2,
+            )
+        except TimeoutError:
+            raise AssertionError(f"Postfix did not deliver:\n{mta.log()}\n{node.log()}") from None
     finally:
         if mta is not None:
             mta.cleanup()

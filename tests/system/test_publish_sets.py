@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from spamtrap.bundle.mbox import read_mbox
 from tests.support.node import Node, RawSMTP
-from tests.unit.test_redact import TRAP_RE, build_message, every_text
+from tests.support.poll import wait_until
+from tests.support.redact_samples import TRAP_RE, build_message, every_text
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,12 @@ def test_shared_set_has_no_trap_address_and_private_keeps_them(tmp_path: Path) -
         for _ in range(2):  # the same spam twice: dedup keeps one in "shared"
             c.send(b"bot@spam.example", [b"Jane.Doe-99@TRAP.example"], data)
         c.close()
-        deadline = time.monotonic() + 30
-        while node.metric("spamtrap_messages_processed_total") < 2:
-            assert time.monotonic() < deadline, "the workers did not process both messages"
-            time.sleep(0.05)  # a real process: poll its metrics with a deadline
+        # A real process: poll its metrics with a deadline.
+        wait_until(
+            lambda: node.metric("spamtrap_messages_processed_total") >= 2,
+            30,
+            "the workers to process both messages",
+        )
         assert node.metric("spamtrap_set_duplicates_total") == 1
     finally:
         node.stop()

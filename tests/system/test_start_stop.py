@@ -7,13 +7,13 @@ elsewhere, and fail under CI=true).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import pytest
 
 from spamtrap.bundle.mbox import read_mbox
 from tests.support.node import REPO, TWISTD, Node, RawSMTP, bundles, free_port
+from tests.support.poll import wait_until
 
 TINY = "4m"
 
@@ -220,13 +221,11 @@ def test_the_stop_message_says_what_stays_in_the_spool(tmpfs: object, tmp_path: 
 
 def poll_health(node: Node, code: int, seconds: float = 30) -> dict[str, object]:
     """/healthz once it answers ``code``: bundles are written after the 250."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got, doc = health(node)
-        if got == code or time.monotonic() > deadline:
-            assert got == code, doc
-            return doc
-        time.sleep(0.1)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: health(node)[0] == code, seconds, interval=0.1)
+    got, doc = health(node)
+    assert got == code, doc
+    return doc
 
 
 def test_a_full_bundle_disk_makes_health_degraded_until_writes_succeed(

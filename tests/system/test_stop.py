@@ -11,18 +11,13 @@ from pathlib import Path
 from twisted.internet import address
 from twisted.internet.testing import StringTransport
 
-from spamtrap.config import Config, SetConfig
+from spamtrap.config import Config
 from tests.support.node import Node, RawSMTP, SMTPError, bundles
-from tests.support.smtp_helpers import Harness
+from tests.support.smtp_helpers import Harness, trap_config
 
 
 def _config(grace: float = 10.0) -> Config:
-    cfg = Config(node="testnode")
-    cfg.smtp.hostname = "trap.test"
-    cfg.traps.domains = ["trap.example"]
-    cfg.sets = [SetConfig(name="all")]
-    cfg.smtp.stop_grace = grace
-    return cfg
+    return trap_config(smtp__stop_grace=grace)
 
 
 def _trickling(h: Harness) -> None:

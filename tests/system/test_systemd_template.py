@@ -4,8 +4,7 @@ systemd does not run here, so the template is checked twice over: by
 ``systemd-analyze verify`` (it is a valid unit), and by running its ExecStart
 for two instances the way systemd would expand it (specifiers, the
 per-instance EnvironmentFile and $SPAMTRAP_ARGS), both sharing one
-``reuseport:`` SMTP port and one data directory.
-"""
+``reuseport:`` SMTP port and one data directory."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -27,38 +25,11 @@ import pytest
 from spamtrap.bundle.mbox import read_mbox
 from spamtrap.store import MANIFEST_SUFFIX
 from tests.support.node import REPO, TWISTD, RawSMTP, SMTPError, free_port, require_binary
+from tests.support.poll import wait_until
+from tests.support.systemd_units import SINGLE, TEMPLATE, one, parse_unit, values
 
-TEMPLATE = REPO / "debian" / "spamtrap@.service"
-SINGLE = REPO / "debian" / "spamtrap.service"
 HOST = "trapbox"  # stands for %l, the short host name
 INSTANCES = ("1", "2")
-Unit = dict[str, list[tuple[str, str]]]
-
-
-def parse_unit(path: Path) -> Unit:
-    """Sections as ordered (key, value) lists: systemd keys may repeat."""
-    unit: Unit = {}
-    section: list[tuple[str, str]] = []
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        assert not line.endswith("\\"), f"continuation lines are not expected: {line}"
-        if line.startswith("["):
-            section = unit.setdefault(line.strip("[]"), [])
-        else:
-            key, _, value = line.partition("=")
-            section.append((key.strip(), value.strip()))
-    return unit
-
-
-def values(unit: Unit, section: str, key: str) -> list[str]:
-    return [v for k, v in unit.get(section, []) if k == key]
-
-
-def one(unit: Unit, section: str, key: str) -> str:
-    (value,) = values(unit, section, key)
-    return value
 
 
 def expand_specifiers(text: str, instance: str) -> str:
@@ -133,23 +104,6 @@ def test_template_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert "spamtrap" not in out, out
 
 
-def test_template_shape() -> None:
-    """What the operator is promised in docs/debian.md."""
-    unit = parse_unit(TEMPLATE)
-    assert "spamtrap.service" in values(unit, "Unit", "Conflicts")
-    # Stop jobs run before start jobs only with an ordering between the two.
-    assert "spamtrap.service" in values(unit, "Unit", "After")
-    assert one(unit, "Service", "EnvironmentFile") == "-/etc/default/spamtrap@%i"
-    assert one(unit, "Service", "StateDirectory") == "spamtrap"
-    assert "DefaultInstance" not in dict(unit["Install"])
-    # The same hardening as the single service, key by key.
-    single = parse_unit(SINGLE)
-    own = {"ExecStart", "SyslogIdentifier", "Environment", "EnvironmentFile"}
-    assert {k: v for k, v in single["Service"] if k not in own} == {
-        k: v for k, v in unit["Service"] if k not in own
-    }
-
-
 def command_for(instance: str, root: Path) -> list[str]:
     """The template's ExecStart for one instance, expanded as systemd would,
     with /usr/bin/twistd3 replaced by the venv's twistd and paths under root."""
@@ -191,15 +145,15 @@ def wait_for_http(
     port: int, proc: subprocess.Popen[bytes], log: Path, deadline: float = 30
 ) -> None:
     # Real processes: poll with a deadline, there is no clock to inject.
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    def answers() -> bool:
         assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text(errors='replace')}"
-        try:
-            http_get(port, "/healthz")
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"no HTTP on {port}:\n{log.read_text(errors='replace')}")
+        http_get(port, "/healthz")
+        return True
+
+    try:
+        wait_until(answers, deadline, retry_on=(OSError,))
+    except TimeoutError:
+        raise AssertionError(f"no HTTP on {port}:\n{log.read_text(errors='replace')}") from None
 
 
 def send_one(smtp_port: int, token: str) -> None:
@@ -260,17 +214,19 @@ def test_two_instances_share_port_and_data_dir(tmp_path: Path) -> None:
 
         sent: list[str] = []
         counts = {i: 0.0 for i in INSTANCES}
-        end = time.monotonic() + 60
-        while not all(counts.values()):
-            assert time.monotonic() < end, f"after {len(sent)} messages: {counts}"
+
+        def both_accepted_one() -> bool:
+            nonlocal counts
             token = uuid.uuid4().hex
-            try:
-                send_one(smtp, token)
-            except (OSError, SMTPError):
-                time.sleep(0.1)  # neither instance is listening yet
-                continue
+            send_one(smtp, token)  # OSError, SMTPError: neither instance is listening yet
             sent.append(token)
             counts = {i: accepted(http[i]) for i in INSTANCES}
+            return all(counts.values())
+
+        try:
+            wait_until(both_accepted_one, 60, interval=0.1, retry_on=(OSError, SMTPError))
+        except TimeoutError:
+            raise AssertionError(f"after {len(sent)} messages: {counts}") from None
         # Every connection reached one of the two, and only one.
         assert sum(counts.values()) == len(sent), (counts, len(sent))
 

@@ -23,8 +23,9 @@ from spamtrap.bundle.state import (
 )
 from spamtrap.config import SetConfig, StoreConfig
 from spamtrap.metrics import Metrics
-from tests.unit.test_bundle import ControlledStore, Harness, fill_the_disk, fired
-from tests.unit.test_pipeline import World, deferLater, envelope
+from tests.support.bundles import ControlledStore, Harness, fill_the_disk, fired
+from tests.support.pipeline_world import World, envelope
+from tests.support.threaded_clock import ThreadedClock
 
 S = BundleState
 
@@ -362,17 +363,14 @@ async def test_a_failed_bundle_write_is_logged_once_with_its_context(
     def full_disk(self: BundleFile, items: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    w = World(tmp_path, [SetConfig("all")])
+    w = World(tmp_path, [SetConfig("all")], clock=ThreadedClock())
     monkeypatch.setattr(BundleFile, "write_many", full_disk)
     globalLogPublisher.addObserver(capture)  # type: ignore[arg-type]
     try:
         w.pipeline.start()
         envs = [envelope(i) for i in range(3)]
         await defer.gatherResults([w.spool.append(e.to_record(), 1.0) for e in envs])
-        for _ in range(500):
-            if not (w.pipeline._busy or w.spool.depth):
-                break
-            await deferLater(0.01)
+        await w.idle()
         await w.stop()
     finally:
         globalLogPublisher.removeObserver(capture)  # type: ignore[arg-type]

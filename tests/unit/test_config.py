@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spamtrap.config import (
+    DEFAULT_DOCUMENT,
     GIB,
     KIB,
     MIB,
@@ -26,11 +27,13 @@ from spamtrap.config import (
     SetConfig,
     SMTPConfig,
     TrapConfig,
+    default_config,
     load_config,
     parse_config,
     parse_duration,
     parse_size,
 )
+from spamtrap.config.output_schema import OutputConfig
 from spamtrap.config.rules import _hostname, _port, rule, rule_of
 from spamtrap.config.walker import _has_default, _Walker
 
@@ -87,6 +90,8 @@ def _schema_paths(cls: type, prefix: str) -> set[str]:
             paths |= _schema_paths(typing.cast(type, hint), path + ".")
         elif cls is Config and f.name == "sets":
             paths |= _schema_paths(SetConfig, path + ".*.")
+        elif cls is Config and f.name == "outputs":  # keyed by name, as sets
+            paths |= _schema_paths(OutputConfig, path + ".*.") - {"outputs.*.name"}
         elif item is not None and dataclasses.is_dataclass(item):
             paths |= _schema_paths(typing.cast(type, item), path + "[].")
     return paths
@@ -115,6 +120,9 @@ def test_example_config_shows_every_key() -> None:
     # A live custom stage would need code the package does not ship: the
     # example shows one in comments (checked below) instead.
     commented = {"filters.custom[].name", "filters.custom[].callable", "filters.custom[].options"}
+    # So would a live output (a command, a server): its example is commented
+    # too, checked with every kind's keys in tests/unit/test_outputs_config.py.
+    commented |= {p for p in _schema_paths(Config, "") if p.startswith("outputs.*.")}
     missing = _conditions(_schema_paths(Config, "")) - documented - commented
     text = EXAMPLE.read_text()
     assert "#    callable: " in text and "#    options: " in text
@@ -727,7 +735,7 @@ def test_every_name_imported_from_spamtrap_config_exists() -> None:
         for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "spamtrap.config":
                 names |= {alias.name for alias in node.names}
-    assert {"Config", "ConfigError", "load_config", "forged_header_problem"} <= names
+    assert {"Config", "ConfigError", "load_config", "parse_list_rules"} <= names
     missing = sorted(n for n in names if not hasattr(package, n))
     assert not missing, missing
     assert set(package.__all__) >= names
@@ -752,3 +760,16 @@ def test_the_config_package_is_installed() -> None:
     packages = {".".join(init.parent.relative_to(root).parts) for init in inits}
     assert "spamtrap.config" in packages
     assert packages <= listed, f"setup.cfg does not list: {sorted(packages - listed)}"
+
+
+def test_the_loaded_config_is_frozen() -> None:
+    cfg = parse_config(
+        "traps: {catch_all: true}\nfilters: {custom: {mine: {callable: 'pkg.mod:make'}}}\n"
+    )
+    # Completed without changing anything: the checks return copies.
+    assert cfg.filters.order[-1] == "mine" and [s.name for s in cfg.sets] == ["all"]
+    for section in (cfg, cfg.smtp, cfg.smtp.timeouts, cfg.filters, cfg.sets[0], cfg.store):
+        field = dataclasses.fields(section)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, field, getattr(section, field))
+    assert default_config() == parse_config(DEFAULT_DOCUMENT)

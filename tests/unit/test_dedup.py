@@ -33,7 +33,7 @@ def env(
         rcpts=[to],
         data=head.encode() + body,
         meta={"rcpt": [f"<{to}>"], "peer": ["192.0.2.1:1234"]},
-        received_line=f"from x by node1 for <{to}>",
+        received=["from x by node1", f"for <{to}>"],
     )
 
 

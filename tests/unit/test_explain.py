@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +80,8 @@ def feeds_registered(monkeypatch: pytest.MonkeyPatch) -> None:
 async def cli(*argv: str) -> int:
     """``spamtrap`` in-process. The test session's reactor already runs (it
     can run only once per process), so the command runs in a thread and
-    puts its reactor part on that reactor; the subprocess test below goes
-    through task.react."""
+    puts its reactor part on that reactor; the real program, which goes
+    through task.react, is run in tests/system/test_cli.py."""
     code: int = await deferToThread(main, list(argv))
     return code
 
@@ -242,22 +240,6 @@ async def test_meta_option_feeds_set_rules(
     )
     assert code == 0
     assert doc["messages"][0]["sets"] == ["all", "literal"]
-
-
-def test_as_a_real_command(files: dict[str, str], tmp_path: Path) -> None:
-    missing = str(tmp_path / "missing.eml")
-    proc = subprocess.run(
-        [sys.executable, "-m", "spamtrap.cli.main", "explain", "--json", files["spam"], missing],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert proc.returncode == 1, proc.stderr
-    doc = json.loads(proc.stdout)
-    (msg,) = doc["messages"]
-    assert (msg["file"], msg["verdict"], msg["sets"]) == (files["spam"], "keep", ["all"])
-    assert "missing.eml: cannot read" in proc.stderr
 
 
 # -- --feed: the header block after the feed's stripping ---------------------------

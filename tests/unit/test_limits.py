@@ -9,6 +9,7 @@ import pytest
 from twisted.internet import address, defer, task
 from twisted.internet.testing import StringTransport
 
+from spamtrap import testing
 from spamtrap.config import Config, ConfigError, SetConfig, load_config
 from spamtrap.intake import proxy
 from spamtrap.intake.smtp import TrapSMTP, TrapSMTPFactory, client_key
@@ -16,13 +17,13 @@ from spamtrap.metrics import Metrics
 
 
 def _config(**smtp: Any) -> Config:
-    cfg = Config(node="n")
-    cfg.smtp.hostname = "trap.test"
-    cfg.traps.catch_all = True
-    cfg.sets = [SetConfig(name="all")]
-    for k, v in smtp.items():
-        setattr(cfg.smtp, k, v)
-    return cfg
+    return testing.config(
+        node="n",
+        smtp__hostname="trap.test",
+        traps__catch_all=True,
+        sets=[SetConfig(name="all")],
+        **{f"smtp__{k}": v for k, v in smtp.items()},
+    )
 
 
 def _factory(cfg: Config) -> tuple[TrapSMTPFactory, task.Clock]:
@@ -69,7 +70,7 @@ def test_per_ip_limit_is_on_by_default_and_generous() -> None:
 
 def test_behind_a_trusted_balancer_the_original_client_is_counted() -> None:
     cfg = _config(max_connections_per_ip=3)
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.0/24"]
+    cfg = testing.config(cfg, smtp__proxy_protocol__trusted_networks=["192.0.2.0/24"])
     f, _ = _factory(cfg)
     sessions = []
     # 10 clients through one HAProxy: none is capped by the balancer's address.
@@ -93,7 +94,7 @@ def test_behind_a_trusted_balancer_the_original_client_is_counted() -> None:
 
 def test_a_proxied_session_that_never_sends_its_header_counts_nowhere() -> None:
     cfg = _config(max_connections_per_ip=1)
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.0/24"]
+    cfg = testing.config(cfg, smtp__proxy_protocol__trusted_networks=["192.0.2.0/24"])
     f, _ = _factory(cfg)
     p, _ = _connect(f, "192.0.2.1")
     assert f.per_ip == {} and p in f.sessions
@@ -121,7 +122,7 @@ def test_ipv6_is_counted_per_64_and_mapped_ipv4_as_ipv4() -> None:
 
 def test_max_connections_still_counts_every_connection() -> None:
     cfg = _config(max_connections=3)
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.0/24"]
+    cfg = testing.config(cfg, smtp__proxy_protocol__trusted_networks=["192.0.2.0/24"])
     f, _ = _factory(cfg)
     for i in range(3):
         _connect(f, "192.0.2.1", 1000 + i)  # no header yet: they hold slots
@@ -161,7 +162,7 @@ def test_after_mail_the_command_timeout_applies() -> None:
 
 def test_a_proxied_session_idle_before_its_header_is_closed() -> None:
     cfg = _config()
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.0/24"]
+    cfg = testing.config(cfg, smtp__proxy_protocol__trusted_networks=["192.0.2.0/24"])
     f, clock = _factory(cfg)
     _, t = _connect(f, "192.0.2.1")
     clock.advance(60)

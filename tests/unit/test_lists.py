@@ -14,7 +14,8 @@ from twisted.internet import defer, task
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from spamtrap.config import Config, ListRule, ListsConfig, parse_config
+from spamtrap import testing
+from spamtrap.config import Config, ConfigError, ListRule, ListsConfig, parse_config
 from spamtrap.filters import Discard
 from spamtrap.filters.lists import ListsStage, RuleFileError, make, parse_rules
 from spamtrap.message import Envelope
@@ -57,7 +58,7 @@ def test_rules_by_header_and_by_meta() -> None:
 
 
 def test_make_is_off_without_rules_or_files() -> None:
-    assert make(Config(), FakeReactor()) is None
+    assert make(Config(), None) is None
 
 
 def test_rules_from_the_config_file() -> None:
@@ -68,31 +69,12 @@ def test_rules_from_the_config_file() -> None:
         "    rules:\n"
         "      - {name: retired, meta: rcpt, regex: 'old@'}\n"
     )
-    stage = make(cfg, FakeReactor())
+    stage = make(cfg, None)
     assert stage is not None
     assert stage(envelope(b"\r\n", rcpt="old@trap.example")) == Discard("list:retired")
 
 
 # -- files ------------------------------------------------------------------------
-
-
-class FakeReactor:
-    """What make() and watch() use of a reactor, recorded or run at once."""
-
-    def __init__(self) -> None:
-        self.when_running: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self.triggers: list[tuple[str, str, Callable[[], Any]]] = []
-        self.from_thread = 0
-
-    def callWhenRunning(self, f: Callable[..., Any], *args: Any) -> None:
-        self.when_running.append((f, args))
-
-    def addSystemEventTrigger(self, phase: str, event: str, f: Callable[[], Any]) -> None:
-        self.triggers.append((phase, event, f))
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self.from_thread += 1
-        f(*args)
 
 
 def in_this_thread(f: Callable[[], bool]) -> defer.Deferred[bool]:
@@ -112,13 +94,6 @@ def logged() -> Iterator[list[str]]:
     globalLogPublisher.removeObserver(observe)
 
 
-@pytest.fixture
-def sighup() -> Iterator[None]:
-    previous = signal.getsignal(signal.SIGHUP)
-    yield
-    signal.signal(signal.SIGHUP, previous)
-
-
 def write(path: Path, text: str, mtime: int | None = None) -> None:
     path.write_text(text)
     if mtime is not None:
@@ -129,30 +104,32 @@ HAM = "- name: ham\n  header: Subject\n  regex: hello\n"
 RETIRED = "- name: retired\n  meta: rcpt\n  regex: 'old@'\n"
 
 
-def watched(tmp_path: Path, text: str) -> tuple[ListsStage, Path, task.Clock, FakeReactor]:
+def watched(tmp_path: Path, text: str) -> tuple[ListsStage, Path, task.Clock]:
     path = tmp_path / "rules.yaml"
     write(path, text, mtime=1_000_000_000_000_000_000)
-    cfg = Config()
-    cfg.filters.lists = ListsConfig(
+    lists = ListsConfig(
         rules=[rule("static", "static@", meta="rcpt")], files=[str(path)], reload_interval=10.0
     )
-    reactor = FakeReactor()
-    stage = make(cfg, reactor)
+    stage = make(testing.config(filters__lists=lists), None)
     assert isinstance(stage, ListsStage)
-    # The daemon starts watching when the reactor runs, and stops at shutdown.
-    assert [f for f, _ in reactor.when_running] == [stage.watch]
-    assert reactor.triggers == [("before", "shutdown", stage.unwatch)]
+    # make() reads no file: the daemon's ListsReloader does, at start, and
+    # then watches (tests/unit/test_tap.py).
+    assert names(stage) == ["static"] and stage.reloads == 0
+    stage.reload()
     clock = task.Clock()
-    stage.watch(reactor, 10.0, clock=clock, run_in_thread=in_this_thread)
-    return stage, path, clock, reactor
+    signal_handler = signal.getsignal(signal.SIGHUP)
+    stage.watch(clock, 10.0, clock=clock, run_in_thread=in_this_thread)
+    # SIGHUP has one handler, spamtrap.service.startup.SighupHandler's.
+    assert signal.getsignal(signal.SIGHUP) is signal_handler
+    return stage, path, clock
 
 
 def names(stage: ListsStage) -> list[str]:
     return [r.name for r in stage.rules]
 
 
-def test_file_rules_reload_when_the_file_changes(tmp_path: Path, sighup: None) -> None:
-    stage, path, clock, _ = watched(tmp_path, HAM)
+def test_file_rules_reload_when_the_file_changes(tmp_path: Path) -> None:
+    stage, path, clock = watched(tmp_path, HAM)
     assert names(stage) == ["static", "ham"]
     assert stage(envelope(MESSAGE)) == Discard("list:ham")
     before = stage.rules
@@ -171,11 +148,11 @@ def test_file_rules_reload_when_the_file_changes(tmp_path: Path, sighup: None) -
 @pytest.mark.parametrize(
     ("text", "where", "problem"),
     [
-        ("- name: ham\n  header: Subject\n  regex: '(unclosed'\n", 1, "bad regular expression"),
+        ("- name: ham\n  header: Subject\n  regex: '(unclosed'\n", 3, "bad regular expression"),
         ("- name: ham\n  header: Subject\n  regex: x\n  colour: red\n", 4, "unknown key 'colour'"),
         ("- name: ham\n  header: Subject\n  regex: [x\n", 4, "YAML syntax error"),
         ("- name: ham\n  regex: x\n", 1, "needs exactly one of 'header' or 'meta'"),
-        ("- name: ham\n  meta: nosuch\n  regex: x\n", 1, "unknown metadata field 'nosuch'"),
+        ("- name: ham\n  meta: nosuch\n  regex: x\n", 2, "unknown metadata field 'nosuch'"),
         ("- name: ham\n  header: Subject\n", 1, "missing required key 'regex'"),
         ("name: ham\n", 1, "expected a list of rules"),
         (HAM + HAM, 4, "duplicate rule name 'ham' (line 1)"),
@@ -183,9 +160,9 @@ def test_file_rules_reload_when_the_file_changes(tmp_path: Path, sighup: None) -
     ],
 )
 def test_a_bad_file_keeps_the_old_rules_and_is_logged_with_its_line(
-    tmp_path: Path, logged: list[str], sighup: None, text: str, where: int, problem: str
+    tmp_path: Path, logged: list[str], text: str, where: int, problem: str
 ) -> None:
-    stage, path, clock, _ = watched(tmp_path, HAM)
+    stage, path, clock = watched(tmp_path, HAM)
     write(path, text, mtime=1_000_000_001_000_000_000)
     clock.advance(10)
     assert names(stage) == ["static", "ham"]
@@ -202,10 +179,8 @@ def test_a_bad_file_keeps_the_old_rules_and_is_logged_with_its_line(
     stage.unwatch()
 
 
-def test_a_missing_file_is_an_error_and_keeps_the_rules(
-    tmp_path: Path, logged: list[str], sighup: None
-) -> None:
-    stage, path, clock, _ = watched(tmp_path, HAM)
+def test_a_missing_file_is_an_error_and_keeps_the_rules(tmp_path: Path, logged: list[str]) -> None:
+    stage, path, clock = watched(tmp_path, HAM)
     path.unlink()
     clock.advance(10)
     assert names(stage) == ["static", "ham"]
@@ -214,39 +189,25 @@ def test_a_missing_file_is_an_error_and_keeps_the_rules(
     stage.unwatch()
 
 
-def test_sighup_reloads_even_an_unchanged_looking_file(tmp_path: Path, sighup: None) -> None:
-    stage, path, clock, reactor = watched(tmp_path, HAM)
+def test_reload_soon_reads_even_an_unchanged_looking_file(tmp_path: Path) -> None:
+    stage, path, clock = watched(tmp_path, HAM)
     # Same size and mtime: the periodic check cannot see this edit.
     write(path, HAM.replace("hello", "HELLO"), mtime=1_000_000_000_000_000_000)
     clock.advance(10)
     assert stage.rules[1].regex.pattern == "hello"
-    handler = signal.getsignal(signal.SIGHUP)
-    assert callable(handler)
-    handler(signal.SIGHUP, None)
-    assert reactor.from_thread == 1  # handed to the reactor thread, not run in the handler
+    stage.reload_soon()  # what SIGHUP does
     assert stage.rules[1].regex.pattern == "HELLO"
     assert stage.reloads == 2
-    # unwatch() puts the previous handler back and stops the checks.
+    # unwatch() stops the checks, and reload_soon() does nothing any more.
     stage.unwatch()
-    assert signal.getsignal(signal.SIGHUP) is not handler
     write(path, RETIRED, mtime=1_000_000_003_000_000_000)
     clock.advance(100)
+    stage.reload_soon()
     assert names(stage) == ["static", "ham"]
 
 
-def test_sighup_calls_the_handler_that_was_there_before(tmp_path: Path, sighup: None) -> None:
-    calls: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, frame: calls.append(signum))
-    stage, _, _, _ = watched(tmp_path, HAM)
-    handler = signal.getsignal(signal.SIGHUP)
-    assert callable(handler)
-    handler(signal.SIGHUP, None)
-    assert calls == [signal.SIGHUP]
-    stage.unwatch()
-
-
-def test_a_failing_reload_does_not_stop_the_loop(tmp_path: Path, sighup: None) -> None:
-    stage, path, clock, _ = watched(tmp_path, HAM)
+def test_a_failing_reload_does_not_stop_the_loop(tmp_path: Path) -> None:
+    stage, path, clock = watched(tmp_path, HAM)
 
     def broken() -> bool:
         raise OSError("disk on fire")
@@ -269,3 +230,13 @@ def test_parse_rules_reports_every_problem() -> None:
     with pytest.raises(RuleFileError) as e:
         parse_rules("- {name: a, regex: x}\n- {name: 'b c', header: X, regex: y}\n", "f.yaml")
     assert [line for _, line, _ in e.value.problems] == [1, 2]
+
+
+def test_a_rule_file_is_checked_by_the_configs_own_declarations() -> None:
+    rule_text = "{name: q, hedaer: X-Mailer, regex: y}"
+    with pytest.raises(RuleFileError) as e:
+        parse_rules(f"- {rule_text}\n", "f.yaml")
+    assert str(e.value) == "f.yaml:1: q.hedaer: unknown key 'hedaer'; did you mean 'header'?"
+    # The same rule in the config file is refused in the same words.
+    with pytest.raises(ConfigError, match="unknown key 'hedaer'; did you mean 'header'"):
+        parse_config(f"traps: {{catch_all: true}}\nfilters: {{lists: {{rules: [{rule_text}]}}}}\n")

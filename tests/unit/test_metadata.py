@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from spamtrap import testing
 from spamtrap.bundle import mbox
 from spamtrap.config import Condition, Config, ConfigError, SetConfig, load_config
 from spamtrap.filters.lists import RuleFileError, load_rule_file
@@ -43,10 +44,12 @@ OURS = {v.lower() for v in META_FIELDS.values()}
 
 
 def catch_all_config() -> Config:
-    cfg = Config(node="testnode")
-    cfg.smtp.hostname = "trap.test"
-    cfg.traps.catch_all = True
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="testnode",
+        smtp__hostname="trap.test",
+        traps__catch_all=True,
+        sets=[SetConfig(name="all")],
+    )
     return cfg
 
 
@@ -147,7 +150,6 @@ def test_received_pieces_keep_a_fold_sent_inside_a_value() -> None:
     env = session(b"a", b"<x@y>", [b"<v@trap.example>"], b"x\r\n")
     assert env is not None
     env.received[0] = env.received[0].replace("from a", "from a\r\n\tfor <x@y>; forged")
-    env.received_line = "\r\n\t".join(env.received)
     block = env.header_block()
     assert b"Received: from a\\r\\n\\tfor <x@y>; forged (unknown" in block
     assert block.count(b"\r\n\t") == 3
@@ -360,7 +362,7 @@ PIECE = st.sampled_from(
 @given(data=st.lists(PIECE, max_size=30).map(b"".join), mode=st.sampled_from(["unix", "wire"]))
 def test_every_field_a_reader_sees_is_ours_or_listed(data: bytes, mode: str) -> None:
     env = Envelope("m1", 0.0, "", ["v@trap.example"], data, meta={"id": ["m1"]})
-    env.received_line = "from x (unknown [192.0.2.1])\r\n\tby trap.test; date"
+    env.received = ["from x (unknown [192.0.2.1])", "by trap.test; date"]
     message = stored_message(env, mode)
     items = list(email.message_from_bytes(message, policy=email.policy.compat32).raw_items())
     past_block = items[2 + (env.spoofed is not None) :]  # Id, Line-Ends, Spoofed
@@ -443,6 +445,7 @@ def test_lists_rules_refuse_our_names_too(tmp_path: Path) -> None:
 
 def test_explain_shows_the_spoofed_fields() -> None:
     from spamtrap.cli import explain
+
     env = session(b"bot.example", b"<b@spam.example>", [b"<v@trap.example>"], SPOOFING)
     assert env is not None
     report = explain.explain_envelope([], Collator([SetConfig("all")]), env)

@@ -5,136 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer
 
-from spamtrap.bundle.mbox import read_mbox
-from spamtrap.bundle.sets import BundleSet
-from spamtrap.config import Condition, SetConfig, SpoolConfig
-from spamtrap.filters.size import SizeStage
-from spamtrap.message import Envelope
-from spamtrap.metrics import Metrics
-from spamtrap.store.local import LocalStore
-from spamtrap.work.collate import Collator
-from spamtrap.work.pipeline import Pipeline
-from spamtrap.work.spool import Spool
+from spamtrap.config import Condition, SetConfig
+from tests.support.pipeline_world import World, envelope, sample
 from tests.support.threaded_clock import ThreadedClock
-
-
-def envelope(i: int, rcpt: str = "v@trap.example", size: int = 10) -> Envelope:
-    return Envelope(
-        msg_id=f"m{i}",
-        received_at=1000.0 + i,
-        mail_from="a@b",
-        rcpts=[rcpt],
-        data=b"Subject: %d\r\n\r\n" % i + b"x" * size + b"\r\n",
-        meta={"id": [f"m{i}"], "rcpt": [f"<{rcpt}>"]},
-    )
-
-
-class World:
-    """The pipeline with a real spool, bundles, store and thread pool.
-
-    With ``clock`` (a ThreadedClock) every component keeps time on it: the
-    test moves time with ``settle``, and only real thread work is waited
-    for. Without it, the real reactor."""
-
-    live: list[World] = []  # not yet stopped: see abandon_worlds
-
-    def __init__(
-        self,
-        tmp: Path,
-        sets: list[SetConfig],
-        workers: int = 2,
-        clock: ThreadedClock | None = None,
-    ) -> None:
-        self.clock = clock
-        World.live.append(self)
-        # One object for timers and the way back from threads, as the
-        # daemon's reactor is.
-        r: Any = clock if clock is not None else reactor
-        self.metrics = Metrics()
-        self.pool = ThreadPool(1, 4, "test-pipeline")
-        self.pool.start()
-        self.spool = Spool(str(tmp / "spool"), SpoolConfig(fsync=False), self.metrics, r)
-        self.spool.start()
-        self.store = LocalStore(str(tmp / "bundles"), r, self.pool)
-        self.pipeline = Pipeline(
-            self.spool,
-            [("size", SizeStage(1000))],
-            Collator(sets),
-            {},
-            self.metrics,
-            r,
-            self.pool,
-            workers,
-        )
-        self.pipeline.bundles = {
-            s.name: BundleSet(
-                s,
-                "node",
-                str(tmp / "open"),
-                self.store,
-                self.metrics,
-                r,
-                self.pool,
-                self.pipeline.stored,
-            )
-            for s in sets
-        }
-        for b in self.pipeline.bundles.values():
-            b.start()
-        self.tmp = tmp
-
-    async def _run(self, d: Any, what: str) -> Any:
-        if self.clock is None:
-            return await d
-        return await self.clock.run(defer.ensureDeferred(d), what)
-
-    async def settle(self, done: Any, what: str) -> None:
-        """Until ``done()`` holds; needs ``clock``."""
-        assert self.clock is not None, "World(clock=ThreadedClock()) moves time by hand"
-        await self.clock.settle(done, what)
-
-    async def idle(self) -> None:
-        """Until every spooled message went through the stages."""
-        await self.settle(lambda: not (self.pipeline._busy or self.spool.depth), "idle workers")
-
-    async def stop(self) -> None:
-        await self._run(self.pipeline.drain(), "the pipeline to drain")
-        await self._run(
-            defer.DeferredList([b.stop() for b in self.pipeline.bundles.values()]),
-            "the bundles to stop",
-        )
-        await self._run(self.spool.stop(), "the spool to stop")
-        self.pool.stop()
-        World.live.remove(self)
-
-    def stored_ids(self, set_name: str) -> list[str]:
-        ids = []
-        for path in sorted((self.tmp / "bundles" / set_name).glob("*.mbox.gz")):
-            for _, msg in read_mbox(str(path)):
-                ids.append(msg.split(b"\n", 1)[0].split(b": ")[1].strip().decode())
-        return ids
-
-
-@pytest.fixture(autouse=True)
-def abandon_worlds() -> Any:
-    """A test that failed before World.stop leaves its pool's threads
-    running, and they would keep pytest from exiting: stop them."""
-    yield
-    while World.live:
-        w = World.live.pop()
-        w.pipeline.running = False
-        w.spool.stop()
-        w.pool.stop()
-
-
-def sample(metrics: Metrics, name: str) -> float:
-    value = metrics.registry.get_sample_value(name)
-    return value or 0.0
 
 
 @pytest_twisted.ensureDeferred
@@ -216,9 +92,9 @@ async def test_messages_a_bundle_could_not_take_stay_spooled(tmp_path: Path) -> 
     def odd(data: bytes) -> bool:
         return data.split(b"\nSubject: ", 1)[1][:1] in b"13579"
 
-    def lose_odd_ones(items: list[tuple[bytes, float, Any]]) -> list[Any]:
+    def lose_odd_ones(items: list[tuple[Any, ...]]) -> list[Any]:
         real_add_many([item for item in items if not odd(item[0])])
-        return [token for data, _, token in items if odd(data)]
+        return [item[2] for item in items if odd(item[0])]  # (entry, time, token, fields)
 
     bundles.add_many = lose_odd_ones  # type: ignore[method-assign]
     w.pipeline.start()
@@ -233,11 +109,3 @@ async def test_messages_a_bundle_could_not_take_stay_spooled(tmp_path: Path) -> 
     # Stored and acked: the even ones; still in the spool: the odd ones.
     assert sorted(w.stored_ids("all")) == ["m0", "m2", "m4"]
     assert w.spool.in_flight == 3
-
-
-def deferLater(seconds: float) -> Any:
-    """A real-time wait, for tests that build ``World()`` on the real
-    reactor (tests/unit/test_bundle_state.py); World(clock=...) needs none."""
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)

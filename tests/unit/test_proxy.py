@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spamtrap.config import Config, SetConfig
+from spamtrap import testing
+from spamtrap.config import SetConfig
 from spamtrap.intake import proxy
 from tests.support.smtp_helpers import Harness
 
@@ -18,10 +19,12 @@ SRC, DST = ("203.0.113.9", 5555), ("198.51.100.1", 25)
 
 
 def trusted_harness() -> Harness:
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.0/24"]
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__proxy_protocol__trusted_networks=["192.0.2.0/24"],
+        sets=[SetConfig(name="all")],
+    )
     return Harness(cfg)
 
 

@@ -16,17 +16,19 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.iweb import IAgent
 
+from spamtrap import testing
 from spamtrap.bundle.manifest import Manifest, Published
-from spamtrap.cli.pull import read_notice
+from spamtrap.cli.pull_sources import read_notice
 from spamtrap.config import Config, SetConfig, StoreConfig
 from spamtrap.metrics import Metrics
 from spamtrap.notify import notice_urls
 from spamtrap.notify.mail import notice
-from spamtrap.store import BUNDLE_SUFFIX, NAME_PATTERN
-from spamtrap.store.published import download_url, served_by_web, subject, subject_set
+from spamtrap.store import BUNDLE_SUFFIX, NAME_PATTERN, served_by_web
+from spamtrap.store.local import LocalStore
+from spamtrap.store.published import download_url, subject, subject_set
 from spamtrap.store.s3 import S3Store
 from spamtrap.web import make_site
-from tests.unit.test_web import (
+from tests.support.web import (
     TOKEN,
     FakeStore,
     InlineReactor,
@@ -59,10 +61,11 @@ class ListedS3Store(S3Store):
 
 
 def site_config(store_url: str | None) -> Config:
-    config = Config()
-    config.http.public_url = PUBLIC_URL
-    config.store.url = store_url
-    config.sets = [SetConfig(name="private", token=TOKEN, private=True)]
+    config = testing.config(
+        http__public_url=PUBLIC_URL,
+        store__url=store_url,
+        sets=[SetConfig(name="private", token=TOKEN, private=True)],
+    )
     return config
 
 
@@ -75,8 +78,11 @@ def listed_urls(store: Any, config: Config) -> list[str | None]:
 
 
 def test_served_by_web_is_the_local_store_only() -> None:
+    # Decided once, by each store class; the URL only picks the class.
     assert served_by_web(None) and served_by_web("file:///srv/spamtrap/bundles")
     assert not served_by_web("s3://trapbucket/spam")
+    assert served_by_web(None) is LocalStore.served_by_web
+    assert served_by_web("s3://trapbucket/spam") is S3Store.served_by_web
 
 
 def test_download_url() -> None:

@@ -19,7 +19,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from spamtrap.config import QueueConfig
 from spamtrap.metrics import Metrics
-from spamtrap.work.queue import QueueLink, format_duration
+from spamtrap.work.queue_link import QueueLink, format_duration
 from tests.support.doubles import SyncPool
 
 

@@ -19,22 +19,27 @@ import re
 import time
 import unicodedata
 import urllib.parse
-from email.message import EmailMessage
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spamtrap.config import FeedConfig, TrapConfig
+from spamtrap.config import TrapConfig
 from spamtrap.message import Envelope
 from spamtrap.work.redact import mask, redact, redact_envelope
-
-TRAP_DOMAINS = ["trap.example", "Second-Trap.example"]
-TRAP_ADDRESSES = ["spamtrap@example.org"]
-FEED = FeedConfig(id="donor", address="feed1@donor.example")
-RCPT = "catchme@catchall.example"  # a catch-all trap: known only from RCPT TO
-ALL_TRAPS = [*TRAP_ADDRESSES, FEED.address, RCPT]
+from tests.support.redact_samples import (
+    ALL_TRAPS,
+    FEED,
+    HTML,
+    PLAIN,
+    RCPT,
+    TRAP_ADDRESSES,
+    TRAP_DOMAINS,
+    TRAP_RE,
+    build_message,
+    every_text,
+)
 
 # Trap addresses as they appear in the message below, and what they become.
 TRAPS_IN_MESSAGE = [
@@ -63,34 +68,6 @@ def is_trap(address: str) -> bool:
     return domain in {d.lower() for d in TRAP_DOMAINS} or address.lower() in ALL_TRAPS
 
 
-def trap_pattern() -> re.Pattern[str]:
-    """Any trap address (case-insensitive), as text, however delimited."""
-    full = "|".join(re.escape(a) for a in ALL_TRAPS)
-    domains = "|".join(re.escape(d) for d in TRAP_DOMAINS)
-    return re.compile(
-        rf"(?<![\w.+-])(?:{full})(?![\w-]|\.\w)|[\w.+'-]*(?:@|%40)(?:{domains})(?![\w-]|\.\w)", re.I
-    )
-
-
-TRAP_RE = trap_pattern()
-
-
-def every_text(data: bytes) -> list[str]:
-    """The raw bytes, every decoded header value and every decoded part,
-    as Python's email package reads them."""
-    texts = [data.decode("latin-1")]
-    message = email.message_from_bytes(data, policy=email.policy.default)
-    for part in message.walk():
-        for name, value in part.items():
-            texts.append(f"{name}: {value}")  # RFC 2047 decoded by the policy
-        if part.is_multipart():
-            continue
-        payload = part.get_payload(decode=True)
-        if isinstance(payload, bytes):
-            texts.append(payload.decode("utf-8", "replace"))
-    return texts
-
-
 def count(texts: list[str], address: str) -> int:
     pattern = re.compile(rf"(?<![\w.+-]){re.escape(address)}(?![\w-]|\.\w)")
     return sum(len(pattern.findall(t)) for t in texts)
@@ -98,50 +75,6 @@ def count(texts: list[str], address: str) -> int:
 
 def masked(address: str) -> str:
     return mask(address.encode()).decode()
-
-
-HTML = (
-    "<p>Dear <a href='mailto:x@trap.example'>x@trap.example</a>,</p>\n"
-    "<p>unsubscribe: http://spam.example/u?e=someone%40trap.example&amp;x=1</p>\n"
-    "<p>contact bob@other.example or alice@example.org</p>\n" * 3
-)
-PLAIN = (
-    "Hello Jane.Doe-99@TRAP.example, your friend SpamTrap@Example.ORG sent this.\n"
-    "Reply to bob@other.example, not xspamtrap@example.org.\n"
-    "Visit spamtrap@example.org.evil.example today. " + "filler " * 30 + "\n"
-    "Also info@second-trap.example and user@trap.example.net.\n"
-)
-
-
-def build_message() -> bytes:
-    """A spam with trap addresses in every place redaction must reach."""
-    msg = EmailMessage()
-    msg["Received"] = "from relay (relay [192.0.2.1]) by mx; for <feed1@donor.example>"
-    msg["Delivered-To"] = "feed1@donor.example"
-    msg["From"] = "Bob <bob@other.example>"
-    msg["To"] = "Jäne Doe <Jane.Doe-99@TRAP.example>, catchme@catchall.example"
-    msg["Cc"] = "feed2@donor.example"
-    msg["Subject"] = "Angebot für·someone@trap.example, spamtrap@example.org, alice@example.org"
-    msg.set_content(PLAIN, cte="quoted-printable")
-    msg.add_alternative(HTML, subtype="html", cte="base64")
-    inner = EmailMessage()
-    inner["From"] = "catchme@catchall.example"
-    inner["To"] = "x@trap.example"
-    inner["Subject"] = "forwarded"
-    inner.set_content("inner body for someone@trap.example from bob@other.example\n")
-    msg.add_attachment(inner)
-    msg.add_attachment(
-        b"list: info@second-trap.example, alice@example.org\n",
-        maintype="application",
-        subtype="octet-stream",
-        filename="list.txt",
-    )
-    data = msg.as_bytes(policy=email.policy.SMTP)
-    # A preamble (never decoded by anything, still in the bytes).
-    boundary = msg.get_boundary()
-    assert boundary is not None
-    marker = f"--{boundary}".encode()
-    return data.replace(marker, b"preamble for x@trap.example\r\n" + marker, 1)
 
 
 def redact_message(data: bytes) -> bytes:
@@ -290,10 +223,11 @@ def envelope() -> Envelope:
             "rcpt": [f"<{RCPT}>", "<x@trap.example> NOTIFY=NEVER"],
             "domain": ["catchall.example", "trap.example"],
         },
-        received_line=(
-            "from relay (relay [192.0.2.1])\r\n\tby node1 with ESMTP id id1\r\n"
-            f"\tfor <{RCPT}>; Thu, 01 Jan 2026 00:00:00 +0000"
-        ),
+        received=[
+            "from relay (relay [192.0.2.1])",
+            "by node1 with ESMTP id id1",
+            f"for <{RCPT}>; Thu, 01 Jan 2026 00:00:00 +0000",
+        ],
     )
 
 

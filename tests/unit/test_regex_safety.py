@@ -113,8 +113,10 @@ def test_a_rule_file_refuses_a_catastrophic_rule_with_its_line() -> None:
     )
     with pytest.raises(RuleFileError) as e:
         parse_rules(text, "rules.yaml")
-    assert e.value.problems[0][:2] == ("rules.yaml", 4)
-    assert "'slow'" in e.value.problems[0][2] and r"(\w+\s?)+" in e.value.problems[0][2]
+    # The regex's own line, under the rule's name.
+    assert e.value.problems[0][:2] == ("rules.yaml", 6)
+    assert e.value.problems[0][2].startswith("slow.regex: ")
+    assert r"(\w+\s?)+" in e.value.problems[0][2]
 
 
 def test_a_quadratic_but_accepted_rule_sees_a_bounded_value() -> None:

@@ -12,22 +12,19 @@ from hypothesis import strategies as st
 from twisted.internet import address
 from twisted.internet.testing import StringTransport
 
-from spamtrap.config import Config, ConfigError, SetConfig, parse_config
+from spamtrap import testing
+from spamtrap.config import Config, ConfigError, parse_config
 from spamtrap.intake import relay
 from spamtrap.message import META_FIELDS, Envelope, escape_value
-from tests.support.smtp_helpers import Harness
+from tests.support.smtp_helpers import Harness, trap_config
 
 RELAY_IP = "192.0.2.25"
 BOT_MSG = b"From: bot@spam.example\r\nSubject: buy\r\n\r\nbody\r\n"
 
 
 def config(relays: list[str] | None = None) -> Config:
-    cfg = Config(node="testnode")
-    cfg.smtp.hostname = "trap.test"
-    cfg.traps.domains = ["trap.example"]
-    cfg.sets = [SetConfig(name="all")]
-    cfg.smtp.trusted_relays = [RELAY_IP + "/32", "2001:db8::/32"] if relays is None else relays
-    return cfg
+    trusted = [RELAY_IP + "/32", "2001:db8::/32"] if relays is None else relays
+    return trap_config(smtp__trusted_relays=trusted)
 
 
 def session(peer: str = RELAY_IP, relays: list[str] | None = None) -> Harness:
@@ -263,7 +260,7 @@ def test_xforward_resets_after_each_transaction_and_on_rset() -> None:
 def test_xforward_ends_with_a_transaction_refused_for_its_size() -> None:
     # XFORWARD_README: the attributes last one transaction, delivered or not.
     cfg = config()
-    cfg.smtp.max_message_size = 64
+    cfg = testing.config(cfg, smtp__max_message_size=64)
     h = Harness(cfg, peer=RELAY_IP)
     h.replies()
     ehlo_keywords(h)
@@ -512,7 +509,7 @@ def test_derived_walk_stops_at_the_first_untrusted_hop() -> None:
 def test_trusted_networks_match_ipv4_mapped_peers() -> None:
     # A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d.
     cfg = config(relays=["192.0.2.0/24"])
-    cfg.smtp.proxy_protocol.trusted_networks = ["198.51.100.0/24"]
+    cfg = testing.config(cfg, smtp__proxy_protocol__trusted_networks=["198.51.100.0/24"])
     f = Harness(cfg).factory
     assert f.trusts_proxy("::ffff:198.51.100.4") and f.trusts_proxy("198.51.100.4")
     assert f.trusts_relay("::ffff:192.0.2.9") and not f.trusts_relay("::ffff:203.0.113.1")

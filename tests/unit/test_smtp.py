@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 
-from spamtrap.config import Config, SetConfig
+from spamtrap import testing
+from spamtrap.config import SetConfig
 from spamtrap.intake import proxy
 from tests.support.smtp_helpers import Harness
 
@@ -90,10 +91,12 @@ def test_overlong_line_in_data_stays_data() -> None:
 
 
 def test_too_big_gets_552_and_the_session_stays_in_step() -> None:
-    cfg = Config(node="n")
-    cfg.traps.domains = ["trap.example"]
-    cfg.smtp.max_message_size = 1000
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__domains=["trap.example"],
+        smtp__max_message_size=1000,
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg)
     h.replies()
     h.send(b"MAIL FROM:<a@b> SIZE=5000\r\n")
@@ -188,9 +191,11 @@ def test_non_trap_recipient_is_refused_and_nothing_relays() -> None:
 def test_feed_address_carries_the_feed_id() -> None:
     from spamtrap.config import FeedConfig
 
-    cfg = Config(node="n")
-    cfg.feeds = [FeedConfig(id="donor1", address="donor1@feeds.trap.example")]
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        feeds=[FeedConfig(id="donor1", address="donor1@feeds.trap.example")],
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg)
     h.transaction(b"x\r\n", (b"Donor1@Feeds.Trap.Example",))
     assert h.submitted[0].feed == "donor1"
@@ -295,10 +300,12 @@ def test_ehlo_reply_follows_the_tls_state() -> None:
 
 
 def test_connection_limit_refuses_with_421() -> None:
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.max_connections_per_ip = 1
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__max_connections_per_ip=1,
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg)
     p2 = h.factory.buildProtocol(None)
     from twisted.internet import address
@@ -315,10 +322,12 @@ def test_connection_limit_refuses_with_421() -> None:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_proxy_protocol_from_trusted_network(version: int) -> None:
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.0/24"]
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__proxy_protocol__trusted_networks=["192.0.2.0/24"],
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg)
     assert h.replies() == []  # no greeting before the header
     build = proxy.build_v1 if version == 1 else proxy.build_v2
@@ -341,20 +350,24 @@ def test_proxy_header_from_untrusted_network_is_just_a_bad_command() -> None:
 
 
 def test_bad_proxy_header_from_trusted_network_is_421() -> None:
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.proxy_protocol.trusted_networks = ["192.0.2.7/32"]
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__proxy_protocol__trusted_networks=["192.0.2.7/32"],
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg)
     h.send(b"EHLO x\r\n")
     assert h.replies()[-1].startswith(b"421")
 
 
 def test_early_talker_is_recorded_not_refused() -> None:
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.timeouts.greeting_delay = 2
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__timeouts__greeting_delay=2,
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg)
     h.send(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<v@t>\r\nDATA\r\nx\r\n.\r\n")
     assert h.replies() == []
@@ -491,10 +504,12 @@ def test_rdns_answer_lands_in_metadata_and_received_line() -> None:
     from spamtrap.intake.rdns import make_lookup
 
     resolver = FakeResolver({"7.2.0.192.in-addr.arpa": "bot7.dsl.example."})
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.rdns = True
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__rdns=True,
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg, resolve_ptr=make_lookup(resolver))
     h.send(b"HELO x\r\n")
     h.transaction(b"x\r\n")
@@ -508,10 +523,12 @@ def test_a_resolver_that_never_answers_delays_nothing() -> None:
     from spamtrap.intake.rdns import make_lookup
 
     resolver = FakeResolver({})
-    cfg = Config(node="n")
-    cfg.traps.catch_all = True
-    cfg.smtp.rdns = True
-    cfg.sets = [SetConfig(name="all")]
+    cfg = testing.config(
+        node="n",
+        traps__catch_all=True,
+        smtp__rdns=True,
+        sets=[SetConfig(name="all")],
+    )
     h = Harness(cfg, resolve_ptr=make_lookup(resolver))
     h.replies()
     h.transaction(b"x\r\n")

@@ -11,7 +11,7 @@ from spamtrap.intake.state import (
     SessionState,
     check_move,
 )
-from tests.support.smtp_helpers import Harness
+from tests.support.smtp_helpers import Harness, trap_config
 
 S = SessionState
 
@@ -58,8 +58,7 @@ def test_a_session_walks_the_states_of_one_transaction() -> None:
 
 
 def test_the_greeting_delay_holds_the_session_in_greeting() -> None:
-    h = Harness()
-    h.config.smtp.timeouts.greeting_delay = 2.0
+    h = Harness(trap_config(smtp__timeouts__greeting_delay=2.0))
     p = h.factory.buildProtocol(None)
     p.makeConnection(StringTransport(peerAddress=h.transport.getPeer()))
     assert p._state is S.GREETING

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +13,16 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-import spamtrap
-from spamtrap.config import SpoolConfig
 from spamtrap.metrics import Metrics
 from spamtrap.work import spool as spool_module
-from spamtrap.work.spool import ACK_DELAY, HEADER, Spool, SpoolEntry, SpoolError, read_entries
-
-
-def config(**overrides: Any) -> SpoolConfig:
-    values: dict[str, Any] = {"commit_interval": 0.0}
-    values.update(overrides)
-    return SpoolConfig(**values)
+from spamtrap.work.spool import Spool, SpoolEntry, SpoolError, read_entries
+from spamtrap.work.spool_records import HEADER
+from tests.support.spool import ThreadCalls, config, recover
+from tests.support.spool import make_spool as make_spool  # the fixture
 
 
 def segment_files(directory: Path) -> list[str]:
@@ -57,55 +46,6 @@ def shed_count(metrics: Metrics, reason: str) -> float:
 
 def name(entry: SpoolEntry) -> str:
     return os.path.basename(entry.path)
-
-
-@pytest.fixture
-def make_spool() -> Iterator[Callable[..., Spool]]:
-    """Starts spools on the real reactor and stops any a test left running."""
-    from twisted.internet import reactor
-
-    started: list[Spool] = []
-
-    def make(
-        directory: Path,
-        cfg: SpoolConfig | None = None,
-        metrics: Metrics | None = None,
-        clock: Clock | None = None,
-    ) -> Spool:
-        # A Clock that stays at 0 keeps age shedding out of tests that do
-        # not ask for it (their received_at values are in 1970).
-        spool = Spool(
-            str(directory), cfg or config(), metrics or Metrics(), reactor, clock or Clock()
-        )
-        spool.start()
-        started.append(spool)
-        return spool
-
-    yield make
-    for spool in started:
-        pytest_twisted.blockon(spool.stop())
-
-
-class ThreadCalls:
-    """A stand-in reactor for synchronous tests: runs the writer thread's
-    callFromThread calls when the test waits for a Deferred."""
-
-    def __init__(self) -> None:
-        self._calls: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self._calls.put((f, args))
-
-    def wait(self, d: Deferred[Any], timeout: float = 10.0) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        deadline = time.monotonic() + timeout
-        while not results:
-            f, args = self._calls.get(timeout=max(0.0, deadline - time.monotonic()))
-            f(*args)
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
-        return results[0]
 
 
 # -- append, get, read ----------------------------------------------------
@@ -180,24 +120,6 @@ async def test_concurrent_appends_share_fsyncs(
     assert len(syncs) == commits  # one fdatasync per group commit
     assert len({e.key for e in entries}) == n
     assert spool.depth == n
-
-
-@pytest_twisted.ensureDeferred
-async def test_commit_interval_gathers_later_appends(tmp_path: Path, make_spool: Any) -> None:
-    from twisted.internet import reactor
-
-    metrics = Metrics()
-    spool = make_spool(tmp_path, config(commit_interval=0.5), metrics)
-    early = spool.append(b"early", 1.0)
-    # Well inside the window the writer is waiting out, another append comes.
-    # Real time on purpose: the writer thread waits commit_interval on the
-    # monotonic clock (a Clock cannot drive a thread), and this test is
-    # about that wait; 0.05 s of a 0.5 s window leaves a wide margin.
-    await deferLater(reactor, 0.05, lambda: None)
-    assert not early.called
-    late = spool.append(b"late", 1.0)
-    await defer.gatherResults([early, late])
-    assert sample(metrics, "spamtrap_spool_commits_total") == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -311,27 +233,6 @@ async def test_ack_deletes_finished_segments(tmp_path: Path, make_spool: Any) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_acks_reach_the_file_without_an_append(tmp_path: Path, make_spool: Any) -> None:
-    # Acks wait for an append to share the writer's wake-up with, but not
-    # for longer than ACK_DELAY.
-    from twisted.internet import reactor
-
-    spool = make_spool(tmp_path)
-    first = await spool.append(b"a", 1.0)
-    await spool.append(b"b", 1.0)
-    await spool.get()
-    spool.ack(first)
-    ack_file = tmp_path / os.path.basename(first.path).replace(".log", ".ack")
-    # The writer thread times ACK_DELAY on the monotonic clock, which no
-    # Clock can drive: poll the file, with a deadline (100 polls).
-    for _ in range(100):
-        if ack_file.exists() and ack_file.read_bytes():
-            break
-        await deferLater(reactor, ACK_DELAY / 4, lambda: None)
-    assert ack_file.read_bytes() == b"%d\n" % first.offset
-
-
-@pytest_twisted.ensureDeferred
 async def test_ack_keys_acks_queued_and_handed_out_entries(tmp_path: Path, make_spool: Any) -> None:
     spool = make_spool(tmp_path)
     a, b, c = [await spool.append(p, 1.0) for p in (b"a", b"b", b"c")]
@@ -417,15 +318,6 @@ def write_records(directory: Path, payloads: list[bytes]) -> None:
     reactor.wait(spool.stop())
 
 
-def recover(directory: Path) -> tuple[Spool, list[SpoolEntry]]:
-    reactor = ThreadCalls()
-    spool = Spool(str(directory), config(fsync=False), Metrics(), reactor, Clock())
-    spool.start()
-    entries = [reactor.wait(spool.get()) for _ in range(spool.depth)]
-    reactor.wait(spool.stop())
-    return spool, entries
-
-
 # Three records of 120 bytes each: the third starts at 240 and ends at 360.
 @pytest.mark.parametrize(
     ("keep", "extra", "survivors"),
@@ -472,56 +364,6 @@ def test_read_of_missing_segment_is_spool_error(tmp_path: Path) -> None:
     entry = SpoolEntry(1, 0, 5, 1.0, str(tmp_path / "seg-0000000000000001.log"))
     with pytest.raises(SpoolError):
         entry.read()
-
-
-def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
-    """A real process appends until killed; every append that fired (a 250)
-    must be recovered."""
-    child = """
-import sys
-from twisted.internet import reactor
-from spamtrap.config import SpoolConfig
-from spamtrap.metrics import Metrics
-from spamtrap.work.spool import Spool
-
-spool = Spool(sys.argv[1], SpoolConfig(commit_interval=0, segment_bytes=4096), Metrics(), reactor)
-spool.start()
-
-def done(entry, i):
-    sys.stdout.write("%d\\n" % i)
-    sys.stdout.flush()
-
-def more(i):
-    for j in range(i, i + 20):
-        spool.append(b"message %d " % j + b"x" * (j % 300), 1.0).addCallback(done, j)
-    reactor.callLater(0.001, more, i + 20)
-
-reactor.callWhenRunning(more, 0)
-reactor.run()
-"""
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(spamtrap.__file__)))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", child, str(tmp_path)], stdout=subprocess.PIPE, env=env
-    )
-    assert proc.stdout is not None
-    acknowledged: set[int] = set()
-    try:
-        while len(acknowledged) < 300:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            acknowledged.add(int(line))
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert len(acknowledged) >= 300, "the child process did not get going"
-    _, entries = recover(tmp_path)
-    recovered = [e.read() for e in entries]
-    for i in acknowledged:
-        assert b"message %d " % i + b"x" * (i % 300) in recovered
-    # Order on disk is append order.
-    numbers = [int(p.split()[1]) for p in recovered]
-    assert numbers == sorted(numbers)
 
 
 @settings(

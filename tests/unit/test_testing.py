@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,18 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
+from spamtrap.config import SetConfig
 from spamtrap.errors import SourceStoppedError, WorkSourceError
 from spamtrap.interfaces import Store, WorkSource
 from spamtrap.store import Redirect, StoreClosedError, bundle_key, manifest_key
-from spamtrap.testing import ListEntry, ListWorkSource, MemoryStore, SyncPool, manifest_for
+from spamtrap.testing import (
+    ListEntry,
+    ListWorkSource,
+    MemoryStore,
+    SyncPool,
+    config,
+    manifest_for,
+)
 from tests.support import doubles
 
 T = 1795355475.0
@@ -164,3 +173,27 @@ def test_list_work_source_stop_fails_every_get() -> None:
         result_of(waiting)
     with pytest.raises(SourceStoppedError):
         result_of(source.get())
+
+
+def test_config_changes_nested_keys_of_a_frozen_config() -> None:
+    base = config(traps__catch_all=True, sets=[SetConfig("all")])
+    cfg = config(base, smtp__timeouts__data=5.0, smtp__rdns=True, node="n1")
+    assert (cfg.smtp.timeouts.data, cfg.smtp.rdns, cfg.node) == (5.0, True, "n1")
+    assert cfg.traps.catch_all and [s.name for s in cfg.sets] == ["all"]
+    # The base is untouched, and so is every section not named.
+    assert base.smtp.timeouts.data == 600.0 and not base.smtp.rdns
+    assert cfg.smtp.timeouts.command == base.smtp.timeouts.command
+    assert cfg.filters is base.filters
+    # Any section, not only a whole Config.
+    assert config(SetConfig("x"), rotate__max_messages=5).rotate.max_messages == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.smtp.rdns = False  # type: ignore[misc]
+
+
+def test_config_refuses_unknown_names() -> None:
+    with pytest.raises(TypeError, match="Config has no field 'smtpp'"):
+        config(smtpp__rdns=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rdnss'"):
+        config(smtp__rdnss=True)
+    with pytest.raises(TypeError, match="not a config section"):
+        config(object())

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spamtrap import testing
 from spamtrap.config import Config, VirusConfig
 from spamtrap.filters import Discard
 from spamtrap.filters.virus import EICAR, VirusStage, executable_kind, extension, make
@@ -506,7 +507,7 @@ def test_make_follows_the_config() -> None:
     assert stage(Envelope("t", 0.0, "", ["t@example.org"], HEAD + b"\r\n" + EICAR)) == Discard(
         "eicar"
     )
-    cfg.filters.virus.enabled = False
+    cfg = testing.config(cfg, filters__virus__enabled=False)
     assert make(cfg, reactor=None) is None
 
 

@@ -7,14 +7,11 @@ request the server answers is recorded, so the tests can tell what was
 downloaded and how (Range or whole).
 
 S3: a moto server started on 127.0.0.1 as a subprocess, with fake
-credentials.
-"""
+credentials."""
 
 from __future__ import annotations
 
-import argparse
 import email
-import gzip
 import hashlib
 import io
 import json
@@ -31,28 +28,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.threads import deferToThread
 from twisted.python.threadpool import ThreadPool
 
+from spamtrap import testing
 from spamtrap.bundle import mbox
-from spamtrap.bundle.manifest import Manifest
-from spamtrap.cli.main import build_parser, main
 from spamtrap.cli.pull import (
     STATE_NAME,
-    Problem,
-    PullError,
-    Remote,
-    RemoteManifest,
-    _remote_from,
-    parse_notice,
-    read_notice,
-    remote_manifest,
-    rewind,
     run,
 )
 from spamtrap.config import Config, SetConfig
@@ -60,53 +44,24 @@ from spamtrap.metrics import Metrics
 from spamtrap.store import bundle_key, manifest_key
 from spamtrap.store.local import LocalStore
 from spamtrap.web import make_site
-
-SHARED_TOKEN = "tok-shared-0123456789"
-PRIVATE_TOKEN = "tok-private-9876543210"
-T0 = 1767225600  # 2026-01-01T00:00:00Z
+from tests.support.poll import wait_until
+from tests.support.pull import (
+    PRIVATE_TOKEN,
+    SHARED_TOKEN,
+    T0,
+    gzip_mbox,
+    manifest,
+    message,
+    parse,
+    pull,
+    stored,
+)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def message(n: int, padding: int = 0) -> bytes:
-    """A message; ``padding`` bytes of incompressible text make big bundles."""
-    body = hashlib.sha256(b"%d" % n).hexdigest().encode()
-    extra = b"".join(
-        hashlib.sha256(b"%d-%d" % (n, i)).hexdigest().encode() + b"\r\n"
-        for i in range(padding // 66)
-    )
-    return (
-        b"From: Spammer <spammer@example.net>\r\n"
-        b"To: trap@trap.example\r\n"
-        b"Subject: offer %d\r\n"
-        b"Message-ID: <%d@example.net>\r\n"
-        b"\r\n"
-        b"From the desk of the spammer\r\n"  # mboxrd quotes this line
-        b"%s\r\n%s" % (n, n, body, extra)
-    )
-
-
-def gzip_mbox(messages: list[bytes], when: float) -> bytes:
-    return gzip.compress(b"".join(mbox.entry("spammer@example.net", when, m) for m in messages))
-
-
-def manifest(key: str, data: bytes, messages: int, when: float) -> bytes:
-    """BundleSet's manifest bytes: what a node stores and serves."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
-    return Manifest(
-        set=key.split("/")[0],
-        key=key,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        messages=messages,
-        first_received=stamp,
-        last_received=stamp,
-        node="node1",
-    ).to_json_bytes()
 
 
 @dataclass
@@ -153,12 +108,13 @@ class Node:
 
 
 def node_config(port: int) -> Config:
-    config = Config()
-    config.http.public_url = f"http://127.0.0.1:{port}"
-    config.sets = [
-        SetConfig(name="shared", token=SHARED_TOKEN),
-        SetConfig(name="private", token=PRIVATE_TOKEN, private=True),
-    ]
+    config = testing.config(
+        http__public_url=f"http://127.0.0.1:{port}",
+        sets=[
+            SetConfig(name="shared", token=SHARED_TOKEN),
+            SetConfig(name="private", token=PRIVATE_TOKEN, private=True),
+        ],
+    )
     return config
 
 
@@ -184,17 +140,6 @@ async def node(tmp_path: Path):
     finally:
         await defer.maybeDeferred(port.stopListening)
         pool.stop()
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    return build_parser().parse_args(["pull", *argv])
-
-
-async def pull(*argv: str) -> tuple[int, str]:
-    """Run pull in a thread (it blocks); its exit status and stderr."""
-    err = io.StringIO()
-    code = await deferToThread(run, parse(list(argv)), err)
-    return code, err.getvalue()
 
 
 def http_args(node: Node, dest: Path) -> list[str]:
@@ -267,7 +212,7 @@ async def test_http_feed_second_run_fetches_nothing_third_only_the_new(
 
 @pytest_twisted.ensureDeferred
 async def test_http_feed_pages(node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("spamtrap.cli.pull.PAGE", 2)
+    monkeypatch.setattr("spamtrap.cli.pull_sources.PAGE", 2)
     bundles = [await node.add("shared", T0 + i, count=1) for i in range(5)]
     code, _ = await pull(*http_args(node, tmp_path / "dest"))
     assert code == 0
@@ -628,25 +573,6 @@ async def test_notices_that_cannot_be_followed_are_errors_naming_them(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_notice_folder_that_is_none_is_an_error(tmp_path: Path) -> None:
-    not_mbox = tmp_path / "notes.txt"
-    not_mbox.write_text("Set: shared\nKey: x\n")
-    plain_dir = tmp_path / "plain"
-    plain_dir.mkdir()
-    empty = tmp_path / "empty.mbox"
-    empty.write_bytes(b"")
-    dest = str(tmp_path / "d")
-    for path, text in [(not_mbox, "not an mbox file"), (plain_dir, "not a maildir")]:
-        code, err = await pull("--set", "shared", "--dest", dest, "--mail", str(path))
-        assert code == 1 and text in err and str(path) in err, err
-    # An empty mbox is a folder no notice has reached yet.
-    assert await pull("--set", "shared", "--dest", str(tmp_path / "d"), "--mail", str(empty)) == (
-        0,
-        "",
-    )
-
-
-@pytest_twisted.ensureDeferred
 async def test_unpack_catches_up_on_bundles_fetched_without_it_once(
     node: Node, tmp_path: Path
 ) -> None:
@@ -716,16 +642,6 @@ async def test_a_state_file_of_the_one_target_format_is_read(node: Node, tmp_pat
     assert code == 1 and f"{one.key}: 'unpacked' is not a map of" in err
 
 
-def stored(wire: bytes, line_endings: str) -> bytes:
-    """``wire`` as a set stores it, through the daemon's own Envelope."""
-    from spamtrap.message import Envelope, line_ends_of
-
-    env = Envelope("id1", T0, "spammer@example.net", ["trap@trap.example"], wire)
-    env.meta = {"id": ["id1"], "node": ["node1"], "line_ends": [line_ends_of(wire)]}
-    env.received_line = "from spam.example ([192.0.2.1])\r\n\tby trap.example; Thu, 1 Jan 2026"
-    return env.stored_bytes(line_endings)
-
-
 WIRE_MESSAGES = [
     b"Subject: crlf\r\nFrom: a@spam.example\r\n\r\nFrom the desk\r\nline\r\n",
     b"Subject: crlf with a stray CR\r\n\r\nbefore\r\r\nafter\rx\r\n",
@@ -787,17 +703,6 @@ async def test_unpack_wire_skips_and_reports_a_message_not_stored_by_spamtrap(
     assert len(box.keys()) == 2
 
 
-def test_a_skipped_messages_id_is_ours_first_then_its_own() -> None:
-    from spamtrap.cli.pull import message_id_of
-
-    ours = stored(b"Message-ID: <theirs@spam.example>\r\n\r\nbody\r\n", "unix")
-    assert message_id_of(ours) == "id1"
-    assert message_id_of(b"Subject: x\r\nMessage-Id:  <m@x> \r\n\r\nbody") == "<m@x>"
-    # Only the header section counts, and no id is no id.
-    assert message_id_of(b"Subject: x\n\nMessage-ID: <in-body@x>\n") is None
-    assert message_id_of(b"") is None
-
-
 @pytest_twisted.ensureDeferred
 async def test_unpack_wire_counts_what_it_does_not_name(node: Node, tmp_path: Path) -> None:
     from spamtrap.cli.pull import MAX_SKIPPED_REPORTED
@@ -815,77 +720,7 @@ async def test_unpack_wire_counts_what_it_does_not_name(node: Node, tmp_path: Pa
     assert state_of(dest)["bundles"][bundle.key]["unpacked"] == {"wire": True}
 
 
-@settings(max_examples=200, deadline=None)
-@given(raw=st.binary(max_size=2000))
-def test_any_mail_reads_as_a_notice_or_none(raw: bytes) -> None:
-    notice = read_notice(raw)
-    assert notice is None or "key" in notice.fields or notice.subject_set is not None
-
-
-FIELD_TEXT = st.one_of(
-    st.text(max_size=80),
-    st.sampled_from(
-        [
-            "http://127.0.0.1/x.mbox.gz",
-            "shared/2026-01-01T00:00:00.n.AAAAAAAAAAAAAAAA.mbox.gz",
-            "12",
-            "a" * 64,
-        ]
-    ),
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    entry=st.dictionaries(
-        st.sampled_from(["key", "url", "size", "sha256", "manifest_url"]), FIELD_TEXT
-    )
-)
-def test_a_notice_entry_is_a_remote_or_a_named_problem(entry: dict[str, str]) -> None:
-    result = _remote_from(entry, "shared", "notice <x@test>")
-    if isinstance(result, Problem):
-        assert result.text.startswith("notice <x@test>")
-        return
-    # Whatever passes is safe to use: a key naming a file under DEST/shared,
-    # an http(s) URL, and a size and sha256 that can be checked.
-    assert result.key.startswith("shared/") and ".." not in result.key
-    assert result.location.split("://")[0] in ("http", "https")
-    assert result.size is None or result.size >= 0
-    assert result.sha256 is None or len(result.sha256) == 64
-
-
-def test_parse_notice_reads_the_daemons_own_notices() -> None:
-    from spamtrap.notify.mail import notice as daemon_notice
-
-    key = "shared/2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.mbox.gz"
-    doc = json.loads(manifest(key, b"data", 1, T0))
-    doc["url"] = f"http://127.0.0.1:8025/bundles/{key}"
-    raw = daemon_notice(doc, "spamtrap@trap.example", "list@example.org", T0)
-    fields = parse_notice(raw)
-    assert (fields["set"], fields["key"], fields["url"]) == ("shared", key, doc["url"])
-    assert (fields["size"], fields["sha256"]) == ("4", doc["sha256"])
-
-
-def test_parse_notice_reads_a_quoted_printable_body() -> None:
-    raw = (
-        b"Subject: x\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
-        b"Content-Transfer-Encoding: quoted-printable\n\n"
-        b"Set: shared\nKey: shared/2026-01-01T00:00:00.n.AAAAAAAAAAAAAAAA.mbox.gz\n"
-        b"URL: http://127.0.0.1/bundles/shared/2026-01-01T00:00:00.n.AAAAAAAAAAAAAAAA.mb=\nox.gz\n"
-    )
-    fields = parse_notice(raw)
-    assert fields["set"] == "shared"
-    assert fields["url"].endswith("AAAAAAAAAAAAAAAA.mbox.gz")
-    assert parse_notice(b"Subject: hi\n\njust mail\n") == {}
-
-
 # --- the state file and usage ------------------------------------------------------
-
-
-def test_rewind() -> None:
-    assert rewind("2026-01-02T00:00:30.node1.AAAAAAAAAAAAAAAA", 3600) == "2026-01-01T23:00:30"
-    assert rewind(None, 3600) is None
-    assert rewind("garbage", 3600) is None
 
 
 @pytest_twisted.ensureDeferred
@@ -899,31 +734,6 @@ async def test_a_damaged_state_file_stops_the_run_and_is_kept(node: Node, tmp_pa
     assert STATE_NAME in err
     assert (dest / STATE_NAME).read_text() == "{not json"
     assert node.downloads() == []
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--set", "s", "--dest", "d"],  # no source
-        ["--set", "s", "--dest", "d", "--http", "http://127.0.0.1:1", "--mail", "m"],
-        ["--set", "s", "--dest", "d", "--http", "http://127.0.0.1:1"],  # no token
-        ["--set", "s", "--dest", "d", "--http", "ftp://127.0.0.1/", "--token", "t"],
-        ["--set", "../s", "--dest", "d", "--mail", "m"],
-        ["--set", "s", "--dest", "d", "--mail", "m", "--quiet", "--progress"],
-        ["--set", "s", "--dest", "d", "--s3", "http://bucket/x"],
-        ["--set", "s", "--dest", "d", "--mail", "m", "--unpack", "zip"],
-        ["--set", "s", "--dest", "d", "--mail", "m", "--overlap", "-1"],
-        ["--set", "s", "--dest", "d", "--mail", "m", "--wire"],
-        ["--set", "s", "--dest", "d", "--mail", "m", "--unpack", "mbox", "--wire"],
-    ],
-)
-def test_usage_errors_exit_2(
-    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("SPAMTRAP_TOKEN", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert main(["pull", *argv]) == 2
-    assert not (tmp_path / "d").exists()
 
 
 # --- S3 (moto server) --------------------------------------------------------------
@@ -941,15 +751,12 @@ def moto() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:  # a real process: poll its port, there is no clock to inject
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.05)
+        def answers() -> bool:  # a real process: poll its port, there is no clock to inject
+            assert proc.poll() is None, f"moto_server exited with {proc.returncode}"
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+
+        wait_until(answers, 30, "moto_server to listen", retry_on=(OSError,))
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -1033,54 +840,4 @@ def test_s3_without_credentials_fails_clearly(
 
 # -- remote manifests ----------------------------------------------------------------
 
-REMOTE_KEY = "shared/2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.mbox.gz"
 
-
-def test_pull_reads_the_manifest_a_node_stores_and_serves() -> None:
-    raw = manifest(REMOTE_KEY, b"data", 1, T0)
-    assert Manifest.from_json(raw).to_json_bytes() == raw  # the node's own bytes
-    got = remote_manifest(raw, Remote(REMOTE_KEY, "http://127.0.0.1/x"))
-    assert got == RemoteManifest(REMOTE_KEY, 4, hashlib.sha256(b"data").hexdigest())
-
-
-def test_pull_tolerates_what_an_older_or_other_sender_writes() -> None:
-    # Only key, size and sha256 matter to pull; upper-case hex is accepted.
-    sha = hashlib.sha256(b"x").hexdigest()
-    raw = json.dumps({"key": f"prefix/{REMOTE_KEY}", "size": 1, "sha256": sha.upper()}).encode()
-    got = remote_manifest(raw, Remote(REMOTE_KEY, "s3-key"))
-    assert got == RemoteManifest(REMOTE_KEY, 1, sha)
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"size": -5}, "manifest field size: -5 is not a number of bytes"),
-        ({"size": "4"}, "manifest field size: '4' is not a number of bytes"),
-        ({"size": True}, "manifest field size: True is not a number of bytes"),
-        ({"size": None}, "manifest field size: None is not a number of bytes"),
-        ({"sha256": "abc"}, "manifest field sha256: 'abc' is not 64 hex digits"),
-        ({"sha256": 7}, "manifest field sha256: 7 is not 64 hex digits"),
-        ({"key": "shared/other.mbox.gz"}, "the manifest is for 'shared/other.mbox.gz'"),
-    ],
-)
-def test_a_bad_remote_manifest_names_the_remote_key_and_field(
-    change: dict[str, Any], message: str
-) -> None:
-    doc = json.loads(manifest(REMOTE_KEY, b"data", 1, T0))
-    doc.update(change)
-    with pytest.raises(PullError) as e:
-        remote_manifest(json.dumps(doc).encode(), Remote(REMOTE_KEY, "x"))
-    assert str(e.value) == f"{REMOTE_KEY}: {message}"
-
-
-@given(
-    raw=st.binary(max_size=300)
-    | st.dictionaries(st.text(), st.integers()).map(lambda d: json.dumps(d).encode())
-)
-def test_any_remote_manifest_is_read_or_refused_with_its_key(raw: bytes) -> None:
-    try:
-        got = remote_manifest(raw, Remote(REMOTE_KEY, "x"))
-    except PullError as e:
-        assert REMOTE_KEY in str(e)
-        return
-    assert got.key == REMOTE_KEY and got.size >= 0 and len(got.sha256) == 64

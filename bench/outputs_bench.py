@@ -1,0 +1,184 @@
+"""Intake with three outputs on, one of them blackholed, side by side with
+outputs off in the same run; then each output's own throughput (issue 13).
+
+    python -m bench.run outputs [--quick]
+
+The outputs: ``exec`` (a command that reads the message and exits 0),
+``forward`` (format attach, to Postfix's smtp-sink on loopback) and
+``pyzor`` reporting to a UDP socket that never answers (blackholed: every
+report waits out its timeout, and its queue's bound sheds the oldest).
+"outputs on" runs them at the rates partners ask for, "unlimited" as fast
+as they go (the worst case: on a small machine their work, an exec child
+per message above all, takes CPU from intake). Intake rounds alternate
+between the servers, so noise hits all alike.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from typing import Any
+
+from bench.servers import Server, smtp_source, start_smtp_sink, start_spamtrap
+
+WITH_WORKERS = """
+traps: {catch_all: true}
+spool: {max_messages: 100000000, max_bytes: 64GiB}
+"""
+
+
+# Rates as partners ask for them (docs/outputs.md), and none at all.
+PARTNER_RATES = {"hook": 20, "partner": 5, "blackholed": 5}
+UNLIMITED = {"hook": 0, "partner": 0, "blackholed": 0}
+
+
+def outputs_config(sink_port: int, blackhole_port: int, hook: str, rates: dict[str, int]) -> str:
+    return (
+        WITH_WORKERS
+        + f"""
+outputs:
+  hook:
+    type: exec
+    sets: [all]
+    argv: [{hook}]
+    rate: {rates["hook"]}
+    max_messages: 1000000
+  partner:
+    type: forward
+    sets: [all]
+    to: [abuse@partner.example]
+    format: attach
+    relay: {{host: 127.0.0.1, port: {sink_port}}}
+    rate: {rates["partner"]}
+    concurrency: 8
+    max_messages: 1000000
+  blackholed:
+    type: pyzor
+    sets: [all]
+    servers: ["127.0.0.1:{blackhole_port}"]
+    rate: {rates["blackholed"]}
+    timeout: 5s
+    max_messages: 2000
+"""
+    )
+
+
+def _blackhole() -> socket.socket:
+    """A UDP port that takes every datagram and answers none."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def _labelled(server: Server, name: str, output: str) -> float:
+    import re
+    import urllib.request
+
+    total = 0.0
+    for port in server.http_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:  # noqa: S310 - loopback
+            for line in r.read().decode().splitlines():
+                m = re.match(re.escape(name) + r"\{(.*)\} (\S+)$", line)
+                if m and f'output="{output}"' in m.group(1).split(","):
+                    total += float(m.group(2))
+    return total
+
+
+def _throughput(server: Server, outputs: list[str], n: int, deadline: float) -> dict[str, Any]:
+    """Send ``n`` messages at once, then time until each output has sent
+    its share; msg/s per output (from the start of the burst)."""
+    before = {o: _labelled(server, "spamtrap_output_sent_total", o) for o in outputs}
+    started = time.perf_counter()
+    smtp_source(server.port, 50, n)
+    done: dict[str, float] = {}
+    while len(done) < len(outputs) and time.perf_counter() - started < deadline:
+        for o in outputs:
+            if (
+                o not in done
+                and _labelled(server, "spamtrap_output_sent_total", o) - before[o] >= n
+            ):
+                done[o] = time.perf_counter() - started
+        time.sleep(0.1)
+    out: dict[str, Any] = {}
+    for o in outputs:
+        sent = _labelled(server, "spamtrap_output_sent_total", o) - before[o]
+        took = done.get(o, time.perf_counter() - started)
+        out[o] = {"sent": sent, "seconds": took, "msg_per_s": sent / took if took else 0.0}
+    return out
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    from bench.run import table
+
+    n, rounds = (300, 1) if quick else (5000, 5)
+    burst = 200 if quick else 5000
+    sink = start_smtp_sink()
+    blackhole = _blackhole()
+    servers: list[Server] = []
+    try:
+        hook, bh_port = _hook_script(), blackhole.getsockname()[1]
+        limited = start_spamtrap(
+            "outputs on", config=outputs_config(sink.port, bh_port, hook, PARTNER_RATES)
+        )
+        on = start_spamtrap(
+            "outputs on, unlimited", config=outputs_config(sink.port, bh_port, hook, UNLIMITED)
+        )
+        servers = [start_spamtrap("outputs off", config=WITH_WORKERS), limited, on]
+        seen: dict[str, list[float]] = {s.name: [] for s in servers}
+        for _ in range(rounds):
+            for s in servers:
+                seen[s.name].append(n / smtp_source(s.port, 20, n))
+        rate = {name: statistics.median(v) for name, v in seen.items()}
+        intake = {
+            "sessions": 20,
+            **rate,
+            "ratio on/off": rate["outputs on"] / rate["outputs off"],
+            "ratio unlimited/off": rate["outputs on, unlimited"] / rate["outputs off"],
+        }
+        # Let the first phase's backlog go out before timing the outputs.
+        _drain(on, ["hook", "partner"], deadline=600)
+        own = _throughput(on, ["hook", "partner"], burst, deadline=600)
+        blackholed = {
+            "sent": _labelled(on, "spamtrap_output_sent_total", "blackholed"),
+            "failed": _labelled(on, "spamtrap_output_failed_total", "blackholed"),
+            "shed": _labelled(on, "spamtrap_output_shed_total", "blackholed"),
+            "depth": _labelled(on, "spamtrap_output_queue_depth", "blackholed"),
+        }
+    finally:
+        for s in servers:
+            s.stop()
+        sink.stop()
+        blackhole.close()
+    print(f"\n## outputs: intake ({n} msgs x {rounds} rounds, 4 KiB), three outputs on\n")
+    print(f"(outputs on: rate {PARTNER_RATES}; unlimited: rate 0 for all)\n")
+    table([intake])
+    print(f"\n## outputs: each output's own throughput ({burst} msgs at once, rate 0)\n")
+    table([{"output": o, **v} for o, v in own.items()])
+    print(f"\nblackholed pyzor output: {blackholed}")
+    return {
+        "messages": n,
+        "rounds": rounds,
+        "partner_rates": PARTNER_RATES,
+        "intake": intake,
+        "outputs": own,
+        "blackholed": blackholed,
+    }
+
+
+def _drain(server: Server, outputs: list[str], deadline: float) -> None:
+    started = time.perf_counter()
+    while time.perf_counter() - started < deadline:
+        if all(_labelled(server, "spamtrap_output_queue_depth", o) == 0 for o in outputs):
+            return
+        time.sleep(0.2)
+
+
+def _hook_script() -> str:
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="spamtrap-bench-hook-")) / "hook.sh"
+    path.write_text("#!/bin/sh\nexec cat > /dev/null\n")
+    path.chmod(0o755)
+    return str(path)

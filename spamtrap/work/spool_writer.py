@@ -1,0 +1,337 @@
+"""The spool's writer thread: every file write, fsync and deletion of the
+spool, as group commits (see spamtrap.work.spool for the whole design)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from spamtrap.config import SpoolConfig
+from spamtrap.work.spool_records import (
+    HEADER,
+    MAGIC,
+    SpoolEntry,
+    SpoolError,
+    ack_path,
+    segment_path,
+    unlink_quietly,
+)
+
+# Longest time acks and deletions wait for an append to ride along with.
+ACK_DELAY = 0.1
+
+log = Logger()
+
+
+@dataclass(slots=True)
+class Append:
+    payload: bytes
+    received_ms: int
+    deferred: Deferred[SpoolEntry]
+
+
+@dataclass(slots=True)
+class Batch:
+    """The outcome of one group commit, handed back to the reactor."""
+
+    results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]]
+    # The segment the next append goes to; every lower one is sealed.
+    next_seq: int
+    committed: bool
+    # Why the batch failed, for health and the log: e.g. "No space left on device".
+    error: str = ""
+
+
+class SpoolWriter:
+    """Owns the segment and ack files and does all spool I/O in one thread.
+
+    The reactor posts work through the thread-safe methods (``append``,
+    ``ack``, ``delete``, ``barrier``, ``exit``); results come back through
+    ``deliver`` (``reactor.callFromThread``).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        config: SpoolConfig,
+        next_seq: int,
+        deliver: Callable[..., None],
+        on_batch: Callable[[Batch], None],
+        on_exit: Callable[[], None],
+    ) -> None:
+        self._dir = directory
+        self._config = config
+        self._deliver = deliver
+        self._on_batch = on_batch
+        self._on_exit = on_exit
+        self._cond = threading.Condition()
+        # Inbox, guarded by _cond.
+        self._appends: list[Append] = []
+        self._acks: list[tuple[int, int]] = []
+        self._deletes: list[int] = []
+        self._barriers: list[Callable[[], None]] = []
+        self._exit = False
+        self._sleeping = False  # the writer waits for work: wake it
+        # Writer-thread state.
+        self._seq = next_seq
+        self._fd: int | None = None
+        self._path = ""  # of the segment open in _fd
+        self._size = 0
+        self._ack_files: dict[int, IO[str]] = {}
+        self._thread = threading.Thread(target=self._run, name="spamtrap-spool-writer")
+        # A daemon: durability comes from fsync before the 250, not from this
+        # thread finishing, and a crashed main thread must not hang the exit.
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    # -- reactor side ---------------------------------------------------
+
+    def append(self, item: Append) -> None:
+        with self._cond:
+            self._appends.append(item)
+            if self._sleeping:
+                self._cond.notify()
+
+    def ack(self, records: list[tuple[int, int]]) -> None:
+        """Record (segment, offset) keys as done."""
+        with self._cond:
+            self._wake_for_lazy_work()
+            self._acks += records
+
+    def delete(self, seq: int) -> None:
+        with self._cond:
+            self._wake_for_lazy_work()
+            self._deletes.append(seq)
+
+    def _wake_for_lazy_work(self) -> None:
+        # Called holding _cond. Only the first ack or delete needs to wake a
+        # sleeping writer: it then waits ACK_DELAY with a timeout of its own.
+        if self._sleeping and not (self._acks or self._deletes):
+            self._cond.notify()
+
+    def barrier(self, callback: Callable[[], None]) -> None:
+        """Call back (in the reactor) once everything posted so far is done."""
+        with self._cond:
+            self._barriers.append(callback)
+            self._cond.notify()
+
+    def exit(self) -> None:
+        with self._cond:
+            self._exit = True
+            self._cond.notify()
+
+    # -- writer thread --------------------------------------------------
+
+    def _wait_for_work(self) -> None:
+        # Called holding _cond. Appends, barriers and exit are urgent; acks and
+        # deletes wait up to ACK_DELAY for an append to share the wake-up with.
+        deadline: float | None = None
+        while not (self._appends or self._barriers or self._exit):
+            timeout = None
+            if self._acks or self._deletes:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + ACK_DELAY
+                elif now >= deadline:
+                    return
+                timeout = deadline - now
+            self._sleeping = True
+            try:
+                self._cond.wait(timeout)
+            finally:
+                self._sleeping = False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._wait_for_work()
+                if self._appends and self._config.commit_interval > 0:
+                    self._gather()
+                appends, self._appends = self._appends, []
+                acks, self._acks = self._acks, []
+                deletes, self._deletes = self._deletes, []
+                barriers, self._barriers = self._barriers, []
+                exiting = self._exit
+            # Acks and deletes first: an append firing then tells the reactor
+            # (and tests) that earlier acks reached the OS.
+            if acks:
+                self._write_acks(acks, set(deletes))
+            for seq in deletes:
+                self._delete(seq)
+            if appends:
+                self._deliver(self._on_batch, self._commit(appends))
+            for callback in barriers:
+                self._deliver(callback)
+            if exiting:
+                self._close()
+                self._deliver(self._on_exit)
+                return
+
+    def _gather(self) -> None:
+        # Called holding _cond; wait() releases it so appends keep coming in
+        # (without waking us: only exit and barriers notify meanwhile).
+        deadline = time.monotonic() + self._config.commit_interval
+        while not self._exit:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+
+    def _commit(self, appends: list[Append]) -> Batch:
+        entries: list[SpoolEntry] = []
+        created = False
+        try:
+            chunks: list[bytes] = []
+            for item in appends:
+                record_size = HEADER.size + len(item.payload)
+                if (
+                    self._fd is not None
+                    and self._size > 0
+                    and self._size + record_size > self._config.segment_bytes
+                ):
+                    self._write(chunks)
+                    chunks = []
+                    self._seal()
+                if self._fd is None:
+                    self._open_segment()
+                    created = True
+                crc = zlib.crc32(item.payload)
+                chunks.append(HEADER.pack(MAGIC, len(item.payload), item.received_ms, crc))
+                chunks.append(item.payload)
+                entries.append(
+                    SpoolEntry(
+                        seq=self._seq,
+                        offset=self._size,
+                        size=len(item.payload),
+                        received_at=item.received_ms / 1000.0,
+                        path=self._path,
+                    )
+                )
+                self._size += record_size
+            self._write(chunks)
+            self._sync()
+            if created:
+                self._sync_directory()
+        # Any failure to persist must fail the batch (451), never hang it.
+        except Exception as e:  # noqa: BLE001
+            self._abandon_segment()
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return Batch(
+                [(item.deferred, SpoolError(f"spool write failed: {e}")) for item in appends],
+                next_seq=self._seq,
+                committed=False,
+                error=why,
+            )
+        results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]] = [
+            (item.deferred, entry) for item, entry in zip(appends, entries, strict=True)
+        ]
+        return Batch(results, next_seq=self._seq, committed=True)
+
+    def _open_segment(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._path = segment_path(self._dir, self._seq)
+        self._fd = os.open(self._path, flags, 0o640)
+        self._size = 0
+
+    def _write(self, chunks: list[bytes]) -> None:
+        # self._size already counts these bytes; only the fd moves here.
+        assert self._fd is not None
+        view = memoryview(b"".join(chunks))
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def _sync(self) -> None:
+        if self._config.fsync and self._fd is not None:
+            os.fdatasync(self._fd)
+
+    def _sync_directory(self) -> None:
+        # A new file's directory entry is only durable once the dir is synced.
+        if not self._config.fsync:
+            return
+        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _seal(self) -> None:
+        """Finish the current segment (synced) and move on to the next."""
+        self._sync()
+        self._close_segment()
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._seq += 1
+        self._size = 0
+
+    def _abandon_segment(self) -> None:
+        # After a failed write or sync, the segment may end in a torn record
+        # (or unsynced data): recovery would stop there, so later records must
+        # never follow it. Start a fresh segment for the next batch.
+        try:
+            self._close_segment()
+        except OSError:
+            self._fd = None
+
+    def _write_acks(self, acks: list[tuple[int, int]], deleting: set[int]) -> None:
+        touched = set()
+        for seq, offset in acks:
+            if seq in deleting:
+                continue
+            try:
+                f = self._ack_files.get(seq)
+                if f is None:
+                    f = self._ack_files[seq] = open(  # kept open
+                        ack_path(self._dir, seq), "a", encoding="ascii"
+                    )
+                f.write(f"{offset}\n")
+                touched.add(seq)
+            except OSError as e:
+                # A lost ack only means a duplicate after a restart.
+                log.warn(
+                    "spool: cannot record ack {seq}@{offset}: {e}", seq=seq, offset=offset, e=e
+                )
+        for seq in touched:
+            try:
+                self._ack_files[seq].flush()
+            except OSError as e:
+                log.warn("spool: cannot flush acks of segment {seq}: {e}", seq=seq, e=e)
+
+    def _delete(self, seq: int) -> None:
+        f = self._ack_files.pop(seq, None)
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:
+                log.warn("spool: cannot close acks of segment {seq}: {e}", seq=seq, e=e)
+        if seq == self._seq and self._fd is not None:
+            self._abandon_segment()
+        # The log first: a leftover .ack without its .log is harmless, the
+        # other way round would bring every record back.
+        unlink_quietly(segment_path(self._dir, seq))
+        unlink_quietly(ack_path(self._dir, seq))
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            self._abandon_segment()
+        for seq in list(self._ack_files):
+            f = self._ack_files.pop(seq)
+            try:
+                f.close()
+            except OSError as e:
+                log.warn("spool: cannot close acks of segment {seq}: {e}", seq=seq, e=e)
