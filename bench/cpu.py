@@ -34,10 +34,14 @@ SESSIONS, MESSAGES, SIZE = 20, 4000, 4096
 # the innermost frame outwards. Library code is charged to the spamtrap code
 # that called it (zlib to the bundle file, os.fdatasync to the spool).
 COMPONENTS: list[tuple[str, str]] = [
+    ("bundle/index.py", "per-bundle index"),
     ("bundle/file.py", "gzip (bundle file)"),
     ("bundle/mbox.py", "mbox rendering"),
     ("bundle/", "bundle bookkeeping"),
     ("work/spool", "spool append, commit, acks"),
+    ("work/campaign", "campaigns"),
+    ("outputs/", "outputs"),
+    ("dashboard/", "dashboard"),
     ("work/collate.py", "collation"),
     ("work/dedup.py", "dedup"),
     ("work/redact", "redaction"),

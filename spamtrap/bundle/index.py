@@ -58,6 +58,7 @@ MAX_LINE = 1 << 20  # bytes; a line is a few hundred
 # ASCII: a sender's undecodable bytes (surrogates) become \u escapes and
 # can never make the encoding fail.
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+_encode_str = _ENCODER.encode  # a str alone: the C ASCII string encoder
 
 
 class IndexFormatError(ValueError):
@@ -90,19 +91,30 @@ def encode_fields(env: Envelope, rcpts: int, reasons: Sequence[tuple[str, str, s
     for :func:`index_line`. ``env`` is the copy the set stores (redacted or
     not); ``rcpts`` the number of recipients of the original; ``reasons``
     the verdicts to record, ``(stage, verdict, reason)``."""
-    doc = {
-        "id": env.msg_id,
-        "received": _first(env, "received") or iso_time(env.received_at),
-        "peer": _peer_host(_first(env, "peer")),
-        "helo": _first(env, "helo"),
-        "rcpts": rcpts,
-        "size": _size(env),
-        "feed": env.feed,
-        "dialect": _first(env, "dialect"),
-        "campaign": _first(env, "campaign"),
-        "reasons": [{"stage": s, "verdict": v, "reason": r} for s, v, r in reasons],
-    }
-    return _ENCODER.encode(doc)[1:-1].encode("ascii")
+    # By hand, not one encode of a dict: this runs for every stored copy,
+    # and strings through the C encoder one by one take less than half the time.
+    text = (
+        f'"id":{_json_str(env.msg_id)},'
+        f'"received":{_json_str(_first(env, "received") or iso_time(env.received_at))},'
+        f'"peer":{_json_str(_peer_host(_first(env, "peer")))},'
+        f'"helo":{_json_str(_first(env, "helo"))},'
+        f'"rcpts":{int(rcpts)},"size":{_size(env)},'
+        f'"feed":{_json_str(env.feed)},'
+        f'"dialect":{_json_str(_first(env, "dialect"))},'
+        f'"campaign":{_json_str(_first(env, "campaign"))},'
+        f'"reasons":{_reasons(reasons)}'
+    )
+    return text.encode("ascii")
+
+
+def _json_str(value: str | None) -> str:
+    return "null" if value is None else _encode_str(value)
+
+
+def _reasons(reasons: Sequence[tuple[str, str, str]]) -> str:
+    if not reasons:
+        return "[]"
+    return _ENCODER.encode([{"stage": s, "verdict": v, "reason": r} for s, v, r in reasons])
 
 
 def index_line(offset: int, length: int, fields: bytes | None) -> bytes:

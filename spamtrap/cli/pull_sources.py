@@ -62,8 +62,11 @@ def _chunks(body: IO[bytes], what: str) -> Generator[bytes, None, None]:
             raise PullError(f"{what}: download interrupted ({e}); the next run resumes it")
 
 
-class _UrlSource:
-    """Bundles fetched by URL, manifests beside them (``.json``)."""
+class UrlSource:
+    """Bundles fetched by URL, manifests (``.json``) and indexes
+    (``.index.jsonl``) beside them unless a listing names their URLs.
+    Public for ``spamtrap stats``, which reads a node's listings and
+    indexes with it (:meth:`get`, :meth:`fetch_index`)."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -74,7 +77,7 @@ class _UrlSource:
             if not url.endswith(BUNDLE_SUFFIX):
                 raise PullError(f"{remote.key}: no manifest URL for {url}")
             url = manifest_name(url)
-        return remote_manifest(self._get(url), remote)
+        return remote_manifest(self.get(url), remote)
 
     def fetch_index(self, remote: Remote) -> bytes:
         url = remote.index_location or remote.location
@@ -83,7 +86,7 @@ class _UrlSource:
                 raise PullError(f"{remote.key}: no index URL for {url}")
             url = index_name(url)
         try:
-            return self._get(url)
+            return self.get(url)
         except PullError as e:
             raise PullError(f"{remote.key}: index: {e}")
 
@@ -107,7 +110,9 @@ class _UrlSource:
             start = int(match.group(1))
         return _chunks(response, remote.key), start
 
-    def _get(self, url: str, headers: dict[str, str] | None = None) -> bytes:
+    def get(self, url: str, headers: dict[str, str] | None = None) -> bytes:
+        """The body at ``url`` (http or https), with ``headers`` added to
+        the request; PullError naming the URL otherwise."""
         try:
             with _http_get(url, self.timeout, headers) as response:
                 data: bytes = response.read()
@@ -119,11 +124,12 @@ class _UrlSource:
             raise PullError(f"{url}: {e}")
 
 
-def _remote_from(entry: dict[str, Any], set_name: str, what: str) -> Remote | Problem:
-    """A Remote from a feed entry or a notice (``url``, ``key``, ``size``,
-    ``sha256`` and optionally ``manifest_url``, and a feed entry's
-    ``index``, ``index_sha256``, ``index_url``), or why it is unusable;
-    ``what`` names the entry in the problem's text."""
+def remote_from(entry: dict[str, Any], set_name: str, what: str) -> Remote | Problem:
+    """A Remote of set ``set_name`` from a listing's entry, a feed's or a
+    notice's (``url``, ``key``, ``size``, ``sha256`` and optionally
+    ``manifest_url``, ``index``, ``index_sha256``, ``index_url``), or the
+    Problem that makes it unusable; ``what`` names the entry in the
+    problem's text. Public for ``spamtrap stats``."""
     raw_key = entry.get("key")
     key = bundle_key(str(raw_key)) if raw_key is not None else None
     if key is None:
@@ -190,7 +196,7 @@ def _collect(results: list[Remote | Problem]) -> tuple[list[Remote], list[Proble
     return sorted(found.values(), key=lambda r: r.key), problems
 
 
-class FeedSource(_UrlSource):
+class FeedSource(UrlSource):
     """A spamtrap node's ``/feeds/<set>``; ``tokens`` maps set -> token."""
 
     def __init__(self, base_url: str, tokens: dict[str, str], timeout: float) -> None:
@@ -206,7 +212,7 @@ class FeedSource(_UrlSource):
             query = urllib.parse.urlencode({"since": cursor, "limit": PAGE})
             url = f"{self.base}/feeds/{urllib.parse.quote(set_name)}?{query}"
             try:
-                page = parse_json(self._get(url, headers), f"feed of set {set_name}")
+                page = parse_json(self.get(url, headers), f"feed of set {set_name}")
             except PullError as e:
                 raise PullError(f"set {set_name}: {e}")
             entries = page.get("bundles")
@@ -215,7 +221,7 @@ class FeedSource(_UrlSource):
             for entry in entries:
                 what = f"set {set_name}: feed entry"
                 if isinstance(entry, dict):
-                    results.append(_remote_from(entry, set_name, what))
+                    results.append(remote_from(entry, set_name, what))
                 else:
                     results.append(Problem(f"{what} {entry!r}: not a JSON object"))
             next_cursor = page.get("cursor")
@@ -237,7 +243,7 @@ class Notice:
         return f"notice {self.message_id}" if self.message_id else f"notice {where}"
 
 
-class MailSource(_UrlSource):
+class MailSource(UrlSource):
     """List notices in a maildir or an mbox file."""
 
     def __init__(self, path: str, timeout: float) -> None:
@@ -261,8 +267,14 @@ class MailSource(_UrlSource):
             named = fields.get("set") or fields["key"].strip().split("/", 1)[0]
             if named != set_name:
                 continue  # another set's notice, or another list's mail
-            entry = {**fields, "manifest_url": fields.get("manifest-url")}
-            results.append(_remote_from(entry, set_name, what))
+            # The index is fetched beside the bundle and checked against
+            # Index-SHA256, as a manifest's or feed entry's index is.
+            entry = {
+                **fields,
+                "manifest_url": fields.get("manifest-url"),
+                "index_sha256": fields.get("index-sha256"),
+            }
+            results.append(remote_from(entry, set_name, what))
         return _collect(results)
 
     def notices(self) -> list[tuple[Notice, str]]:

@@ -40,7 +40,8 @@ from typing import Any, TextIO
 
 from spamtrap.bundle.index import IndexEntry, IndexFormatError, read_index
 from spamtrap.cli.pull_remote import Problem, PullError, Remote, parse_json
-from spamtrap.cli.pull_sources import _remote_from, _UrlSource
+from spamtrap.cli.pull_sources import UrlSource, remote_from
+from spamtrap.intake.parse import dialect_family
 from spamtrap.store import BUNDLE_SUFFIX, INDEX_SUFFIX, KEY_RE, MANIFEST_SUFFIX, valid_set_name
 
 EXIT_OK = 0
@@ -124,7 +125,10 @@ class Tally:
         period.messages += 1
         self.messages += 1
         for name, index_field in DIMENSIONS:
-            period.counts[name][entry.get(index_field)] += 1
+            value = entry.get(index_field)
+            if index_field == "dialect" and isinstance(value, str):
+                value = dialect_family(value)  # one bot, one family
+            period.counts[name][value] += 1
 
     def report(self, top: int) -> list[dict[str, Any]]:
         """The periods in time order, each with its ``top`` values per dimension."""
@@ -269,18 +273,18 @@ def http_source(
             raise StatsError(f"{url} lists set {named}, not {', '.join(sets)}", usage=True)
         sets = [named]
     elif not sets:
-        raise StatsError(f"{url}: give --set, or the URL of a listing (URL/bundles/SET/)", True)
+        raise StatsError(f"{url}: give --set, or a listing URL (URL/bundles/SET/)", usage=True)
     else:
         base = url
     base = base.rstrip("/")
-    fetcher = _UrlSource(timeout)
+    fetcher = UrlSource(timeout)
     source = Source(url, [], lambda remote: _read_remote(fetcher, remote))
     for set_name in sets:
         token = _token(tokens, set_name, sets)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         listing = f"{base}/bundles/{urllib.parse.quote(set_name)}/"
         try:
-            page = parse_json(fetcher._get(listing, headers), f"listing {listing}")
+            page = parse_json(fetcher.get(listing, headers), f"listing {listing}")
         except PullError as e:
             hint = "" if token else " (no token: give --token or set SPAMTRAP_TOKEN)"
             source.problems.append(f"set {set_name}: {e}{hint}")
@@ -292,7 +296,7 @@ def http_source(
         remotes = []
         for entry in entries:
             found = (
-                _remote_from(entry, set_name, f"{listing}: entry")
+                remote_from(entry, set_name, f"{listing}: entry")
                 if isinstance(entry, dict)
                 else Problem(f"{listing}: entry {entry!r:.60}: not a JSON object")
             )
@@ -318,7 +322,7 @@ def _token(values: list[str], set_name: str, sets: list[str]) -> str | None:
     return token
 
 
-def _read_remote(fetcher: _UrlSource, remote: Remote) -> Iterator[IndexEntry]:
+def _read_remote(fetcher: UrlSource, remote: Remote) -> Iterator[IndexEntry]:
     try:
         data = fetcher.fetch_index(remote)
     except PullError as e:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from spamtrap.bundle.manifest import Published
 from spamtrap.config import Config
 from spamtrap.dashboard.lasthour import DIMENSIONS, LastHour, label, network_of
+from spamtrap.intake.parse import dialect_family
 from spamtrap.interfaces import Intake, ReactorTime
 from spamtrap.message import Envelope, iso_time
 from spamtrap.metrics import Metrics
@@ -122,7 +123,7 @@ class Dashboard:
             keys.append(("helo", helo[0]))
         dialect = meta.get("dialect")
         if dialect:
-            keys.append(("dialect", dialect[0]))
+            keys.append(("dialect", dialect_family(dialect[0])))
         peer = meta.get("peer")
         network = network_of(peer[0]) if peer else None
         if network is not None:

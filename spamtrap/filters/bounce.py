@@ -79,14 +79,35 @@ parts are bounded, ``[^\s@]{1,64}+``), header values cut at
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from email.header import decode_header, make_header
 from typing import Any
 
 from spamtrap import mime
 from spamtrap.config import Config
 from spamtrap.filters import Discard
+from spamtrap.filters.bounce_patterns import (
+    AUTOGEN_FIELDS,
+    BODY,
+    CR_FIELDS,
+    CR_SENDERS,
+    DAEMON_ADDR,
+    DAEMONISH_FROM,
+    FIELD,
+    FOLD,
+    MIME_FIELDS,
+    PART_MARKERS,
+    PART_REASONS,
+    REPORT_TYPES,
+    RETURNED_TYPES,
+    RPATH_DAEMON,
+    SA_FROM_DAEMON,
+    SUBJECT_ANYWHERE_RX,
+    SUBJECT_START_RX,
+    VIRUS_FROM,
+    WEAK_BODY,
+    reason_of,
+)
 from spamtrap.message import Envelope
 
 SCAN_BYTES = 8 * 1024  # text scanned for phrases, per message
@@ -100,300 +121,7 @@ VALUE_CHARS = 4096
 WINDOW = 160  # bytes each side of an anchor hit that its regexp may see
 MAX_HITS = 8  # anchor hits tried per rule (a spam may repeat a word a lot)
 
-_I = re.IGNORECASE
-
-# A rule's group name says its reason.
-_REASONS = {
-    "dsn": "dsn",
-    "arf": "arf",
-    "autoreply": "autoreply",
-    "challenge": "challenge",
-    "virus_notice": "virus-notice",
-    "bounce_subject": "bounce:subject",
-    "bounce_body": "bounce:body",
-}
-
-
-# -- subject (decoded, white space collapsed) --------------------------------
-# Most rules say how a subject starts (matched at its start only, which is
-# cheap); a few may match anywhere.
-
-_SUBJECT_START: list[tuple[str, str]] = [
-    # virus scanners (SpamAssassin __VBOUNCE_* subjects, and more)
-    ("virus_notice", r"(?:virus|malware|worm) (?:alert|detected|found|warning|notification"
-     r"|in your mail|to sender)\b|warning:\s*e-?mail virus|warning - you sent a virus"
-     r"|(?:norton anti.?virus|nav) (?:detected|failed)|symantec (?:avf|e-mail-proxy)"
-     r"|antigen found\b|mcafee groupshield alert|rav anti.?virus scan results"
-     r"|scan.?mail message: .{0,30} virus found|failed to clean virus\b|content violation"
-     r"|disallowed attachment type found|virusmelding$|banned or potentially offensive"
-     r" material|inflex scan report \[|interscan (?:nt alert|mss for smtp has delivered a"
-     r" message)|email rejected\b|mailmarshal has detected|report to sender$"
-     r"|\[mail delivery .{20,100} infected attachment +removed|gwava sender notification"
-     r"|\[mailserver notification\]|\*\*\*\s*mensagem bloqueada"
-     r"|delivery (?:warning|error) report id=|message undeliverable: possible junk/spam"
-     r"|spam rapport / spam report \S+ -\s+\(\S+\)$|the mime information you requested"
-     r"|mms notification|undeliverable mail, invalid characters in header"
-     r"|messagerie .{1,100} : probl[èe]me de s[ée]curit[ée]"),
-    # MTA bounces (SpamAssassin __BOUNCE_* subjects, and more). Not a bare
-    # "Undeliverable": spam uses that (spam-2 00825, "Undeliverable  JPTJ").
-    ("bounce_subject", r"undeliverable(?: -|:|,| mail\b| message\b| e-?mail\b)"
-     r"|undelivered (?:mail|message|e-?mail)\b|(?:mail|message|e-?mail) undeliverable\b"
-     r"|returned (?:mail|message|e-?mail)\b"
-     r"|(?:[\w.-]+ )?(?:mail |e-?mail |message )?delivery (?:status notification|failure"
-     r"|failed|has failed|problem|error|delayed|status)"
-     r"|(?:mail|message|e-?mail) (?:delivery )?(?:failed|failure|returned|bounced"
-     r"|not delivered)\b"
-     r"|(?:sorry,? )?(?:your )?(?:mail|message|e-?mail) (?:could not|cannot|can't|couldn't"
-     r"|was not|wasn't) (?:be )?delivered\b"
-     r"|failure notice\b|failure delivery\b|failed delivery\b|non-?deliver(?:y|able)\b"
-     r"|(?:warning: )?could not send message for past|warning: message .{1,80} delayed\b"
-     r"|delayed mail\b|mail system error\b|postmaster notify\b|notice: mail delivery status"
-     r"|message status - undeliverable|e-mail addressing error \(|no valid recipient in "
-     r"|delivery notification: delivery has"
-     r"|\*\*message you sent blocked by our bulk email filter\*\*$"
-     r"|bounced (?:mail|message)\b|message not delivered\b"),
-    # the same in other languages
-    ("bounce_subject", r"unzustellbar|nicht zustellbar|unzustellbare nachricht"
-     r"|(?:übermittlungs|zustellungs)status|fehler bei der (?:nachrichten)?zustellung"
-     r"|non remis|non distribuable|notification d.[ée]tat de (?:la )?distribution"
-     r"|(?:message )?non d[ée]livr[ée]|[ée]chec de (?:la )?(?:remise|livraison|distribution)"
-     r"|no se (?:puede|pudo|ha podido) entregar|(?:mensaje )?no entregado|imposible entregar"
-     r"|notificaci[óo]n de estado de (?:la )?entrega|non recapitabile|impossibile recapitare"
-     r"|(?:messaggio )?non consegnato|(?:mensagem )?n[ãa]o (?:entregue|pode ser entregue)"
-     r"|onbestelbaar|niet bezorgd|onbezorgbaar|olevererbart|(?:kunne|kan) ikke leveres"
-     r"|ikke leveret|ei voitu toimittaa|niedostarczon|nie mo[żz]na dostarczy[ćc]"
-     r"|nedoru[čc]iteln|недоставленное сообщение|(?:ваше )?сообщение не доставлено"),
-    # complaint reports that are not multipart/report (Hotmail JMRP and such)
-    ("arf", r"complaint about message from\b|(?:email )?(?:abuse|feedback) report\b"),
-    # challenge-response (SpamAssassin __CRBOUNCE_* subjects, and more)
-    ("challenge", r"your email requires verification verify:\S|unverified email to "
-     r"|please confirm your (?:message|e-?mail)\b|spam ?arrest\b"),
-    # auto-replies and out-of-office (SpamAssassin __BOUNCE_OOO_S*, __BOUNCE_AUTO_*)
-    ("autoreply", r"auto(?:matic(?:ally generated)?)?[- ]?(?:reply|response|answer"
-     r"|respon[sd]e?r?)\b|automated (?:reply|response)\b|auto-respond e-mail from"
-     r"|yahoo! auto response|out of (?:the )?office\b|vacation (?:reply|notice|message|auto)"
-     r"|r[ée]ponse automatique|absence du bureau|abwesenheitsnotiz|abwesenheit\b"
-     r"|automatische antwort|nicht im büro|risposta automatica|fuori (?:sede|ufficio)"
-     r"|respuesta autom[áa]tica|fuera de la oficina|resposta autom[áa]tica"
-     r"|fora do escrit[óo]rio|automatisch antwoord|afwezig\b|autosvar|automatisk svar"
-     r"|frånvaro|fravær|automaattinen vastaus|automatyczna odpowied[źz]"
-     r"|automatick[áa] odpov[ěe][ďd]|автоответ|автоматический ответ|otomatik yan[ıi]t"),
-]
-_SUBJECT_ANYWHERE: list[tuple[str, str]] = [
-    ("virus_notice", r"\bvirus(?:es)? (?:found|detected)\b|\bvirus infected e-?mail\b"
-     r"|antivirus scan results|\bfile type forbidden\b|blocked message \(rbl block\)$"
-     r"|\bre: ?wicked screensaver\b"),
-    ("bounce_subject", r"配信できません|配信されませんでした|配送エラー|未配達|退信|无法投递"
-     r"|未能送达"),
-    ("challenge", r"\[qurb .\d+\]$|\[spamarrest\]"),
-    ("autoreply", r"\b(?:auto[- ]?reply|automatic reply)\b| \(away from the office\)$"
-     r"|自動応答|自動返信|自动回复|自動回覆|自動回复"),
-]
-
-
-def _alternation(rules: Iterable[tuple[str, str]]) -> str:
-    """One regexp with a named group per rule: one scan finds the first hit
-    and ``m.lastgroup`` says which rule it was."""
-    return "|".join(f"(?P<{group}__{i}>{rx})" for i, (group, rx) in enumerate(rules))
-
-
-def _reason_of(m: re.Match[str] | re.Match[bytes]) -> str:
-    return _REASONS[(m.lastgroup or "").rsplit("__", 1)[0]]
-
-
-_SUBJECT_START_RX = re.compile(_alternation(_SUBJECT_START), _I)
-_SUBJECT_ANYWHERE_RX = re.compile(_alternation(_SUBJECT_ANYWHERE), _I)
-
-# -- other header fields -----------------------------------------------------
-
-# A mailer-daemon address, in From or as the envelope sender: alone enough.
-_DAEMON_ADDR = re.compile(r"(?:^|[<\s\"])mail(?:er)?[-_.]?da?ea?mon(?:@|>|$|\s)", _I)
-# SpamAssassin __BOUNCE_FROM_DAEMON without its "<>" case (see above): the
-# value starts with the address, with no display name before it.
-_SA_FROM_DAEMON = re.compile(
-    r"^(?:mail\S{1,64}?daemon|d[ae][ae]mon|majordomo|postmaster|automated-response|mailadmin"
-    r"|mailmaster|surfcontrol|you_got_spammed|smtp.gateway)@|^scanner[^\s@]{0,64}+@",
-    _I,
-)
-# Virus scanners' From (SpamAssassin __BOUNCE_INTERSCAN, __VBOUNCE_FROMPT, ...).
-_VIRUS_FROM = re.compile(
-    r"\binterscan mss notification\b|security.?scan anti.?virus|\bmailsweeper\b"
-    r"|\blutherh@stratcom\.com\b",
-    _I,
-)
-# SpamAssassin __BOUNCE_RPATH_MD and friends (Return-Path or envelope sender).
-_RPATH_DAEMON = re.compile(
-    r"(?:mailer-(?:daemon|deamon)|quotaagent|pleaseforward|autoresponder"
-    r"|autoresponse-[^\s@]{1,64}+|devnull[^\s@]{0,64}+)@|delete@errmail\."
-    r"|alert@notification\.messagelabs\.com",
-    _I,
-)
-# A From that looks like a mail system; spam can say so too, so it only
-# counts together with bounce-like content.
-_DAEMONISH_FROM = re.compile(
-    r"(?:^|[<\s\"])(?:postmaster|poostmaster|mail\.delivery\.system)@|<>"
-    r"|mail delivery (?:sub)?system",
-    _I,
-)
-_CR_SENDERS = re.compile(
-    r"@(?:[\w.-]+\.)?(?:spamarrest\.com|boxbe\.com|mailinblack\.com|spamstomp\.com"
-    r"|ipermitmail\.com|spamguard\.vanquish\.com)\b|\bverify@0spam\.com\b|\bsiweb@si20\.com\b"
-    r"|<(?:spamblocker-challenge|spambush|apd\.sspam|spamhippo|devnull-quarantine)@"
-    r"|\bantispam uol\b|<bounce[^\s@]{1,64}+@[^\s@>]{0,255}\.getresponse\.com>",
-    _I,
-)
-_CR_FIELDS = frozenset({
-    "x-spamarrest-noauth", "x-boxtrapper", "x-bluebottle-request", "x-askversion",
-    "x-spamazoid-md", "spamlion", "x-exispam", "x-choicemail-registration-request",
-})
-_AUTOGEN_FIELDS = frozenset({"x-failed-recipients", "x-ms-embedded-report", "x-autogenerated"})
-
-_MIME_FIELDS = ("content-type", "content-transfer-encoding")
-_FIELD_NAMES = {
-    "from", "subject", "return-path", "message-id", "precedence", "x-precedence",
-    "auto-submitted", "x-autoreply", "x-autorespond", "x-mailer", "x-mailscanner",
-    "x-xsp-msgclass", *_MIME_FIELDS, *_CR_FIELDS, *_AUTOGEN_FIELDS,
-}
-_FIELD = re.compile(
-    rb"^(" + b"|".join(re.escape(n.encode("ascii")) for n in sorted(_FIELD_NAMES))
-    + rb")[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)",
-    re.IGNORECASE | re.MULTILINE,
-)
-_FOLD = re.compile(rb"\r?\n[ \t]+")
-
-_REPORT_TYPES = {
-    "delivery-status": "dsn",
-    "feedback-report": "arf",
-    "disposition-notification": "mdn",
-}
-_PART_REASONS = {
-    "message/delivery-status": "dsn",
-    "message/global-delivery-status": "dsn",
-    "message/feedback-report": "arf",
-    "message/disposition-notification": "mdn",
-    "message/global-disposition-notification": "mdn",
-}
-_RETURNED_TYPES = frozenset({
-    "message/rfc822", "message/global", "text/rfc822-headers", "message/global-headers",
-})
-# Raw-body mentions of report parts: only then is the MIME walk worth it.
-_PART_MARKERS = (b"delivery-status", b"feedback-report", b"disposition-notification")
-
-# -- body ----------------------------------------------------------------------
-# anchor -> (reason group, regexp) rules. Matched on lower-cased text, so
-# all of it is lower case; a regexp runs only where its anchor occurs, and
-# sees WINDOW bytes each side of it, so it must contain the anchor.
-
-_BODY_RULES: dict[bytes, list[tuple[str, str]]] = {
-    # DSN fields written as text (RFC 3464 2.2, 2.3), and MTAs' own words
-    b"recipient": [
-        ("dsn", r"^(?:final|original)-recipient:\s*rfc822;"),
-        ("bounce_body", r"did not reach some or all of the intended recipients"
-         r"|did not reach the following recipient"),
-    ],
-    b"reporting-mta:": [
-        ("virus_notice", r"^reporting-mta: norton anti.?virus gateway"),
-        ("dsn", r"^reporting-mta:\s*dns;"),
-    ],
-    b"deliver": [
-        ("challenge", r"to release your message for delivery"),
-        ("bounce_body", r"created automatically by mail delivery software"
-         r"|wasn't able to deliver your message"
-         r"|a message that you sent could not\s+be delivered to one or more"
-         r"|delivery has failed to these recipients"
-         r"|delivery to the following recipients? (?:failed|has failed|has been delayed"
-         r"|was delayed)|unable to deliver (?:your )?message to the following address"
-         r"|error delivering your mail to|automatically generated delivery status notification"
-         r"|your message (?:wasn't|was not|couldn't be|could not be) delivered (?:to|because)"
-         r"|message could not be delivered to (?:the following|one or more)"
-         r"|smtpmail could not deliver the e-mail"),
-    ],
-    b"mail system at host": [("bounce_body", r"mail system at host")],
-    b"qmail-send program": [("bounce_body", r"qmail-send program")],
-    b"inform you that": [
-        ("bounce_body", r"i'm sorry to have to inform you that (?:your|the) message"),
-    ],
-    b"original message": [
-        ("bounce_body", r"original message was received at|please do not resend your original"
-         r" message\."),
-    ],
-    b"transcript of": [
-        ("bounce_body", r"transcript of session follows|your message could not be sent\.\s+a"
-         r" transcript of the attempts"),
-    ],
-    b"permanent fatal errors": [("bounce_body", r"had permanent fatal errors")],
-    b"tried to reach does not exist": [("bounce_body", r"tried to reach does not exist")],
-    b"working address": [
-        ("bounce_body", r"you have reached a non.?working address\.\s+please check"),
-    ],
-    b"notificationtype": [
-        ("bounce_body", r"notificationtype\\?\"\s*:\s*\\?\"(?:bounce|complaint|delivery)\b"),
-    ],
-    b"member of this": [("bounce_body", r"you are not (?:a )?member of this (?:mailing )?list")],
-    # virus scanners (SpamAssassin __VBOUNCE_* body rules, and more)
-    b"you sent": [
-        ("bounce_body", r"this report relates to a message you sent"),
-        ("virus_notice", r"you sent to \S+ contains the virus|(?:message|e-?mail|mail) you"
-         r" sent\b.{0,80}\b(?:contain(?:s|ed)? (?:a |the )?virus|(?:is|was) infected)"),
-    ],
-    b"virus": [
-        ("virus_notice", r"virus\b.{0,60}?\b(?:was |has been )?(?:found|detected) in (?:a |an"
-         r" |the |your )?(?:message|e-?mail|mail)|unrepairable virus detected"
-         r"|mailsweeper has found that a \S+ \S+ \S+ \S+ one or more virus"
-         r"|\bvirus scanner deleted your message\b"
-         r"|^found virus \S+ in file \S|antivirus system report|the antivirus module has"
-         r"|(?:message|e-?mail|mail) sent by you\b.{0,80}\bcontain(?:s|ed)? (?:a |the )?virus"),
-    ],
-    b"attachment": [
-        ("virus_notice", r"a potentially executable attachment |has stripped one or more"
-         r" attachments from the following message|file attachments that are not permitted"
-         r"|block dangerous attachments|attachment.{0,40}was deleted|the infected attachment"
-         r"|illegal attachment|\bthe attachment was quarantined\b"),
-    ],
-    b"rejected": [
-        ("virus_notice", r"host \S+ said: 5\d\d\s+error: message content rejected"
-         r"|reason: rejected by filter"),
-    ],
-    b"mailsweeper": [("virus_notice", r"blocked by mailsweeper")],
-    b"bevatte bijlage besmet": [("virus_notice", r"bevatte bijlage besmet")],
-    b"v i r u s": [("virus_notice", r"\bv i r u s\b")],
-    b"incident information:": [("virus_notice", r"^incident information:")],
-    b"> tvqqaamaaaaeaaaa": [("virus_notice", r"> tvqqaamaaaaeaaaa")],
-    b"securiq": [("virus_notice", r"\bgroup securiq.wall\b")],
-    # challenge-response systems, auto-responders
-    b"your message": [
-        ("challenge", r"your message (?:attached below )?(?:is being|has been) held"
-         r"|your message (?:\S+ )?is awaiting (?:your )?(?:verification|confirmation)"),
-        ("autoreply", r"\bthis is an autoresponder\. i'll never see your message\b"
-         r"|\bi ?.m away until .{10,20} and am unable to read your message\b"),
-    ],
-    b"protected by": [
-        ("challenge", r"(?:i am|i'm) protected by (?:spam ?arrest|boxbe|mailinblack|tmda"
-         r"|choicemail|sendio|a challenge)"),
-    ],
-    b"challenge": [("challenge", r"challenge[-/ ]response (?:system|spam|anti-?spam|filter)")],
-    b"out of the office": [("autoreply", r"\bi am currently out of the office\b")],
-    b"this is an auto": [
-        ("autoreply", r"\bthis is an auto(?:matic|mated)?[- ]?(?:reply|response)\b"),
-    ],
-}
-_BODY = [
-    (anchor, re.compile(_alternation(rules).encode("utf-8"), re.MULTILINE))
-    for anchor, rules in _BODY_RULES.items()
-]
-
-# Bounce-like, but spam can say it too: counts only with a daemon-like sender.
-_WEAK_BODY = re.compile(
-    rb"could ?n[o']t be delivered|undeliverable|undelivered|delivery (?:has )?failed"
-    rb"|failed to deliver|permanent (?:error|failure)|user unknown|unknown user|no such user"
-    rb"|mailbox (?:unavailable|full|not found|does not exist|is full)|address rejected"
-    rb"|does not exist|returned to sender|original message|message headers follow"
-    rb"|host unknown|delivery status|relay(?:ing)? denied|over quota|could not deliver"
-    # Not "^\s*": under MULTILINE that is quadratic on a run of blank lines.
-    rb"|unable to deliver|retry timeout exceeded|^[^\S\n]*+[45]\d\d[ -]#?[45]\.\d{1,3}\.\d{1,3}\b"
-    rb"|^received: from |^return-path: <|^message-id: <",
-    re.MULTILINE,
-)
+# The rules' tables and regexps are in spamtrap/filters/bounce_patterns.py.
 
 
 def classify(data: bytes, mail_from: str | None = None) -> str | None:
@@ -414,10 +142,10 @@ def _header(head: bytes) -> dict[str, str]:
     times as much, and this runs on every message.
     """
     out: dict[str, str] = {}
-    for m in _FIELD.finditer(head):
+    for m in FIELD.finditer(head):
         name = m.group(1).lower().decode("ascii")
         if name not in out:
-            value = _FOLD.sub(b" ", m.group(2)[: VALUE_CHARS * 2]).strip()
+            value = FOLD.sub(b" ", m.group(2)[: VALUE_CHARS * 2]).strip()
             out[name] = value[:VALUE_CHARS].decode("utf-8", "replace")
     return out
 
@@ -426,17 +154,17 @@ def _header_reason(h: dict[str, str], mail_from: str | None) -> str | None:
     ctype = h.get("content-type", "")
     main, params = mime.content_type([("content-type", ctype)])
     if main == "multipart/report":
-        return _REPORT_TYPES.get(params.get("report-type", "").lower(), "bounce:report")
-    if main in _PART_REASONS:
-        return _PART_REASONS[main]
+        return REPORT_TYPES.get(params.get("report-type", "").lower(), "bounce:report")
+    if main in PART_REASONS:
+        return PART_REASONS[main]
 
     sender = h.get("from", "")
     return_path = h.get("return-path", "")
     envelope = mail_from or ""
     if (
-        not _CR_FIELDS.isdisjoint(h)
-        or _CR_SENDERS.search(sender)
-        or _CR_SENDERS.search(return_path)
+        not CR_FIELDS.isdisjoint(h)
+        or CR_SENDERS.search(sender)
+        or CR_SENDERS.search(return_path)
         or h.get("message-id", "").rstrip().endswith("-tmda-confirm>")
         or "spam" in h.get("precedence", "").lower()
         or "mUlTiPaRtBoUnDaRy_MailInBlack" in ctype
@@ -446,28 +174,28 @@ def _header_reason(h: dict[str, str], mail_from: str | None) -> str | None:
     subject = h.get("subject")
     if subject:
         subject = _decode_subject(subject)
-        m = _SUBJECT_START_RX.match(subject) or _SUBJECT_ANYWHERE_RX.search(subject)
+        m = SUBJECT_START_RX.match(subject) or SUBJECT_ANYWHERE_RX.search(subject)
         if m:
-            return _reason_of(m)
+            return reason_of(m)
 
     mailer = h.get("x-mailer", "")
     if "autoresponder" in mailer.lower():
         return "autoreply"
-    if mailer.startswith("BitDefender VShield") or _VIRUS_FROM.search(sender):
+    if mailer.startswith("BitDefender VShield") or VIRUS_FROM.search(sender):
         return "virus-notice"
     if (
-        not _AUTOGEN_FIELDS.isdisjoint(h)
+        not AUTOGEN_FIELDS.isdisjoint(h)
         or "generated" in h.get("x-mailscanner", "")
         or "NOTIFICATION" in h.get("x-xsp-msgclass", "")
     ):
         return "bounce:header"
 
     if (
-        _DAEMON_ADDR.search(sender)
-        or _DAEMON_ADDR.search(envelope)
-        or _SA_FROM_DAEMON.search(sender)
-        or _RPATH_DAEMON.search(return_path)
-        or _RPATH_DAEMON.search(envelope)
+        DAEMON_ADDR.search(sender)
+        or DAEMON_ADDR.search(envelope)
+        or SA_FROM_DAEMON.search(sender)
+        or RPATH_DAEMON.search(return_path)
+        or RPATH_DAEMON.search(envelope)
     ):
         return "bounce:from-daemon"
 
@@ -496,20 +224,20 @@ def _decode_subject(value: str) -> str:
 
 def _body_reason(h: dict[str, str], body: bytes, mail_from: str | None) -> str | None:
     null_sender = _null_sender(mail_from, h.get("return-path"))
-    suspect = null_sender or bool(_DAEMONISH_FROM.search(h.get("from", "")))
+    suspect = null_sender or bool(DAEMONISH_FROM.search(h.get("from", "")))
     window = body[: SCAN_BYTES * 2]
-    fields = [(name, h[name]) for name in _MIME_FIELDS if name in h]
+    fields = [(name, h[name]) for name in MIME_FIELDS if name in h]
     ctype, params = mime.content_type(fields)
     returned = False
     texts: list[bytes] = []
-    if ctype.startswith("multipart/") or ctype in _RETURNED_TYPES:
-        if suspect or any(marker in window for marker in _PART_MARKERS):
+    if ctype.startswith("multipart/") or ctype in RETURNED_TYPES:
+        if suspect or any(marker in window for marker in PART_MARKERS):
             parts = _walk(h, body)
             budget = SCAN_BYTES
             for part in parts:
-                if part.content_type in _PART_REASONS:
-                    return _PART_REASONS[part.content_type]
-                if part.content_type in _RETURNED_TYPES:
+                if part.content_type in PART_REASONS:
+                    return PART_REASONS[part.content_type]
+                if part.content_type in RETURNED_TYPES:
                     returned = True
                 elif budget > 0 and part.content_type.startswith("text/"):
                     text = part.body(budget)
@@ -527,7 +255,7 @@ def _body_reason(h: dict[str, str], body: bytes, mail_from: str | None) -> str |
             return reason
     if not suspect:
         return None
-    if returned or any(_WEAK_BODY.search(low) for low in lowered):
+    if returned or any(WEAK_BODY.search(low) for low in lowered):
         return "bounce:null-sender" if null_sender else "bounce:daemon-sender"
     return None
 
@@ -540,13 +268,13 @@ def _walk(h: dict[str, str], body: bytes) -> Iterator[mime.Part]:
 
 
 def _scan(low: bytes) -> str | None:
-    for anchor, rx in _BODY:
+    for anchor, rx in BODY:
         at = low.find(anchor)
         hits = 0
         while at >= 0 and hits < MAX_HITS:
             m = rx.search(low, max(0, at - WINDOW), at + len(anchor) + WINDOW)
             if m:
-                return _reason_of(m)
+                return reason_of(m)
             at = low.find(anchor, at + 1)
             hits += 1
     return None

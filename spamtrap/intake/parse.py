@@ -136,3 +136,27 @@ class Dialect:
         if self.flags:
             out += " flags=" + ",".join(sorted(self.flags))
         return out
+
+
+def dialect_family(rendered: str) -> str:
+    """A dialect as top-N lists count it (``spamtrap stats``, the dashboard).
+
+    ``X-Spamtrap-Dialect`` lists every command of the session so far, so the
+    third message of a session carries the first two transactions too, and
+    a bot sending to 40 recipients has 40 RCPT tokens. The family keeps the
+    commands up to the first DATA, with a run of one token written once and
+    marked ``*``, and the flags: one bot, one family.
+    """
+    if not rendered.startswith("cmds="):
+        return rendered  # not a dialect of ours: counted as it is
+    cmds, _, flags = rendered.partition(" flags=")
+    tokens: list[str] = []
+    for token in cmds.removeprefix("cmds=").split(","):
+        if tokens and tokens[-1].removesuffix("*") == token:
+            tokens[-1] = token + "*"
+            continue
+        tokens.append(token)
+        if token.upper() in ("DATA", "BDAT"):
+            break
+    family = "cmds=" + ",".join(tokens)
+    return f"{family} flags={flags}" if flags else family

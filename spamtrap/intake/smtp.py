@@ -39,6 +39,8 @@ the byte stream and the hand-off to the spool, and re-exports the rest:
 - :mod:`spamtrap.intake.commands`: the SMTP verbs (a mixin);
 - :mod:`spamtrap.intake.relay_commands`: XFORWARD and XCLIENT from trusted relays (a mixin);
 - :mod:`spamtrap.intake.data`: DATA, its end, and the spill (a mixin);
+- :mod:`spamtrap.intake.facts`: what the session knows of itself, gathered
+  for the envelope (a mixin);
 - :mod:`spamtrap.intake.envelope`: the envelope, a pure function of the
   session's facts and the transaction;
 - :mod:`spamtrap.intake.limits`: what sessions share, the connection limits
@@ -60,13 +62,14 @@ from spamtrap.errors import IntakeUnavailableError
 from spamtrap.intake import proxy
 from spamtrap.intake.commands import Commands, format_reply
 from spamtrap.intake.data import DataIntake
-from spamtrap.intake.envelope import SessionFacts, Transaction, build_envelope
+from spamtrap.intake.envelope import Transaction
+from spamtrap.intake.facts import SessionMetadata, host_port
 from spamtrap.intake.limits import SessionHost, client_key
 from spamtrap.intake.parse import Dialect
 from spamtrap.intake.relay_commands import RelayCommands
 from spamtrap.intake.spill import Spill
 from spamtrap.intake.state import HOLDING, SessionState, check_move
-from spamtrap.message import Envelope, new_message_id, new_session_id
+from spamtrap.message import Envelope, new_session_id
 
 __all__ = [
     "SessionState",
@@ -87,11 +90,7 @@ REPLY_PENDING = SessionState.REPLY_PENDING
 CLOSED = SessionState.CLOSED
 
 
-def _host_port(address: Any) -> tuple[str, int]:
-    return str(getattr(address, "host", address)), int(getattr(address, "port", 0) or 0)
-
-
-class TrapSMTP(Commands, RelayCommands, DataIntake, smtp.ESMTP):
+class TrapSMTP(Commands, RelayCommands, DataIntake, SessionMetadata, smtp.ESMTP):
     """One SMTP session; the mixins before smtp.ESMTP override its verbs."""
 
     transport: Any  # zope interfaces do not type-check as attributes without a plugin
@@ -148,7 +147,7 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, smtp.ESMTP):
     def connectionMade(self) -> None:
         # Not the parent's: it greets at once and reads the peer as a string.
         f = self.factory
-        self.peer = _host_port(self.transport.getPeer())
+        self.peer = host_port(self.transport.getPeer())
         self.canStartTLS = self.ctx is not None and ITLSTransport.providedBy(self.transport)
         refusal = f.admit(self)
         if refusal:
@@ -478,56 +477,6 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, smtp.ESMTP):
                 self.local = info.destination
         self._start()
         return True
-
-    # -- metadata -------------------------------------------------------------
-
-    def _local(self) -> tuple[str, int]:
-        # A getsockname() call: only sessions that deliver need it.
-        if self.local is None:
-            self.local = _host_port(self.transport.getHost())
-        return self.local
-
-    def _tls_facts(self) -> str | None:
-        if not self.startedTLS:
-            return None
-        conn: Any = getattr(getattr(self.transport, "protocol", None), "_tlsConnection", None)
-        try:
-            return f"{conn.get_protocol_version_name()} {conn.get_cipher_name()}"
-        except Exception:  # noqa: BLE001 - the facts are best effort
-            return "unknown"
-
-    def _facts(self, content: bytes) -> SessionFacts:
-        """What the session knows now, for the envelope of ``content``."""
-        client, via = self._attribution(content)
-        if via:
-            self.dialect.flags.add("relayed")  # the dialect is the relay's, not the bot's
-        f = self.factory
-        return SessionFacts(
-            node=f.config.node,
-            host=f.host_text,
-            session_id=self.session_id,
-            peer=self.peer,
-            local=self._local(),
-            proxied_by=self.proxied_by,
-            rdns=self.rdns,
-            helo=self._helo_arg,
-            esmtp=self._helo_verb == b"EHLO",
-            started_tls=bool(self.startedTLS),
-            tls=self._tls_facts(),
-            dialect=self.dialect.render(),
-            connected_at=self.connected_at,
-            first_command_at=self.first_command_at,
-            data_started_at=self.data_started_at,
-            client=client,
-            via=via,
-            relay_helo=self._relay_helo,
-        )
-
-    def _envelope(self, txn: Transaction, content: bytes) -> Envelope:
-        now = self.factory.clock.seconds()
-        msg_id = new_message_id(self.factory.config.node, now)
-        return build_envelope(self._facts(content), txn, content, msg_id, now)
-
 
 class TrapSMTPFactory(SessionHost):
     """Builds sessions; holds what they share (see :class:`SessionHost`)."""

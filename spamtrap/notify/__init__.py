@@ -44,6 +44,7 @@ from spamtrap.config import Config, SetConfig, WebhookConfig
 from spamtrap.interfaces import DelayedCall, NetworkReactor, NoticeChannel, ReactorTime, pick_clock
 from spamtrap.metrics import Metrics
 from spamtrap.notify import mail, webhook
+from spamtrap.smtp_client import Connect, is_loopback
 from spamtrap.store import BUNDLE_SUFFIX, MANIFEST_SUFFIX, served_by_web
 from spamtrap.store.published import download_url
 
@@ -174,7 +175,7 @@ class Notifier:
         reactor: NetworkReactor,
         clock: ReactorTime | None = None,
         http_client: Any = None,
-        smtp_connect: mail.Connect | None = None,
+        smtp_connect: Connect | None = None,
         *,
         client_tls: Callable[[str], Any] | None = None,
         rng: random.Random | None = None,
@@ -220,7 +221,7 @@ class Notifier:
         if not self._web_served:
             return
         parts = urlsplit(self._public_url)
-        if not mail.is_loopback(parts.hostname or ""):
+        if not is_loopback(parts.hostname or ""):
             return  # a proxy or another port in front is the operator's business
         port = parts.port or (443 if parts.scheme == "https" else 80)
         ports = [p for p in map(listen_port, config.http.listen) if p is not None]

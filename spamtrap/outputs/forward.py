@@ -17,8 +17,8 @@ so a partner can drop the copy a retry after a crash may send.
 The mail is made in a thread of the output's own, then goes through the
 output's own ``relay`` or, without one, the top-level ``relay``: one
 attempt per ``send`` (the runner retries), within ``timeout`` seconds
-(spamtrap.outputs._smtp says which failures are permanent: a 5xx to the
-message, nothing else).
+through spamtrap.smtp_client; a 5xx to the message is a permanent
+failure, anything else is retried (:func:`classify`).
 """
 
 from __future__ import annotations
@@ -50,10 +50,22 @@ from spamtrap.config.rules import (
 )
 from spamtrap.config.schema import OutputConfig, RelayConfig
 from spamtrap.message import rfc2822_date
-from spamtrap.notify.mail import RelayConfigError, check_relay
 from spamtrap.outputs import arf
-from spamtrap.outputs._smtp import dot_stuffed, send_mail
-from spamtrap.outputs.base import OutputContext, OutputItem, TemporaryFailure
+from spamtrap.outputs.base import (
+    OutputContext,
+    OutputFailure,
+    OutputItem,
+    PermanentFailure,
+    TemporaryFailure,
+)
+from spamtrap.smtp_client import (
+    RelayConfigError,
+    check_relay,
+    describe,
+    dot_stuffed,
+    reason,
+    send_mail,
+)
 
 log = Logger()
 
@@ -309,7 +321,7 @@ class ForwardOutput:
     def _finished(self, outcome: Any, sent: defer.Deferred[Any], item: OutputItem) -> Any:
         self._sends.discard(sent)
         if isinstance(outcome, Failure):
-            return outcome  # an OutputFailure (spamtrap.outputs._smtp.classify)
+            raise classify(outcome)
         if outcome:
             # The rest took it: a retry would send them a second copy.
             shown = "; ".join(
@@ -333,6 +345,18 @@ class ForwardOutput:
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+
+
+def classify(failure: Failure) -> OutputFailure:
+    """What a failed attempt means for the entry: a 5xx to the message is
+    permanent, anything else (spamtrap.smtp_client.reason) temporary."""
+    e = failure.value
+    assert e is not None
+    if isinstance(e, OutputFailure):
+        return e
+    why = reason(e)
+    kind = PermanentFailure if why == "5xx" else TemporaryFailure
+    return kind(why, describe(e))
 
 
 def _helo_name(hostname: str) -> bytes:

@@ -1,4 +1,6 @@
-"""``twistd spamtrap``: command-line options and the service tree.
+"""``twistd spamtrap``: the service tree (the command-line options are in
+spamtrap/service/options.py; the outputs, dashboard, site and /healthz
+wiring in spamtrap/service/wiring.py).
 
 makeService takes the reactor as a parameter so tests can build the whole
 tree in-process, and it acquires nothing: directories, the TLS certificate,
@@ -30,21 +32,11 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from spamtrap.bundle.file import iso_utc
 from spamtrap.bundle.sets import BundleSet
-from spamtrap.config import (
-    DEFAULT_DOCUMENT,
-    Config,
-    ConfigError,
-    Override,
-    load_config,
-    parse_config,
-)
-from spamtrap.dashboard import Dashboard, make_dashboard_resource
+from spamtrap.config import Config
 from spamtrap.filters import lists
 from spamtrap.filters.registry import build_stages
 from spamtrap.intake import memory
@@ -54,10 +46,10 @@ from spamtrap.intake.spill import SpillDir
 from spamtrap.interfaces import EntryT, Intake, WorkSource
 from spamtrap.metrics import Metrics
 from spamtrap.notify import Notifier
-from spamtrap.outputs.service import Outputs
+from spamtrap.service.options import Options
 from spamtrap.service.startup import ListsReloader, PTRLookup, SighupHandler, TLSContext
-from spamtrap.store import StoreConfigError, open_store, served_by_web
-from spamtrap.web import make_site
+from spamtrap.service.wiring import dashboard_for, health, outputs_for, site_for
+from spamtrap.store import StoreConfigError, open_store
 from spamtrap.work.collate import Collator
 from spamtrap.work.pipeline import Pipeline, StoredAcks
 from spamtrap.work.queue import Forwarder, QueueIntake, QueueWriter
@@ -65,79 +57,11 @@ from spamtrap.work.queue_link import QueueLink, describe
 from spamtrap.work.queue_source import QueueSource, StreamEntry
 from spamtrap.work.spool import Spool, SpoolEntry, SpoolError, SpoolIntake
 
+# twistd's ServiceMaker (twisted/plugins/spamtrap_plugin.py) reads this
+# module's Options and makeService.
+__all__ = ["ListenError", "Options", "SpamtrapService", "makeService", "with_backlog"]
+
 log = Logger()
-
-
-class Options(usage.Options):
-    synopsis = "[--config FILE] [--smtp ENDPOINT] [--http ENDPOINT] [--data-dir DIR] ..."
-    longdesc = (
-        "Run a spamtrap node. With no --config it runs the embedded default: a "
-        "catch-all trap on tcp:2525, HTTP on tcp:8025, data in ./spamtrap-data "
-        "and one set 'all'. ENDPOINT is a Twisted server endpoint description, "
-        "e.g. tcp:25:interface=127.0.0.1 or systemd:domain=INET:index=0."
-    )
-    optParameters = [
-        ["config", "c", None, "YAML configuration file (see etc/spamtrap.yaml)"],
-        ["smtp", None, None, "SMTP endpoint (overrides smtp.listen)"],
-        ["http", None, None, "HTTP endpoint (overrides http.listen)"],
-        ["data-dir", "d", None, "data directory: spool, open bundles, local store"],
-        ["store", None, None, "bundle store URL: file:///path or s3://bucket/prefix"],
-        ["node", None, None, "node name used in bundle keys and metadata"],
-        ["role", None, None, "listener (SMTP into the queue), worker (filters from it) or all"],
-        [
-            "queue",
-            None,
-            None,
-            "Redis work queue URL: redis://[user:pass@]host:port/db or rediss://",
-        ],
-    ]
-
-    def parseOptions(self, options: Any = None) -> None:
-        """Parse, and on any error print it and exit 1.
-
-        twistd prints a UsageError with its whole help text to stdout, and
-        bookworm's twistd3 (Twisted 22.4) then exits 0: systemd would never
-        mark the unit failed. So the errors go to stderr and the exit is 1
-        whatever twistd's version.
-        """
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as e:
-            sys.stdout.flush()
-            sys.stderr.write(f"twistd spamtrap: {e}\n(twistd spamtrap --help lists the options)\n")
-            sys.stderr.flush()
-            raise SystemExit(1) from None
-
-    def postOptions(self) -> None:
-        # The options are merged into the config document and checked with
-        # it, once, by the keys' own rules; their errors name the option.
-        overrides = [
-            Override(f"--{option}", path, self[option])
-            for option, path in OVERRIDES.items()
-            if self[option]
-        ]
-        try:
-            if self["config"]:
-                self.config = load_config(self["config"], overrides)
-            else:
-                self.config = parse_config(DEFAULT_DOCUMENT, "<default>", overrides)
-        except ConfigError as e:
-            (only,) = e.errors if len(e.errors) == 1 else (None,)
-            if only is not None and only.option is not None:
-                raise usage.UsageError(str(e))
-            raise usage.UsageError(f"configuration errors:\n{e}")
-
-
-# Each option and the config key it sets.
-OVERRIDES = {
-    "smtp": "smtp.listen",
-    "http": "http.listen",
-    "data-dir": "data_dir",
-    "store": "store.url",
-    "node": "node",
-    "role": "role",
-    "queue": "queue.url",
-}
 
 
 # Twisted's TCP endpoints listen with a backlog of 50: a burst of spam bots
@@ -191,14 +115,9 @@ class SpamtrapService(service.MultiService):
                 # The consumer name is the node name: a restarted worker
                 # finds the messages it held before, in its pending list.
                 self.source = QueueSource(self.link, cfg.node, self.metrics)
-        # The live page (spamtrap/dashboard), fed by the intake, the pipeline
-        # and the bundle sets; none of it exists with http.dashboard: off.
-        self.dashboard: Dashboard | None = None
-        if cfg.http.dashboard != "off":
-            self.dashboard = Dashboard(cfg, self.metrics, reactor, served_by_web(cfg.store.url))
+        self.dashboard = dashboard_for(cfg, self.metrics, reactor)
+        if self.dashboard is not None:
             self.intake = self.dashboard.counting(self.intake)
-            if cfg.http.dashboard == "token" and not cfg.http.dashboard_token:
-                log.info("http.dashboard_token is not set: /dashboard answers 403")
         self.submit = self.intake.submit
         # Uploads get their own small pool: saturated filters must not delay
         # signing and file reads for the store (that would cause "busy" skips).
@@ -219,13 +138,7 @@ class SpamtrapService(service.MultiService):
             interval = cfg.filters.lists.reload_interval
             ListsReloader(lists_stage, interval, reactor, hup=hup).setServiceParent(self)
 
-        # Per-message outputs run where the pipeline runs (docs/outputs.md);
-        # their queues open at start, and they stop after the pipeline drained.
-        self.outputs: Outputs | None = None
-        if self.filters and cfg.outputs:
-            self.outputs = Outputs(cfg, self.metrics, reactor)
-        elif cfg.outputs:
-            log.info("outputs: not run by a listener; the workers run them")
+        self.outputs = outputs_for(cfg, self.metrics, reactor, self.filters)
 
         self.bundles: dict[str, BundleSet]  # set by pipeline_from
         on_published = (
@@ -296,12 +209,7 @@ class SpamtrapService(service.MultiService):
             resolve_ptr=resolve_ptr,
             spill=self.spill,
         )
-        dashboard_page = None
-        if self.dashboard is not None:
-            dashboard_page = make_dashboard_resource(
-                self.dashboard, cfg.http.dashboard, cfg.http.dashboard_token
-            )
-        self.site = make_site(self.store, cfg, self.metrics, self.health, reactor, dashboard_page)
+        self.site = site_for(self.store, cfg, self.metrics, self.health, reactor, self.dashboard)
         self.smtp_ports: list[Any] = []
         self.http_ports: list[Any] = []
         # Set when start-up failed (a port in use, the spool locked): only
@@ -312,39 +220,8 @@ class SpamtrapService(service.MultiService):
         self._listening: defer.Deferred[Any] | None = None
 
     def health(self) -> dict[str, Any]:
-        """``status`` is ok, degraded (with ``problems``: mail is refused or
-        lost to a fault the operator must fix) or stopping; /healthz
-        answers 503 unless it is ok."""
-        problems = []
-        failure = self.spool.write_failure
-        if failure is not None:
-            why, since = failure
-            problems.append(f"spool: write failed: {why} since {iso_utc(since)}")
-        # Mail still gets 250 (the spool is fine) but stays spooled unstored.
-        for name, bundle_set in self.bundles.items():
-            failure = bundle_set.write_failure
-            if failure is not None:
-                why, since = failure
-                problems.append(f"bundles: set {name}: write failed: {why} since {iso_utc(since)}")
-        status = "stopping" if not self.running else "degraded" if problems else "ok"
-        out: dict[str, Any] = {
-            "status": status,
-            "node": self.cfg.node,
-            "role": self.cfg.role,
-            "spool_depth": self.spool.depth,
-            "smtp_sessions": len(self.smtp_factory.sessions),
-        }
-        if problems:
-            out["problems"] = problems
-        if self.link is not None:
-            out["queue"] = "up" if self.link.up else "unreachable"
-        if self.outputs is not None:
-            # Named, not a 503: intake and bundles go on while an output is down.
-            out["outputs"] = {name: r.depth for name, r in self.outputs.runners.items()}
-            failing = self.outputs.failing()
-            if failing:
-                out["outputs_failing"] = failing
-        return out
+        """/healthz's answer (spamtrap.service.web_wiring.health)."""
+        return health(self)
 
     def privilegedStartService(self) -> None:
         # Before twistd drops privileges: port 25 works for root, and so

@@ -10,7 +10,9 @@ sha256 is always signed, so the server checks every byte it stores).
 
 A bundle at or below ``multipart_threshold`` is one PUT; above it, a
 multipart upload in parts of that size (at least 5 MiB), up to
-``max_concurrency`` parts at a time, aborted when a part fails. The object is
+``max_concurrency`` parts at a time, aborted when a part fails
+(spamtrap.store.s3_multipart). What S3 says and takes, the XML, the error,
+the store URL and endpoint, is in spamtrap.store.s3_wire. The object is
 complete before the manifest, the commit marker, is written. Failures raise
 :class:`S3Error` and nothing is retried here: the caller (the bundle set)
 retries the whole ``put`` with backoff.
@@ -19,20 +21,15 @@ retries the whole ``put`` with backoff.
 from __future__ import annotations
 
 import os
-import re
-import xml.etree.ElementTree as ET  # noqa: N817 - the usual name
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
-from xml.sax.saxutils import escape
 
 import botocore.session
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from treq.client import HTTPClient
 from twisted.internet.defer import (
-    CancelledError,
     Deferred,
     DeferredList,
     DeferredSemaphore,
@@ -56,8 +53,23 @@ from spamtrap.store import (
     Download,
     Redirect,
     StoreClosedError,
-    StoreConfigError,
     valid_set_name,
+)
+from spamtrap.store.s3_multipart import BUNDLE_TYPE, IMMUTABLE, MultipartUpload, part_size
+from spamtrap.store.s3_wire import (
+    DEFAULT_REGION,
+    Body,
+    FileRange,
+    S3Error,
+    aws_endpoint,
+    child_text,
+    local_name,
+    parse_error,
+    parse_s3_url,
+    parse_xml,
+    query_string,
+    resolve_endpoint,
+    transport_error,
 )
 
 if TYPE_CHECKING:
@@ -65,155 +77,13 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MIB = 1024 * 1024
-MIN_PART = 5 * MIB  # S3's smallest part (all but the last)
-MAX_PARTS = 10_000  # S3's most parts per upload
-DEFAULT_REGION = "us-east-1"
-BUNDLE_TYPE = "application/gzip"
 MANIFEST_TYPE = "application/json"
 INDEX_TYPE = "application/x-ndjson"
-# Keys never change once written: caches and CDNs may keep them forever.
-IMMUTABLE = "public, max-age=31536000, immutable"
 # Seconds allowed for one request: a minute plus 1 s per 256 KiB of body,
 # so a hung server fails the attempt (and the caller retries).
 BASE_TIMEOUT = 60.0
 TIMEOUT_BYTES_PER_SECOND = 256 * 1024
 MANIFEST_FETCHES = 8  # manifests fetched at once by a listing
-# Names S3-compatible servers accept; AWS is stricter (lowercase, no "_").
-BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
-
-
-class S3Error(Exception):
-    """An S3 request failed. ``status`` is 0 when no HTTP answer came back;
-    ``code`` is S3's error code (``SignatureDoesNotMatch``, ``NoSuchBucket``,
-    ...) or a name for the transport failure."""
-
-    def __init__(self, status: int, code: str, message: str, key: str, operation: str) -> None:
-        super().__init__(status, code, message, key, operation)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.key = key
-        self.operation = operation
-
-    def __str__(self) -> str:
-        answer = f"HTTP {self.status}" if self.status else "no answer"
-        return f"{self.code} for key {self.key} ({self.operation}, {answer}): {self.message}"
-
-
-# -- configuration -------------------------------------------------------------
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix")."""
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or BUCKET_RE.fullmatch(parts.netloc) is None:
-        raise StoreConfigError(f"store URL {url!r}: use s3://bucket or s3://bucket/prefix")
-    if parts.query or parts.fragment:
-        raise StoreConfigError(f"store URL {url!r}: an S3 URL takes no query or fragment")
-    prefix = parts.path.strip("/")
-    if prefix and any(seg in ("", ".", "..") for seg in prefix.split("/")):
-        raise StoreConfigError(f"store URL {url!r}: empty, '.' or '..' prefix segments")
-    return parts.netloc, prefix
-
-
-def resolve_endpoint(config: StoreConfig, environ: Mapping[str, str]) -> str | None:
-    """The configured endpoint, else the AWS environment's; None means AWS
-    itself (its URL depends on the region, known only after start)."""
-    candidates = [
-        ("store.endpoint", config.endpoint),
-        ("AWS_ENDPOINT_URL_S3", environ.get("AWS_ENDPOINT_URL_S3")),
-        ("AWS_ENDPOINT_URL", environ.get("AWS_ENDPOINT_URL")),
-    ]
-    for source, value in candidates:
-        if value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise StoreConfigError(f"{source} {value!r}: use http(s)://host[:port]")
-            if parts.query or parts.fragment:
-                raise StoreConfigError(f"{source} {value!r}: takes no query or fragment")
-            return value.rstrip("/")
-    return None
-
-
-def aws_endpoint(region: str) -> str:
-    return f"https://s3.{region}.amazonaws.com"
-
-
-@dataclass(frozen=True)
-class _FileRange:
-    """A piece of a local file, read in the pool just before it is sent."""
-
-    path: str
-    offset: int
-    length: int
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.length)
-        if len(data) != self.length:
-            raise OSError(f"{self.path}: short read at {self.offset} ({len(data)}/{self.length})")
-        return data
-
-
-Body = bytes | _FileRange
-
-
-# -- XML -----------------------------------------------------------------------
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]  # S3 answers in its namespace; some servers do not
-
-
-def _child_text(element: ET.Element, name: str) -> str | None:
-    for child in element:
-        if _local(child.tag) == name:
-            return child.text or ""
-    return None
-
-
-def _parse_xml(body: bytes) -> ET.Element | None:
-    try:
-        return ET.fromstring(body)  # noqa: S314 - the configured server's answer
-    except ET.ParseError:
-        return None
-
-
-def parse_error(body: bytes) -> tuple[str | None, str]:
-    """S3's ``<Error><Code/><Message/></Error>``: (code, message)."""
-    root = _parse_xml(body) if body else None
-    if root is None or _local(root.tag) != "Error":
-        text = body[:200].decode("utf-8", "replace").strip()
-        return None, text or "(no error body)"
-    return _child_text(root, "Code"), _child_text(root, "Message") or ""
-
-
-def _complete_body(etags: dict[int, str]) -> bytes:
-    parts = "".join(
-        f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etags[n])}</ETag></Part>"
-        for n in sorted(etags)
-    )
-    return f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-
-
-def _query(params: Mapping[str, str | None]) -> str:
-    # Sorted and RFC 3986-encoded, as SigV4 canonicalises it anyway.
-    return "&".join(
-        quote(k, safe="") if v is None else f"{quote(k, safe='')}={quote(v, safe='')}"
-        for k, v in sorted(params.items())
-    )
-
-
-def _transport_error(error: BaseException) -> tuple[str, str]:
-    """A name and a readable reason for a request that got no answer."""
-    if isinstance(error, CancelledError):
-        return "Timeout", "no answer in time"
-    reasons = getattr(error, "reasons", None)  # ResponseFailed and friends
-    if reasons:
-        return type(error).__name__, "; ".join(r.getErrorMessage() for r in reasons)
-    return type(error).__name__, str(error) or repr(error)
 
 
 # -- the store ------------------------------------------------------------------
@@ -252,7 +122,6 @@ class S3Store:
         self._path_style = config.path_style
         self._public_url = config.public_url.rstrip("/") if config.public_url else None
         self._threshold = config.multipart_threshold
-        self._part_size = max(config.multipart_threshold, MIN_PART)
         self._concurrency = max(1, config.max_concurrency)
         # Bounds the bodies in memory and on the wire, across all puts.
         self._transfers = DeferredSemaphore(self._concurrency)
@@ -296,7 +165,7 @@ class S3Store:
             url = f"{base}/{quote(object_key, safe='/')}"
         else:
             url = base if self._path_style else base + "/"
-        return f"{url}?{_query(query)}" if query else url
+        return f"{url}?{query_string(query)}" if query else url
 
     def url(self, key: str) -> str | None:
         """Where consumers fetch ``key`` without credentials."""
@@ -366,7 +235,7 @@ class S3Store:
         self, method: str, url: str, headers: dict[str, str], body: Body
     ) -> tuple[bytes, dict[str, str]]:
         """In the pool: read the body if it is a file range, hash and sign."""
-        data = body.read() if isinstance(body, _FileRange) else body
+        data = body.read() if isinstance(body, FileRange) else body
         request = AWSRequest(method=method, url=url, headers=headers, data=data)
         # get_frozen_credentials refreshes expiring credentials (may block).
         frozen = self._credentials.get_frozen_credentials()
@@ -407,7 +276,7 @@ class S3Store:
         except Exception as e:  # noqa: BLE001 - every transport failure becomes an S3Error
             if self._closed:
                 raise StoreClosedError(f"{operation} of {where}: the store was closed") from e
-            code, reason = _transport_error(e)
+            code, reason = transport_error(e)
             raise S3Error(0, code, f"{reason} ({url})", where, operation) from e
         if not 200 <= response.code < 300:
             error_code, message = parse_error(content)
@@ -428,9 +297,12 @@ class S3Store:
         object_key = self.object_key(key)
         size = await deferToThreadPool(self._threads, self._pool, os.path.getsize, path)
         if size > self._threshold:
-            await self._put_multipart(object_key, path, size)
+            upload = MultipartUpload(
+                self._request, self._transfers, self._concurrency, self.bucket, object_key
+            )
+            await upload.put(path, size, self.part_size(size))
         else:
-            await self._put_single(object_key, _FileRange(path, 0, size))
+            await self._put_single(object_key, FileRange(path, 0, size))
         if index is not None:
             await self._put_index(object_key[: -len(BUNDLE_SUFFIX)] + INDEX_SUFFIX, index)
         # Only now, with the object and its index complete, the commit marker.
@@ -453,12 +325,12 @@ class S3Store:
                 object_key,
                 "PutObject (index)",
                 headers={"Content-Type": INDEX_TYPE, "Cache-Control": IMMUTABLE},
-                body=_FileRange(path, 0, size),
+                body=FileRange(path, 0, size),
             )
         finally:
             self._transfers.release()
 
-    async def _put_single(self, object_key: str, body: _FileRange) -> None:
+    async def _put_single(self, object_key: str, body: FileRange) -> None:
         await self._transfers.acquire()
         try:
             await self._request(
@@ -474,112 +346,7 @@ class S3Store:
     def part_size(self, size: int) -> int:
         """Parts of ``multipart_threshold`` bytes (at least 5 MiB), larger
         if the file would otherwise need more than 10,000 of them."""
-        return max(self._part_size, -(-size // MAX_PARTS))
-
-    async def _put_multipart(self, object_key: str, path: str, size: int) -> None:
-        _, answer = await self._request(
-            "POST",
-            object_key,
-            "CreateMultipartUpload",
-            query={"uploads": None},
-            headers={"Content-Type": BUNDLE_TYPE, "Cache-Control": IMMUTABLE},
-        )
-        root = _parse_xml(answer)
-        upload_id = _child_text(root, "UploadId") if root is not None else None
-        if not upload_id:
-            where = f"s3://{self.bucket}/{object_key}"
-            raise S3Error(200, "MalformedResponse", "no UploadId", where, "CreateMultipartUpload")
-        step = self.part_size(size)
-        ranges = [
-            (number, _FileRange(path, offset, min(step, size - offset)))
-            for number, offset in enumerate(range(0, size, step), start=1)
-        ]
-        try:
-            etags = await self._upload_parts(object_key, upload_id, ranges)
-            await self._complete(object_key, upload_id, etags)
-        except BaseException:
-            self._abort(object_key, upload_id)
-            raise
-
-    async def _upload_parts(
-        self, object_key: str, upload_id: str, ranges: list[tuple[int, _FileRange]]
-    ) -> dict[int, str]:
-        etags: dict[int, str] = {}
-        todo = iter(ranges)
-        failed = False
-
-        async def lane() -> None:
-            # Lanes share one iterator: each part is sent once, in order.
-            nonlocal failed
-            for number, body in todo:
-                if failed:
-                    return
-                try:
-                    etags[number] = await self._upload_part(object_key, upload_id, number, body)
-                except BaseException:
-                    failed = True
-                    raise
-
-        lanes = [ensureDeferred(lane()) for _ in range(min(self._concurrency, len(ranges)))]
-        results = await DeferredList(lanes, consumeErrors=True)
-        for ok, result in results:
-            if not ok:
-                result.raiseException()  # type: ignore[attr-defined]
-        return etags
-
-    async def _upload_part(
-        self, object_key: str, upload_id: str, number: int, body: _FileRange
-    ) -> str:
-        await self._transfers.acquire()
-        try:
-            response, _ = await self._request(
-                "PUT",
-                object_key,
-                f"UploadPart {number}",
-                query={"partNumber": str(number), "uploadId": upload_id},
-                body=body,
-            )
-        finally:
-            self._transfers.release()
-        etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
-        if not etag:
-            where = f"s3://{self.bucket}/{object_key}"
-            raise S3Error(
-                response.code, "MalformedResponse", "no ETag", where, f"UploadPart {number}"
-            )
-        return etag
-
-    async def _complete(self, object_key: str, upload_id: str, etags: dict[int, str]) -> None:
-        response, answer = await self._request(
-            "POST",
-            object_key,
-            "CompleteMultipartUpload",
-            query={"uploadId": upload_id},
-            headers={"Content-Type": "application/xml"},
-            body=_complete_body(etags),
-        )
-        # S3 may answer 200 and fail later in the body.
-        code, message = parse_error(answer)
-        if code is not None:
-            where = f"s3://{self.bucket}/{object_key}"
-            raise S3Error(response.code, code, message, where, "CompleteMultipartUpload")
-
-    def _abort(self, object_key: str, upload_id: str) -> None:
-        """Best effort, in the background: the retry must not wait for it.
-        Uploads it misses are for a bucket lifecycle rule to clean up."""
-        d = ensureDeferred(
-            self._request(
-                "DELETE", object_key, "AbortMultipartUpload", query={"uploadId": upload_id}
-            )
-        )
-        d.addErrback(
-            lambda f: log.warn(
-                "could not abort multipart upload {id} of {key}: {error}",
-                id=upload_id,
-                key=object_key,
-                error=f.getErrorMessage(),
-            )
-        )
+        return part_size(self._threshold, size)
 
     # -- listing -------------------------------------------------------------------
 
@@ -622,14 +389,14 @@ class S3Store:
         keys: list[str] = []
         while True:
             _, answer = await self._request("GET", "", "ListObjectsV2", query=query)
-            root = _parse_xml(answer)
+            root = parse_xml(answer)
             if root is None:
                 raise S3Error(200, "MalformedResponse", "not XML", key_prefix, "ListObjectsV2")
             for entry in root:
-                if _local(entry.tag) == "Contents":
-                    keys.append((_child_text(entry, "Key") or "")[strip:])
-            token = _child_text(root, "NextContinuationToken")
-            if _child_text(root, "IsTruncated") != "true" or not token:
+                if local_name(entry.tag) == "Contents":
+                    keys.append((child_text(entry, "Key") or "")[strip:])
+            token = child_text(root, "NextContinuationToken")
+            if child_text(root, "IsTruncated") != "true" or not token:
                 return keys
             query["continuation-token"] = token
 

@@ -35,13 +35,14 @@ from twisted.python.threadpool import ThreadPool
 
 from spamtrap import testing
 from spamtrap.bundle import mbox
+from spamtrap.bundle.manifest import index_name
 from spamtrap.cli.pull import (
     STATE_NAME,
     run,
 )
 from spamtrap.config import Config, SetConfig
 from spamtrap.metrics import Metrics
-from spamtrap.store import bundle_key, manifest_key
+from spamtrap.store import bundle_key, index_key, manifest_key
 from spamtrap.store.local import LocalStore
 from spamtrap.web import make_site
 from tests.support.poll import wait_until
@@ -516,6 +517,53 @@ async def test_mail_notices(node: Node, tmp_path: Path, kind: str) -> None:
     node.requests.clear()
     assert (await pull("--set", "shared", "--dest", str(dest), "--mail", str(path)))[0] == 0
     assert node.requests == []
+
+
+async def add_indexed(node: Node, set_name: str, when: float) -> tuple[Bundle, bytes]:
+    """A bundle stored with an index, as BundleSet stores one; its index."""
+    messages = [message(node.counter + i) for i in range(2)]
+    node.counter += 2
+    key = bundle_key(set_name, when, "node1")
+    bundle = Bundle(key, gzip_mbox(messages, when), messages)
+    lines = [{"offset": i, "length": 1, "id": f"{key}:{i}"} for i in range(2)]
+    index = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    source = node.tmp / f"upload-{node.counter}.tmp"
+    index_file = node.tmp / f"upload-{node.counter}.index.tmp"
+    source.write_bytes(bundle.data)
+    index_file.write_bytes(index)
+    doc = json.loads(manifest(key, bundle.data, len(messages), when))
+    doc |= {"index": index_name(bundle.name), "index_sha256": hashlib.sha256(index).hexdigest()}
+    await node.store.put(key, str(source), json.dumps(doc).encode(), str(index_file))
+    return bundle, index
+
+
+@pytest_twisted.ensureDeferred
+async def test_mail_notices_bring_the_bundles_index_checked(node: Node, tmp_path: Path) -> None:
+    good, good_index = await add_indexed(node, "shared", T0)
+    forged, _ = await add_indexed(node, "shared", T0 + 60)
+    sha = hashlib.sha256(good_index).hexdigest()
+    path = write_maildir(
+        tmp_path / "notices",
+        notice(good, node.base, Index=index_name(good.name), Index_SHA256=sha),
+        # A notice whose index sha256 is not the index's: the index is not kept.
+        notice(forged, node.base, Index=index_name(forged.name), Index_SHA256=sha),
+    )
+    dest = tmp_path / "dest"
+    code, err = await pull("--set", "shared", "--dest", str(dest), "--mail", path)
+    assert code == 1
+    assert err.splitlines() == [
+        f"spamtrap pull: {forged.key}: the index's sha256 does not match the manifest; "
+        "it was not kept"
+    ]
+    assert (dest / index_key(good.key)).read_bytes() == good_index
+    assert state_of(dest)["bundles"][good.key]["index_sha256"] == sha
+    assert not (dest / index_key(forged.key)).exists()
+    assert forged.key not in state_of(dest)["bundles"]  # the next run tries again
+    assert leftovers(dest) == []
+    # Only the bundles and their indexes: the notices said all, no manifest.
+    assert sorted(r[0] for r in node.requests) == sorted(
+        f"/bundles/{k}" for b in (good, forged) for k in (b.key, index_key(b.key))
+    )
 
 
 @pytest.mark.parametrize("kind", ["maildir", "mbox"])

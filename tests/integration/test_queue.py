@@ -314,9 +314,10 @@ def test_replicas_wait_for_a_real_replica(
         replica.stop()
 
 
+@defer.inlineCallbacks
 def poll(check: Any, timeout: float = 10.0) -> Any:
     # The real reactor runs the Redis threads; this waits for their results.
-    return defer.ensureDeferred(until(check, timeout, interval=0.02))
+    yield defer.ensureDeferred(until(check, timeout, interval=0.02))
 
 
 def documented_acl() -> list[str]:

@@ -38,7 +38,8 @@ from spamtrap.store import (
     bundle_key,
     manifest_key,
 )
-from spamtrap.store.s3 import S3Error, S3Store
+from spamtrap.store.s3 import S3Store
+from spamtrap.store.s3_wire import S3Error
 from tests.support import poll
 from tests.support.bundles import UploadMetrics
 from tests.support.seaweedfs import SeaweedFS, clean_env

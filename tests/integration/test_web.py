@@ -37,7 +37,8 @@ from twisted.python.threadpool import ThreadPool
 
 from spamtrap.bundle.manifest import Manifest
 from spamtrap.metrics import Metrics
-from spamtrap.web import MAX_RANGES, make_site
+from spamtrap.web import make_site
+from spamtrap.web.ranges import MAX_RANGES
 from tests.support.web import (
     NAME,
     SECRET,

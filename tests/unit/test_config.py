@@ -704,7 +704,7 @@ def test_key_tables_name_declared_keys(doc: str) -> None:
 
 
 def test_readme_option_table_matches_the_overrides() -> None:
-    from spamtrap.service.compose import OVERRIDES
+    from spamtrap.service.options import OVERRIDES
 
     rows = [line for line in _README.read_text().splitlines() if line.startswith("| `--")]
     table, options = {}, set()

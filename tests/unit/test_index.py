@@ -242,3 +242,16 @@ def test_a_bad_line_is_named_by_file_and_line(
 def test_an_entry_without_fields_is_a_range_only() -> None:
     entry = parse_line(index_line(7, 9, None)[:-1], "x", 1)
     assert (entry.offset, entry.length, entry.get("id")) == (7, 9, None)
+
+
+@given(st.text(), st.text(), st.one_of(st.none(), st.text()))
+def test_any_sender_text_round_trips_through_a_line(
+    helo: str, dialect: str, feed: str | None
+) -> None:
+    env = dataclasses.replace(envelope(1, b"x\n", helo=[helo], dialect=[dialect]), feed=feed)
+    reasons = [("quote", "pass", helo)]
+    line = index_line(0, 1, encode_fields(env, 1, reasons))
+    doc = json.loads(line)
+    assert (doc["helo"], doc["dialect"], doc["feed"]) == (helo, dialect, feed)
+    assert doc["reasons"] == [{"stage": "quote", "verdict": "pass", "reason": helo}]
+    assert line.isascii() and line.count(b"\n") == 1

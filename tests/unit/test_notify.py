@@ -36,7 +36,8 @@ from spamtrap.notify import (
     listen_port,
     notice_urls,
 )
-from spamtrap.notify.mail import RelayConfigError, check_relay, notice
+from spamtrap.notify.mail import notice
+from spamtrap.smtp_client import RelayConfigError, check_relay
 from tests.support.notify import (
     NotifyMetrics,
     as_published,

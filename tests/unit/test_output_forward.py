@@ -24,9 +24,7 @@ from twisted.python.failure import Failure
 from spamtrap.config import ConfigError, ConfigIssue, parse_config
 from spamtrap.config.schema import RelayConfig, SetConfig
 from spamtrap.message import Envelope
-from spamtrap.notify.mail import RelayConfigError
 from spamtrap.outputs import settings_class
-from spamtrap.outputs._smtp import QUIT_GRACE
 from spamtrap.outputs.base import (
     OutputContext,
     OutputFailure,
@@ -35,6 +33,7 @@ from spamtrap.outputs.base import (
     TemporaryFailure,
 )
 from spamtrap.outputs.forward import ForwardOutput, ForwardRelay, Settings, build
+from spamtrap.smtp_client import QUIT_GRACE, RelayConfigError
 
 HEAD = "traps: {catch_all: true}\nsets: {all: {}, shared: {redact_trap_addresses: true}}\n"
 TOP_RELAY = RelayConfig(host="127.0.0.1", port=2525, sender="trap@trap.test")

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from spamtrap.message import Envelope
 from spamtrap.outputs import arf
-from spamtrap.outputs._smtp import dot_stuffed
 from spamtrap.outputs.base import OutputItem
 from spamtrap.outputs.forward import attach_mail, resend_mail
+from spamtrap.smtp_client import dot_stuffed
 
 NOW = 1_800_000_000.0
 TEXT = b"From: bot@spam.example\r\nSubject: cheap pills\r\n\r\nbuy\r\n.now\r\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mailbox
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from spamtrap.bundle.manifest import Manifest
 from spamtrap.cli.main import main
 from spamtrap.cli.pull_remote import Problem, PullError, Remote, RemoteManifest, remote_manifest
-from spamtrap.cli.pull_sources import _remote_from, read_notice
+from spamtrap.cli.pull_sources import MailSource, read_notice, remote_from
 from spamtrap.cli.pull_state import rewind
 from tests.support.pull import T0, manifest, pull, stored
 
@@ -79,7 +80,7 @@ def test_any_mail_reads_as_a_notice_or_none(raw: bytes) -> None:
     )
 )
 def test_a_notice_entry_is_a_remote_or_a_named_problem(entry: dict[str, str]) -> None:
-    result = _remote_from(entry, "shared", "notice <x@test>")
+    result = remote_from(entry, "shared", "notice <x@test>")
     if isinstance(result, Problem):
         assert result.text.startswith("notice <x@test>")
         return
@@ -103,6 +104,42 @@ def test_read_notice_reads_the_daemons_own_notices() -> None:
     fields = notice.fields
     assert (fields["set"], fields["key"], fields["url"]) == ("shared", key, doc["url"])
     assert (fields["size"], fields["sha256"]) == ("4", doc["sha256"])
+
+
+def test_a_notice_names_the_bundles_index_and_mail_pull_takes_it(tmp_path: Path) -> None:
+    from spamtrap.notify.mail import notice as daemon_notice
+
+    key = "shared/2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.mbox.gz"
+    sha = "ab" * 32
+    doc = json.loads(manifest(key, b"data", 1, T0))
+    indexed = {
+        **doc,
+        "index": "2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.index.jsonl",
+        "index_sha256": sha,
+        "url": f"http://127.0.0.1:8025/bundles/{key}",
+    }
+    raw = daemon_notice(indexed, "spamtrap@trap.example", "list@example.org", T0)
+    body = raw.split(b"\n\n", 1)[1]
+    assert body.endswith(
+        b"Index: 2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.index.jsonl\n"
+        + b"Index-SHA256: " + sha.encode() + b"\n"
+    )
+    # A bundle stored without an index: neither field.
+    plain = daemon_notice({**doc, "url": indexed["url"]}, "s@t.example", "l@t.example", T0)
+    assert b"Index" not in plain
+    box = mailbox.mbox(str(tmp_path / "notices"))
+    box.add(raw)
+    box.add(plain.replace(b"AAAAAAAAAAAAAAAA", b"BBBBBBBBBBBBBBBB"))
+    bad = raw.replace(b"AAAAAAAAAAAAAAAA", b"CCCCCCCCCCCCCCCC")
+    box.add(bad.replace(b"Index-SHA256: ab", b"Index-SHA256: zz"))
+    box.close()
+    remotes, problems = MailSource(str(tmp_path / "notices"), 1.0).listing("shared", None)
+    assert [(r.key, r.index_sha256, r.index_location) for r in remotes] == [
+        (key, sha, None),  # fetched beside the bundle, checked like a manifest's
+        (key.replace("AAAAAAAAAAAAAAAA", "BBBBBBBBBBBBBBBB"), None, None),
+    ]
+    (problem,) = problems
+    assert "CCCCCCCCCCCCCCCC" in problem.text and "index_sha256: 'zzab" in problem.text
 
 
 def test_read_notice_reads_a_quoted_printable_body() -> None:

@@ -21,7 +21,9 @@ from spamtrap.store import (
     StoreConfigError,
     open_store,
 )
-from spamtrap.store.s3 import MIN_PART, S3Error, S3Store, parse_error
+from spamtrap.store.s3 import S3Store
+from spamtrap.store.s3_multipart import MIN_PART
+from spamtrap.store.s3_wire import S3Error, parse_error
 from tests.support.seaweedfs import clean_env
 
 MIB = 1024 * 1024

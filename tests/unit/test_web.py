@@ -35,7 +35,8 @@ from spamtrap.interfaces import Store
 from spamtrap.metrics import Metrics
 from spamtrap.store import LocalFile
 from spamtrap.testing import MemoryStore
-from spamtrap.web import MAX_RANGES, make_root, make_site, plan_ranges
+from spamtrap.web import make_root, make_site
+from spamtrap.web.ranges import MAX_RANGES, plan_ranges
 from tests.support.web import (
     NAME,
     PRIVATE_NAMES,

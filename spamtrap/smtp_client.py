@@ -1,19 +1,27 @@
-"""One mail through an SMTP relay with Twisted's ESMTP client, and what a
-try that failed means for its queue entry (``type: forward``, see
-spamtrap/outputs/forward.py and docs/outputs.md).
+"""One mail through an SMTP relay: the client behind both the ``forward``
+output (spamtrap/outputs/forward.py) and the notice mail
+(spamtrap/notify/mail.py).
 
-One attempt per call (the runner retries), within a deadline. A 5xx reply
-to MAIL, RCPT or DATA is a permanent failure (``5xx``); anything else that
-goes wrong is temporary: a 4xx (``4xx``), a relay that will not talk to us
-(``greeting``), STARTTLS or AUTH failing (``tls``, ``auth``), a reply that
-is not SMTP (``garbage``), a refused, lost or unresolved connection
-(``refused``, ``disconnected``, ``dns``, ``connect``) and the deadline
-(``timeout``). Credentials never reach an error or the log: the client's
-transcript is off.
+It is Twisted's ESMTP client, hardened against relays that answer
+garbage, and one attempt per call (retrying is the caller's), within a
+deadline. What went wrong is one short word (:func:`reason`): a 5xx
+(``5xx``) or 4xx (``4xx``) reply to MAIL, RCPT or DATA, a relay that will
+not talk to us (``greeting``), STARTTLS or AUTH failing (``tls``,
+``auth``), a reply that is not SMTP (``garbage``), a refused, lost or
+unresolved connection (``refused``, ``disconnected``, ``dns``,
+``connect``) and the deadline (``timeout``). Which of them are worth a
+retry is the caller's policy. Credentials never reach an error or the log:
+the client's transcript is off, and :func:`describe` gives the relay's
+reply only.
+
+Credentials never travel in plaintext either: :func:`check_relay` refuses
+a relay with a username but without STARTTLS unless it is on loopback,
+where nobody can listen in.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from io import BytesIO
@@ -26,20 +34,52 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from spamtrap.config.schema import RelayConfig
-from spamtrap.outputs.base import OutputFailure, PermanentFailure, TemporaryFailure
+from spamtrap.interfaces import ReactorTime, as_reactor_time
 
 CONNECT_TIMEOUT = 30.0  # at most; never beyond the whole attempt's deadline
 QUIT_GRACE = 10.0  # after a sent message, for QUIT and its reply
 _REPLY = re.compile(rb"[2-5][0-9]{2}(?:[ -]|\Z)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 # (address, code, reply) of a recipient the relay refused.
 Refusal = tuple[bytes, int, bytes]
+Connect = Callable[[str, int, Any], Any]  # (host, port, factory) -> IConnector
+
+
+class RelayConfigError(ValueError):
+    """The relay settings would be unsafe or cannot work."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.rstrip(".").lower() in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_relay(relay: RelayConfig) -> None:
+    """Refuse settings that would send credentials in plaintext."""
+    if (relay.username is None) != (relay.password is None):
+        raise RelayConfigError("relay: give both username and password, or neither")
+    if relay.username is not None and not relay.starttls and not is_loopback(relay.host):
+        raise RelayConfigError(
+            f"relay: refusing to send credentials in plaintext to {relay.host}:"
+            f"{relay.port}; set relay.starttls: true (or use a relay on loopback)"
+        )
 
 
 def dot_stuffed(wire: bytes) -> bytes:
     """RFC 5321 4.5.2: a line starting with "." gets one more."""
     stuffed = wire.replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def for_the_wire(text: bytes) -> bytes:
+    """``text`` with any line ends (LF, CR, CRLF) as CRLF, dot-stuffed: what
+    :func:`send_mail` takes."""
+    return dot_stuffed(_LINE_END.sub(b"\r\n", text))
 
 
 class _Sender(smtp.ESMTPSender):
@@ -97,7 +137,7 @@ class _Sender(smtp.ESMTPSender):
             return super().lineReceived(line)
         except Exception as e:  # noqa: BLE001 - a relay's reply must never break the client
             # Twisted's client was not written for hostile replies; whatever
-            # one makes it raise, the try is over and retried (garbage).
+            # one makes it raise, the try is over (garbage).
             self.sendError(smtp.SMTPProtocolError(-1, f"reply not understood: {e!r}", b""))
             return None
 
@@ -150,40 +190,48 @@ class _Factory(smtp.ESMTPSenderFactory):
         return p
 
 
-def classify(failure: Failure) -> OutputFailure:
-    """What a failed attempt means for the entry (see the module docstring)."""
-    e = failure.value
-    assert e is not None
-    if isinstance(e, OutputFailure):
-        return e
-    detail = _reply(e)
+def reason(e: BaseException) -> str:
+    """What went wrong, as one word (see the module docstring)."""
     if isinstance(e, defer.TimeoutError | defer.CancelledError | smtp.SMTPTimeoutError):
-        return TemporaryFailure("timeout", detail)
+        return "timeout"
     if isinstance(e, smtp.TLSError | smtp.TLSRequiredError):
-        return TemporaryFailure("tls", detail)
+        return "tls"
     if isinstance(e, smtp.EHLORequiredError):
-        return TemporaryFailure("greeting", detail)
+        return "greeting"
     if isinstance(e, smtp.ESMTPClientError):  # AUTH refused, or none we speak offered
-        return TemporaryFailure("auth", detail)
+        return "auth"
     if isinstance(e, smtp.SMTPProtocolError):
-        return TemporaryFailure("garbage", detail)
+        return "garbage"
     if not isinstance(e, smtp.SMTPClientError):
-        return _connection_failure(e, detail)
+        return _connection_failure(e)
     if e.code < 0:  # the connection failed or was lost
-        return _connection_failure(e.__cause__ or e, detail)
+        return _connection_failure(e.__cause__ or e)
     if not 400 <= e.code < 600:
-        return TemporaryFailure("garbage", detail)
+        return "garbage"
     if not isinstance(e, smtp.SMTPDeliveryError):
         # Refused before any command of the message: the relay, not the mail.
-        return TemporaryFailure("greeting", detail)
-    if e.code >= 500:
-        return PermanentFailure("5xx", detail)
-    return TemporaryFailure("4xx", detail)
+        return "greeting"
+    return "5xx" if e.code >= 500 else "4xx"
 
 
-def _reply(e: BaseException) -> str:
+def _connection_failure(e: BaseException) -> str:
+    if isinstance(e, SSL.Error):  # the handshake, or the relay's certificate
+        return "tls"
+    if isinstance(e, error.ConnectionRefusedError):
+        return "refused"
+    if isinstance(e, error.TCPTimedOutError | error.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(e, error.DNSLookupError):
+        return "dns"
+    if isinstance(e, error.ConnectionDone | error.ConnectionLost):
+        return "disconnected"
+    return "connect"
+
+
+def describe(e: BaseException) -> str:
     """The relay's reply, or the error, for the log: never the session
-    transcript (an SMTPClientError's str() has it, AUTH line included)."""
+    transcript (an SMTPClientError's str() has it, AUTH line included).
+    Twisted gives a reply as bytes or, for some failures, as str."""
     if isinstance(e, smtp.SMTPClientError):
         reply = _text(e.resp)
         if e.code > 0:
@@ -198,20 +246,6 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _connection_failure(e: BaseException, detail: str) -> TemporaryFailure:
-    if isinstance(e, SSL.Error):  # the handshake, or the relay's certificate
-        return TemporaryFailure("tls", detail)
-    if isinstance(e, error.ConnectionRefusedError):
-        return TemporaryFailure("refused", detail)
-    if isinstance(e, error.TCPTimedOutError | error.TimeoutError | TimeoutError):
-        return TemporaryFailure("timeout", detail)
-    if isinstance(e, error.DNSLookupError):
-        return TemporaryFailure("dns", detail)
-    if isinstance(e, error.ConnectionDone | error.ConnectionLost):
-        return TemporaryFailure("disconnected", detail)
-    return TemporaryFailure("connect", detail)
-
-
 def send_mail(
     reactor: Any,
     relay: RelayConfig,
@@ -221,17 +255,24 @@ def send_mail(
     variants: tuple[bytes, bytes],
     timeout: float,
     client_tls: Callable[[str], Any],
+    *,
+    clock: ReactorTime | None = None,
+    connect: Connect | None = None,
 ) -> defer.Deferred[list[Refusal]]:
     """Send one mail to every address in ``to`` through ``relay``.
 
-    ``variants`` is the mail, dot-stuffed with CRLF line ends, for a relay
-    that offers 8BITMIME and for one that does not. Fires with the
-    recipients the relay refused while it took the mail for others (empty:
-    all took it); fails with an OutputFailure (:func:`classify`). The
-    connection is closed at once after a failure, and within QUIT_GRACE
-    after a success. Cancelling drops the connection.
+    ``variants`` is the mail, dot-stuffed with CRLF line ends
+    (:func:`for_the_wire`), for a relay that offers 8BITMIME and for one
+    that does not. Fires with the recipients the relay refused while it took
+    the mail for others (empty: all took it); fails with the client's error
+    (:func:`reason` and :func:`describe` read it). The connection is closed
+    at once after a failure, and within QUIT_GRACE after a success.
+    Cancelling drops the connection. ``clock`` (default ``reactor``) keeps
+    the deadline and the grace; ``connect`` replaces
+    ``reactor.connectTCP``.
     """
     eight, seven = variants
+    timer: ReactorTime = clock if clock is not None else reactor
     connector: list[Any] = []
 
     def abort(_: defer.Deferred[Any]) -> None:
@@ -256,21 +297,24 @@ def send_mail(
         requireTransportSecurity=relay.starttls,
     )
     factory.domain = helo
-    connect_timeout = min(CONNECT_TIMEOUT, timeout)
-    connector.append(reactor.connectTCP(relay.host, relay.port, factory, timeout=connect_timeout))
-    result.addTimeout(timeout, reactor)
+    if connect is None:
+        wait = min(CONNECT_TIMEOUT, timeout)
+        connector.append(reactor.connectTCP(relay.host, relay.port, factory, timeout=wait))
+    else:
+        connector.append(connect(relay.host, relay.port, factory))
+    result.addTimeout(timeout, as_reactor_time(timer))
 
     def finished(outcome: Any) -> list[Refusal]:
-        _let_go(factory, reactor, at_once=isinstance(outcome, Failure))
+        _let_go(factory, timer, at_once=isinstance(outcome, Failure))
         if isinstance(outcome, Failure):
-            raise classify(outcome)
+            return outcome  # type: ignore[return-value] # a Failure fails the Deferred on
         _, addresses = outcome
         return [(a, code, reply) for a, code, reply in addresses if code not in smtp.SUCCESS]
 
     return result.addBoth(finished)
 
 
-def _let_go(factory: _Factory, reactor: Any, at_once: bool) -> None:
+def _let_go(factory: _Factory, clock: ReactorTime, at_once: bool) -> None:
     """Close an attempt's connection: at once after a failure (Twisted's
     client would go on with RSET, which a broken relay may never answer),
     within QUIT_GRACE seconds after a success (QUIT and its reply)."""
@@ -281,4 +325,4 @@ def _let_go(factory: _Factory, reactor: Any, at_once: bool) -> None:
     if at_once:
         sender.hang_up()
     else:
-        sender.linger = reactor.callLater(QUIT_GRACE, transport.abortConnection)
+        sender.linger = clock.callLater(QUIT_GRACE, transport.abortConnection)
