@@ -14,18 +14,12 @@ import json
 from typing import Any
 
 import pytest_twisted
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.portal import IRealm, Portal
 from twisted.internet import protocol, ssl
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.mail import smtp
-from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.web.server import Site
-from zope.interface import implementer
 
 from spamtrap import testing
 from spamtrap.config import (
@@ -43,6 +37,7 @@ from spamtrap.notify import (
 from spamtrap.notify.webhook import SIGNATURE_HEADER, signature
 from tests.support.node import free_port
 from tests.support.notify import (
+    AuthRelay,
     HookServer,
     MailTrap,
     NotifyMetrics,
@@ -171,71 +166,6 @@ async def test_starttls_required_but_not_offered_fails_permanently(mailtrap: Mai
 
 
 # A relay that wants AUTH, offered only after STARTTLS, like a submission port.
-
-
-@implementer(smtp.IMessage)
-class _Collect:
-    def __init__(self, sink: list[bytes]) -> None:
-        self.sink = sink
-        self.lines: list[bytes] = []
-
-    def lineReceived(self, line: bytes) -> None:
-        self.lines.append(line)
-
-    def eomReceived(self) -> Deferred[None]:
-        self.sink.append(b"\n".join(self.lines))
-        return succeed(None)
-
-    def connectionLost(self) -> None:
-        pass
-
-
-@implementer(smtp.IMessageDelivery)
-class _Deliver:
-    def __init__(self, sink: list[bytes]) -> None:
-        self.sink = sink
-
-    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
-        return None
-
-    def validateFrom(self, helo: Any, origin: Any) -> Any:
-        return origin
-
-    def validateTo(self, user: Any) -> Any:
-        return lambda: _Collect(self.sink)
-
-
-class _SubmissionESMTP(smtp.ESMTP):
-    def extensions(self) -> dict[bytes, Any]:
-        ext = super().extensions()
-        if not self.startedTLS:
-            ext.pop(b"AUTH", None)
-        return ext
-
-
-@implementer(IRealm)
-class AuthRelay(protocol.ServerFactory):
-    def __init__(self, ctx: Any, username: bytes, password: bytes) -> None:
-        db = InMemoryUsernamePasswordDatabaseDontUse()
-        db.addUser(username, password)
-        realm: Any = self  # zope interfaces do not type-check
-        checker: Any = db
-        self.portal = Portal(realm, [checker])
-        self.ctx = ctx
-        self.logins: list[bytes] = []
-        self.messages: list[bytes] = []
-
-    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> Any:
-        self.logins.append(avatar_id)
-        return smtp.IMessageDelivery, _Deliver(self.messages), lambda: None
-
-    def buildProtocol(self, addr: Any) -> Any:
-        chal = {b"LOGIN": LOGINCredentials, b"PLAIN": PLAINCredentials}
-        p = _SubmissionESMTP(chal, self.ctx)
-        p.portal = self.portal  # type: ignore[assignment]
-        p.host = b"relay.test"
-        p.factory = self
-        return p
 
 
 @pytest_twisted.ensureDeferred

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
 
 from spamtrap.config import QueueConfig, SpoolConfig
 from spamtrap.message import Envelope
@@ -314,10 +315,13 @@ def test_replicas_wait_for_a_real_replica(
         replica.stop()
 
 
-@defer.inlineCallbacks
 def poll(check: Any, timeout: float = 10.0) -> Any:
-    # The real reactor runs the Redis threads; this waits for their results.
-    yield defer.ensureDeferred(until(check, timeout, interval=0.02))
+    # The real reactor runs the Redis threads; this waits for their results:
+    # a turn through the thread pool before each look.
+    def turn() -> Any:
+        return deferToThread(lambda: None)
+
+    return defer.ensureDeferred(until(check, timeout, interval=0.02, before=turn))
 
 
 def documented_acl() -> list[str]:

@@ -13,12 +13,18 @@ import hmac
 from typing import Any
 
 from prometheus_client import Counter
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import protocol
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
+from twisted.mail import smtp
+from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from spamtrap import testing
 from spamtrap.bundle.manifest import Manifest, Published
@@ -165,3 +171,71 @@ def notify_errors(events: list[dict[str, Any]]) -> list[str]:
         and e.get("log_level") is not None
         and e["log_level"].name == "error"
     ]
+
+
+@implementer(smtp.IMessage)
+class _Collect:
+    def __init__(self, sink: list[bytes]) -> None:
+        self.sink = sink
+        self.lines: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def eomReceived(self) -> Deferred[None]:
+        self.sink.append(b"\n".join(self.lines))
+        return succeed(None)
+
+    def connectionLost(self) -> None:
+        pass
+
+
+
+@implementer(smtp.IMessageDelivery)
+class _Deliver:
+    def __init__(self, sink: list[bytes]) -> None:
+        self.sink = sink
+
+    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
+        return None
+
+    def validateFrom(self, helo: Any, origin: Any) -> Any:
+        return origin
+
+    def validateTo(self, user: Any) -> Any:
+        return lambda: _Collect(self.sink)
+
+
+
+class _SubmissionESMTP(smtp.ESMTP):
+    def extensions(self) -> dict[bytes, Any]:
+        ext = super().extensions()
+        if not self.startedTLS:
+            ext.pop(b"AUTH", None)
+        return ext
+
+
+
+@implementer(IRealm)
+class AuthRelay(protocol.ServerFactory):
+    def __init__(self, ctx: Any, username: bytes, password: bytes) -> None:
+        db = InMemoryUsernamePasswordDatabaseDontUse()
+        db.addUser(username, password)
+        realm: Any = self  # zope interfaces do not type-check
+        checker: Any = db
+        self.portal = Portal(realm, [checker])
+        self.ctx = ctx
+        self.logins: list[bytes] = []
+        self.messages: list[bytes] = []
+
+    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> Any:
+        self.logins.append(avatar_id)
+        return smtp.IMessageDelivery, _Deliver(self.messages), lambda: None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        chal = {b"LOGIN": LOGINCredentials, b"PLAIN": PLAINCredentials}
+        p = _SubmissionESMTP(chal, self.ctx)
+        p.portal = self.portal  # type: ignore[assignment]
+        p.host = b"relay.test"
+        p.factory = self
+        return p

@@ -14,7 +14,7 @@ server runs in-process on the test reactor).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -54,13 +54,20 @@ async def until(
     what: str = "the condition",
     interval: float = 0.005,
     reactor: Any = None,
+    before: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Let the real reactor run until ``condition()`` holds (real I/O only).
 
+    ``before``, if given, is awaited before each look (say, a turn through
+    a thread pool, so that the results of the work already in it are in).
     AssertionError naming ``what`` after ``timeout`` seconds."""
     clock: Any = reactor if reactor is not None else _reactor
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        if before is not None:
+            await before()
+        if condition():
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         await deferLater(clock, interval, lambda: None)

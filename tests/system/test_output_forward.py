@@ -1,12 +1,15 @@
 """Fault isolation in a real twistd node: a forward output whose relay (a
-private Postfix) is down for a while, and an exec output, while mail flows.
-Intake, bundles and the exec output go on; the forwards queued meanwhile
-arrive once the relay is back, each once per partner, as RFC 5965 reports.
+private Postfix) is down for a while, a pyzor output reporting to a real
+pyzord and an exec output, while mail flows. Intake, bundles, the Pyzor
+reports and the exec output go on; the forwards queued meanwhile arrive
+once the relay is back, each once per partner, as RFC 5965 reports; and
+`pyzor check` counts each message once.
 """
 
 from __future__ import annotations
 
 import email
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_output_forward import PARTNERS, Partner
-from tests.support.node import Node, bundles, free_port
-from tests.system.test_outputs import CLEAN_EXIT, filed, filer, health, metric, send, wait_for
+from tests.integration.test_output_pyzor import spam
+from tests.support.node import Node, RawSMTP, bundles, free_port
+from tests.support.pyzord import PyzordServer
+from tests.system.test_outputs import CLEAN_EXIT, filed, filer, health, metric, wait_for
 from tests.unit.test_arf import check_structure
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_debian]
@@ -24,10 +29,25 @@ DOWNTIME = 20.0  # seconds the relay is down while mail flows
 BATCHES = 8  # of 5 messages, spread over the downtime
 
 
+def message(n: int) -> bytes:
+    """A message of its own body (so of its own Pyzor digest), CRLF throughout."""
+    return re.sub(rb"\r?\n", b"\r\n", spam(n))
+
+
+def send(node: Node, numbers: range) -> list[str]:
+    """One SMTP session, each message answered 250 (or the test fails)."""
+    c = RawSMTP(node.host, node.smtp_port)
+    c.cmd(b"EHLO client.example", 250)
+    ids = [c.send(b"bot@spam.example", [b"victim@trap.example"], message(n)) for n in numbers]
+    c.close()
+    return ids
+
+
 def test_a_relay_that_is_down_stops_nothing_and_its_forwards_arrive_later(
     tmp_path: Path,
 ) -> None:
     partner = Partner(port=free_port())  # not started yet: the relay is down
+    pyzord = PyzordServer(tmp_path / "pyzord")  # its port is chosen; started below
     files = tmp_path / "files"
     config = tmp_path / "spamtrap.yaml"
     config.write_text(
@@ -47,21 +67,37 @@ outputs:
     timeout: 5s
     retry_initial: 500ms
     retry_max: 2s
+  pyzor-reports:
+    type: pyzor
+    sets: [all]
+    servers: ["{pyzord.address}"]
+    timeout: 2s
   files:
     type: exec
     sets: [all]
     argv: [{filer(tmp_path, "file.sh", files)}]
 """
     )
-    node = Node(tmp_path / "data", config).start()
+    forward, pyzor = {"output": "abuse-desks"}, {"output": "pyzor-reports"}
+    node = Node(tmp_path / "data", config)
     try:
+        pyzord.start()
+        node.start()
         down_since = time.monotonic()
         ids: list[str] = []
         for batch in range(BATCHES):
             started = time.monotonic()
-            ids += send(node, 5, start=5 * batch)
+            ids += send(node, range(5 * batch, 5 * batch + 5))
             # Intake answers at once, whatever the relay does.
             assert time.monotonic() - started < 5, node.log()
+            # The Pyzor reports go on during the outage, batch after batch.
+            wait_for(
+                f"the reports of batch {batch}",
+                lambda: metric(node, "spamtrap_output_sent_total", **pyzor) == len(ids),  # noqa: B023
+                node,
+                timeout=15,
+            )
+            assert metric(node, "spamtrap_output_sent_total", **forward) == 0
             time.sleep(max(0.0, down_since + (batch + 1) * DOWNTIME / BATCHES - time.monotonic()))
         # While the relay was down: the exec output and the bundles went on.
         wait_for("every message filed", lambda: filed(files) == set(ids), node)
@@ -71,7 +107,6 @@ outputs:
             node,
         )
         wait_for("a stored bundle", lambda: bundles(node.data_dir), node)
-        forward = {"output": "abuse-desks"}
         assert metric(node, "spamtrap_output_sent_total", **forward) == 0
         assert metric(node, "spamtrap_output_failed_total", reason="refused", **forward) >= 3
         assert metric(node, "spamtrap_output_queue_depth", **forward) == len(ids)
@@ -81,7 +116,7 @@ outputs:
 
         # The relay comes back (mail still flowing): everything queued arrives.
         partner.mta.start()
-        ids += send(node, 5, start=5 * BATCHES)
+        ids += send(node, range(5 * BATCHES, 5 * BATCHES + 5))
         wait_for(
             "the queued forwards",
             lambda: metric(node, "spamtrap_output_sent_total", **forward) == len(ids),
@@ -102,9 +137,21 @@ outputs:
         assert metric(node, "spamtrap_output_queue_depth", **forward) == 0
         assert metric(node, "spamtrap_output_shed_total", **forward) == 0
         wait_for("the exec output", lambda: filed(files) == set(ids), node)
+        # Pyzor: every message reported once, none failed, none retried;
+        # `pyzor check` counts each once.
+        wait_for(
+            "the last reports",
+            lambda: metric(node, "spamtrap_output_sent_total", **pyzor) == len(ids),
+            node,
+        )
+        assert metric(node, "spamtrap_output_failed_total", **pyzor) == 0
+        assert metric(node, "spamtrap_output_queue_depth", **pyzor) == 0
+        assert pyzord.usage() == [("anonymous", 200)] * len(ids)
+        assert pyzord.check([message(n) for n in range(len(ids))]) == [(1, 0)] * len(ids)
         wait_for("no failing output", lambda: "outputs_failing" not in health(node)[1], node)
         assert node.stop() in CLEAN_EXIT, node.log()
     finally:
         if node.proc is not None and node.proc.poll() is None:
             node.stop(signal.SIGKILL)
         partner.mta.cleanup()
+        pyzord.stop()

@@ -7,8 +7,6 @@ explicit endpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,25 +22,9 @@ from spamtrap.store import (
 from spamtrap.store.s3 import S3Store
 from spamtrap.store.s3_multipart import MIN_PART
 from spamtrap.store.s3_wire import S3Error, parse_error
-from tests.support.seaweedfs import clean_env
-
-MIB = 1024 * 1024
-
-
-T = 1795355475.0  # 2026-11-22T13:11:15Z
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    clean_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[ThreadPool]:
-    p = ThreadPool(minthreads=1, maxthreads=4, name="test-s3")
-    p.start()
-    yield p
-    p.stop()
+from tests.support.s3 import MIB
+from tests.support.s3 import aws_env as aws_env  # the fixtures
+from tests.support.s3 import pool as pool
 
 
 def test_open_store_gives_an_s3_store_for_s3_urls(pool: ThreadPool) -> None:
