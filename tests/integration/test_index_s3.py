@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.python.threadpool import ThreadPool
 
 from spamtrap.store import bundle_key, index_key, manifest_key
-from tests.integration.test_store_s3 import (  # the S3 harness and its fixtures
+from tests.support.s3 import (  # the S3 harness and its fixtures
     RecordingAgent,
     T,
     bundle_file,
@@ -17,9 +17,9 @@ from tests.integration.test_store_s3 import (  # the S3 harness and its fixtures
     make_store,
     manifest_for,
 )
-from tests.integration.test_store_s3 import aws_env as aws_env
-from tests.integration.test_store_s3 import moto as moto
-from tests.integration.test_store_s3 import pool as pool
+from tests.support.s3 import aws_env as aws_env
+from tests.support.s3 import moto as moto
+from tests.support.s3 import pool as pool
 
 
 @pytest_twisted.ensureDeferred

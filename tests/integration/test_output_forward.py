@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import pwd
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,61 +35,16 @@ from spamtrap.outputs.base import (
 from spamtrap.outputs.forward import ForwardOutput, ForwardRelay, Settings, build
 from spamtrap.outputs.queue import encode_item
 from spamtrap.outputs.service import Outputs
-from tests.integration.test_notify import AuthRelay
-from tests.support.mta import PrivatePostfix
-from tests.support.node import free_port, require_binary
-from tests.unit.test_arf import check_structure, feedback
+from tests.support.arf import check_structure, feedback
+from tests.support.node import free_port
+from tests.support.notify import AuthRelay
+from tests.support.partner import PARTNERS, Partner
 
 reactor: Any = _reactor
-PARTNERS = ["abuse@partner.test", "spam@partner.test"]
 SETS = {
     "all": SetConfig(name="all"),
     "shared": SetConfig(name="shared", redact_trap_addresses=True),
 }
-
-
-class Partner:
-    """A private Postfix that takes mail for partner.test into one Maildir
-    per address (the ``virtual`` delivery agent)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        require_binary("postfix")
-        owner = pwd.getpwnam("postfix")
-        boxes = ", ".join(f"{a}={a.split('@')[0]}/" for a in PARTNERS)
-        self.mta = PrivatePostfix(
-            main={
-                "virtual_mailbox_domains": "partner.test",
-                "virtual_mailbox_base": "MAILDIRS",
-                "virtual_mailbox_maps": f"inline:{{ {boxes} }}",
-                "virtual_uid_maps": f"static:{owner.pw_uid}",
-                "virtual_gid_maps": f"static:{owner.pw_gid}",
-            },
-            master="virtual   unix  -       n       n       -       -       virtual\n",
-            port=port,
-        )
-        self.maildirs = self.mta.base / "mail"
-        self.maildirs.mkdir()
-        shutil.chown(self.maildirs, "postfix", "postfix")
-        main_cf = self.mta.config_dir / "main.cf"
-        main_cf.write_text(main_cf.read_text().replace("MAILDIRS", str(self.maildirs)))
-
-    @property
-    def port(self) -> int:
-        return self.mta.port
-
-    def delivered(self, address: str) -> list[bytes]:
-        """The messages in ``address``'s Maildir, oldest first, with the CRLF
-        line ends they travelled with (a Maildir keeps LF)."""
-        new = self.maildirs / address.split("@")[0] / "new"
-        files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime) if new.exists() else []
-        return [p.read_bytes().replace(b"\n", b"\r\n") for p in files]
-
-    async def wait(self, count: int, deadline: float = 30) -> dict[str, list[bytes]]:
-        end = time.monotonic() + deadline
-        while any(len(self.delivered(a)) < count for a in PARTNERS):
-            assert time.monotonic() < end, f"not delivered:\n{self.mta.log()}"
-            await deferLater(reactor, 0.1, lambda: None)
-        return {a: self.delivered(a) for a in PARTNERS}
 
 
 @pytest.fixture

@@ -8,10 +8,7 @@ its runner, with the server down at first.
 
 from __future__ import annotations
 
-import base64
 import email
-import quopri
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,52 +30,13 @@ from spamtrap.outputs.pyzor import PyzorOutput, Settings, build
 from spamtrap.outputs.queue import encode_item
 from spamtrap.outputs.service import Outputs
 from tests.support.corpus import load_message, require_corpus
-from tests.support.pyzord import PyzordServer, free_udp_port, pyzord  # noqa: F401 - fixture
+from tests.support.pyzord import PyzordServer, free_udp_port, pyzord, spam  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.needs_debian
 reactor: Any = _reactor
 
 SALT = "227bfb58efaba7c582d9dcb66ab2063d38df2923"
 KEY = "8da9f54058c34e383e997f45d6eb74837139f83b"
-WORDS = (
-    "cheap pills offer watches replica casino bonus winner claim prize discount shipping"
-    " worldwide secure order today limited exclusive deal members only click now free"
-).split()
-
-
-def spam(n: int) -> bytes:
-    """Distinct messages of the shapes traps see (plain, HTML, base64,
-    quoted-printable, 8-bit charsets), each with a body of its own."""
-    rng = random.Random(n)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(9)) + f" ref {n} {k}" for k in range(8)]
-    text = "\r\n".join(lines) + "\r\n"
-    head = f"From: bot{n}@spam.example\r\nTo: trap@trap.example\r\nSubject: offer {n}\r\n"
-    head += "MIME-Version: 1.0\r\n"
-    shape = n % 5
-    if shape == 0:
-        return (head + "Content-Type: text/plain\r\n\r\n" + text).encode()
-    if shape == 1:
-        html = "".join(f"<p>{line}</p>\r\n" for line in lines)
-        return (
-            head + 'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
-            f"--b\r\nContent-Type: text/plain\r\n\r\n{text}\r\n"
-            f"--b\r\nContent-Type: text/html\r\n\r\n<html><body>{html}</body></html>\r\n--b--\r\n"
-        ).encode()
-    if shape == 2:
-        body = base64.encodebytes(text.encode()).decode().replace("\n", "\r\n")
-        cte = "Content-Transfer-Encoding: base64\r\n"
-        return (head + "Content-Type: text/plain\r\n" + cte + "\r\n" + body).encode()
-    if shape == 3:
-        body = quopri.encodestring(("Grüße – " + text).encode("utf-8")).decode()
-        return (
-            head + "Content-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: quoted-printable\r\n\r\n" + body
-        ).encode()
-    return (
-        head.encode()
-        + b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\n"
-        + ("Très bon marché ".encode("latin-1") + text.encode())
-    )
 
 
 def item(data: bytes, msg_id: str) -> OutputItem:

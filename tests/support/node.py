@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import shutil
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from tests.support.poll import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).parent / "twistd"
+CLEAN_EXIT = (0, -signal.SIGTERM)  # twistd re-raises SIGTERM after a clean stop
 
 
 def require_binary(name: str) -> str:
@@ -201,6 +205,49 @@ class RawSMTP:
 
 def bundles(data_dir: Path, set_name: str = "all") -> list[Path]:
     return sorted((data_dir / "bundles" / set_name).glob("*.mbox.gz"))
+
+
+def stored_ids(data_dir: Path, set_name: str = "all") -> list[str]:
+    """The X-Spamtrap-Id of every message in the set's stored bundles."""
+    out = []
+    for path in bundles(data_dir, set_name):
+        for line in gzip.decompress(path.read_bytes()).split(b"\n"):
+            if line.startswith(b"X-Spamtrap-Id: "):
+                out.append(line.split(b": ", 1)[1].strip().decode())
+    return out
+
+
+def wait_for(what: str, cond: Callable[[], object], node: Node, timeout: float = 60) -> None:
+    """Poll ``cond`` while ``node`` runs (a node that exits fails at once);
+    AssertionError with the node's log after ``timeout`` seconds."""
+
+    def ready() -> bool:
+        if cond():
+            return True
+        assert node.proc is not None and node.proc.poll() is None, node.log()
+        return False
+
+    try:
+        wait_until(ready, timeout, what, interval=0.1)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}\n{node.log()}") from None
+
+
+def metric(node: Node, name: str, **labels: str) -> float:
+    """One labelled sample from /metrics (0 when absent)."""
+    _, body = node.http_get("/metrics")
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for line in body.decode().splitlines():
+        m = re.match(re.escape(name) + r"(?:\{(.*)\})? (\S+)$", line)
+        if m and want <= set((m.group(1) or "").split(",")) - {""}:
+            total += float(m.group(2))
+    return total
+
+
+def health(node: Node) -> tuple[int, dict[str, object]]:
+    status, body = node.http_get("/healthz")
+    return status, json.loads(body)
 
 
 def split_metadata(message: bytes, rebuild: bool = True) -> tuple[bytes, bytes]:

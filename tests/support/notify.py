@@ -190,7 +190,6 @@ class _Collect:
         pass
 
 
-
 @implementer(smtp.IMessageDelivery)
 class _Deliver:
     def __init__(self, sink: list[bytes]) -> None:
@@ -206,14 +205,12 @@ class _Deliver:
         return lambda: _Collect(self.sink)
 
 
-
 class _SubmissionESMTP(smtp.ESMTP):
     def extensions(self) -> dict[bytes, Any]:
         ext = super().extensions()
         if not self.startedTLS:
             ext.pop(b"AUTH", None)
         return ext
-
 
 
 @implementer(IRealm)

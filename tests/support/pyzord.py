@@ -12,12 +12,17 @@ of the messages, with a client home whose ``servers`` file names only
 this server, and returns each message's (report count, whitelist count).
 Accounts for signed reports go in ``passwd`` and ``access`` (pyzord's
 formats: ``user : key`` and ``ops : user : allow``).
+
+``spam(n)`` makes distinct messages (so distinct digests) for it to count.
 """
 
 from __future__ import annotations
 
+import base64
 import mailbox
 import os
+import quopri
+import random
 import re
 import signal
 import socket
@@ -38,6 +43,47 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # pyzord's usage log: "user,client address,op,[digests],code".
 _USAGE_LINE = re.compile(r"([-.\w]+),[0-9a-fA-F.:]+,(\w+),\[.*\],(\d+)$")
 _CHECK_LINE = re.compile(r"^(\S+)\t\((\d+), '([^']*)'\)(?:\t(\d+)\t(\d+))?$")
+
+
+WORDS = (
+    "cheap pills offer watches replica casino bonus winner claim prize discount shipping"
+    " worldwide secure order today limited exclusive deal members only click now free"
+).split()
+
+
+def spam(n: int) -> bytes:
+    """Distinct messages of the shapes traps see (plain, HTML, base64,
+    quoted-printable, 8-bit charsets), each with a body of its own."""
+    rng = random.Random(n)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(9)) + f" ref {n} {k}" for k in range(8)]
+    text = "\r\n".join(lines) + "\r\n"
+    head = f"From: bot{n}@spam.example\r\nTo: trap@trap.example\r\nSubject: offer {n}\r\n"
+    head += "MIME-Version: 1.0\r\n"
+    shape = n % 5
+    if shape == 0:
+        return (head + "Content-Type: text/plain\r\n\r\n" + text).encode()
+    if shape == 1:
+        html = "".join(f"<p>{line}</p>\r\n" for line in lines)
+        return (
+            head + 'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+            f"--b\r\nContent-Type: text/plain\r\n\r\n{text}\r\n"
+            f"--b\r\nContent-Type: text/html\r\n\r\n<html><body>{html}</body></html>\r\n--b--\r\n"
+        ).encode()
+    if shape == 2:
+        body = base64.encodebytes(text.encode()).decode().replace("\n", "\r\n")
+        cte = "Content-Transfer-Encoding: base64\r\n"
+        return (head + "Content-Type: text/plain\r\n" + cte + "\r\n" + body).encode()
+    if shape == 3:
+        body = quopri.encodestring(("Grüße – " + text).encode("utf-8")).decode()
+        return (
+            head + "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n" + body
+        ).encode()
+    return (
+        head.encode()
+        + b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\n"
+        + ("Très bon marché ".encode("latin-1") + text.encode())
+    )
 
 
 def _missing(what: str) -> None:

@@ -27,15 +27,12 @@ from tests.support.seaweedfs import clean_env
 MIB = 1024 * 1024
 
 
-
 T = 1795355475.0  # 2026-11-22T13:11:15Z
-
 
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_env(monkeypatch, tmp_path)
-
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +41,6 @@ def pool() -> Iterator[ThreadPool]:
     p.start()
     yield p
     p.stop()
-
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +57,6 @@ def moto() -> Iterator[str]:
     server.stop()
 
 
-
 def client(endpoint: str, access: str, secret: str) -> Any:
     import boto3
     from botocore.config import Config
@@ -74,7 +69,6 @@ def client(endpoint: str, access: str, secret: str) -> Any:
         aws_secret_access_key=secret,
         config=Config(s3={"addressing_style": "path"}),
     )
-
 
 
 @implementer(IAgent)
@@ -115,7 +109,6 @@ class RecordingAgent:
         return [(m, unquote(t), code) for m, t, code, _, _ in self.log]
 
 
-
 def make_store(
     endpoint: str,
     pool: ThreadPool,
@@ -137,13 +130,11 @@ def make_store(
     )
 
 
-
 def bundle_file(directory: Path, size: int, seed: int) -> tuple[Path, bytes]:
     data = random.Random(seed).randbytes(size)
     path = directory / f"bundle-{seed}.part"
     path.write_bytes(data)
     return path, data
-
 
 
 def manifest_for(key: str, data: bytes) -> bytes:

@@ -16,12 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_output_forward import PARTNERS, Partner
-from tests.integration.test_output_pyzor import spam
-from tests.support.node import Node, RawSMTP, bundles, free_port
-from tests.support.pyzord import PyzordServer
-from tests.system.test_outputs import CLEAN_EXIT, filed, filer, health, metric, wait_for
-from tests.unit.test_arf import check_structure
+from tests.support.arf import check_structure
+from tests.support.node import (
+    CLEAN_EXIT,
+    Node,
+    RawSMTP,
+    bundles,
+    free_port,
+    health,
+    metric,
+    wait_for,
+)
+from tests.support.outputs import filed, filer
+from tests.support.partner import PARTNERS, Partner
+from tests.support.pyzord import PyzordServer, spam
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_debian]
 

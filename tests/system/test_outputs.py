@@ -4,48 +4,14 @@ a kill -9 with queued entries that loses nothing."""
 
 from __future__ import annotations
 
-import json
-import re
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.node import Node, RawSMTP, bundles
+from tests.support.node import CLEAN_EXIT, Node, RawSMTP, bundles, health, metric, wait_for
+from tests.support.outputs import filed, filer, hook
 
-CLEAN_EXIT = (0, -signal.SIGTERM)  # twistd re-raises SIGTERM after a clean stop
 MESSAGE = b"From: spammer@spam.example\r\nSubject: buy %d\r\n\r\ncheap pills %d\r\n"
-
-
-def hook(tmp_path: Path, name: str, body: str) -> Path:
-    path = tmp_path / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return path
-
-
-def filer(tmp_path: Path, name: str, into: Path, extra: str = "") -> Path:
-    """A hook that files each message as INTO/<SPAMTRAP_ID> (via a temporary
-    name, so a file that exists is complete) and logs each delivery."""
-    into.mkdir(parents=True, exist_ok=True)
-    return hook(
-        tmp_path,
-        name,
-        extra + f'tmp="{into}/.tmp.$$"\ncat > "$tmp" || exit 75\n'
-        f'mv "$tmp" "{into}/$SPAMTRAP_ID"\n'
-        f'echo "$SPAMTRAP_ID $SPAMTRAP_SET $SPAMTRAP_OUTPUT" >> "{into}.log"\n',
-    )
-
-
-def wait_for(what: str, cond: Callable[[], object], node: Node, timeout: float = 60) -> None:
-    # Polls a real process from outside: there is no clock to inject.
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        assert node.proc is not None and node.proc.poll() is None, node.log()
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\n{node.log()}")
 
 
 def send(node: Node, n: int, start: int = 0) -> list[str]:
@@ -57,27 +23,6 @@ def send(node: Node, n: int, start: int = 0) -> list[str]:
     ]
     c.close()
     return ids
-
-
-def metric(node: Node, name: str, **labels: str) -> float:
-    """One labelled sample from /metrics (0 when absent)."""
-    _, body = node.http_get("/metrics")
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    total = 0.0
-    for line in body.decode().splitlines():
-        m = re.match(re.escape(name) + r"(?:\{(.*)\})? (\S+)$", line)
-        if m and want <= set((m.group(1) or "").split(",")) - {""}:
-            total += float(m.group(2))
-    return total
-
-
-def health(node: Node) -> tuple[int, dict[str, object]]:
-    status, body = node.http_get("/healthz")
-    return status, json.loads(body)
-
-
-def filed(into: Path) -> set[str]:
-    return {p.name for p in into.glob("*") if not p.name.startswith(".")}
 
 
 def test_a_blackholed_output_stops_nothing_else(tmp_path: Path) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.node import Node, RawSMTP
+from tests.support.node import CLEAN_EXIT, Node, RawSMTP, health, metric, stored_ids, wait_for
+from tests.support.outputs import filed, filer
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
-from tests.system.test_outputs import CLEAN_EXIT, filed, filer, health, metric, wait_for
-from tests.system.test_roles import stored_ids
 
 pytestmark = pytest.mark.needs_debian  # redis-server
 

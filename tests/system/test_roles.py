@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import socket
 import subprocess
 from collections.abc import Callable
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.node import REPO, TWISTD, Node, RawSMTP, bundles, free_port
+from tests.support.node import REPO, TWISTD, Node, RawSMTP, bundles, free_port, stored_ids
 from tests.support.poll import wait_until
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
@@ -18,15 +17,6 @@ from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 -
 def until(check: Callable[[], bool], deadline: float = 30) -> None:
     # Polls real processes: there is no clock to inject across a fork.
     wait_until(check, deadline)
-
-
-def stored_ids(data_dir: Path) -> list[str]:
-    out = []
-    for path in bundles(data_dir):
-        for line in gzip.decompress(path.read_bytes()).split(b"\n"):
-            if line.startswith(b"X-Spamtrap-Id: "):
-                out.append(line.split(b": ", 1)[1].strip().decode())
-    return out
 
 
 def test_listener_and_worker_through_redis(

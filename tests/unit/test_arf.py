@@ -6,16 +6,13 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
-import ipaddress
-import re
-from email.message import Message
-from email.utils import parsedate_to_datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spamtrap.message import Envelope
 from spamtrap.outputs import arf
+from tests.support.arf import check_structure, feedback, parse, part_body, raw_bodies
 
 NOW = 1_800_000_000.0
 RECEIVED_AT = 1_799_999_000.0
@@ -30,22 +27,6 @@ REPORT = arf.Report(
     include_rcpts=True,
     max_original=1 << 20,
 )
-
-# RFC 5965 3.1-3.3: which fields appear once at most (the rest any number of times).
-ONCE = {
-    "Feedback-Type",
-    "User-Agent",
-    "Version",
-    "Original-Envelope-Id",
-    "Original-Mail-From",
-    "Arrival-Date",
-    "Reporting-MTA",
-    "Source-IP",
-    "Incidents",
-}
-PRODUCT = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
-DOMAIN = re.compile(r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z][a-z0-9-]*")
-PATH = re.compile(r"<([\x21-\x3b\x3d\x3f-\x7e]+@[a-z0-9.-]+)?>")
 
 
 def envelope(
@@ -76,30 +57,6 @@ def report_of(env: Envelope, report: arf.Report = REPORT, eight_bit: bool = True
     return arf.build_report(env, "all", stored(env), report, NOW, eight_bit)
 
 
-def parse(mail: bytes) -> Message:
-    return email.message_from_bytes(mail, policy=email.policy.compat32)
-
-
-def feedback(mail: bytes) -> list[tuple[str, str]]:
-    """The message/feedback-report fields, in order, as raw (name, value)."""
-    part = parse(mail).get_payload()[1]
-    body = part.get_payload()[0]  # the parser reads the fields as a message's
-    return [(name, str(value)) for name, value in body.items()]
-
-
-def raw_bodies(mail: bytes) -> list[bytes]:
-    """Each part of the top multipart exactly as sent (its fields and body),
-    without the CRLF that belongs to the next delimiter."""
-    boundary = parse(mail).get_boundary()
-    assert boundary is not None
-    pieces = mail.split(b"\r\n--" + boundary.encode())
-    return [p.removeprefix(b"\r\n") for p in pieces[1:-1]]
-
-
-def part_body(raw: bytes) -> bytes:
-    return raw.split(b"\r\n\r\n", 1)[1]
-
-
 def check_wire(mail: bytes, eight_bit: bool) -> None:
     """What SMTP can carry: CRLF line ends only, lines of at most 998 octets,
     and ASCII unless the relay takes 8-bit."""
@@ -111,48 +68,10 @@ def check_wire(mail: bytes, eight_bit: bool) -> None:
         assert mail.isascii()
 
 
-def check_structure(mail: bytes, received_at: float | None = RECEIVED_AT) -> Message:
-    """RFC 5965 section 2: the structure of a feedback report (and 3: its
-    fields' syntax), for a message received at ``received_at`` (None: any time)."""
-    msg = parse(mail)
-    assert not msg.defects
-    assert msg.get_content_type() == "multipart/report"
-    assert msg.get_param("report-type") == "feedback-report"
-    assert msg["MIME-Version"] == "1.0"
-    parts = msg.get_payload()
-    assert [p.get_content_type() for p in parts[:2]] == ["text/plain", "message/feedback-report"]
-    assert len(parts) == 3
-    assert parts[2].get_content_type() in ("message/rfc822", "text/rfc822-headers")
-    fields = feedback(mail)
-    names = [n for n, _ in fields]
-    assert names[:3] == ["Feedback-Type", "User-Agent", "Version"]  # required (3.1)
-    for name in ONCE:
-        assert names.count(name) <= 1, name
-    values = dict(fields)
-    assert values["Feedback-Type"] == "abuse"
-    assert values["Version"] == "1"
-    assert all(PRODUCT.fullmatch(p) for p in values["User-Agent"].split())
-    for name, value in fields:
-        if name == "Arrival-Date":
-            arrived = parsedate_to_datetime(value).timestamp()
-            assert received_at is None or arrived == int(received_at)
-        elif name == "Source-IP":
-            ipaddress.ip_address(value)
-        elif name in ("Original-Mail-From", "Original-Rcpt-To"):
-            assert PATH.fullmatch(value), value
-        elif name == "Reported-Domain":
-            assert DOMAIN.fullmatch(value), value
-        elif name == "Reporting-MTA":
-            assert value.startswith("dns; ")
-    # The report part is 7-bit US-ASCII (RFC 5965 3: no internationalised fields).
-    assert part_body(raw_bodies(mail)[1]).isascii()
-    return msg
-
-
 def test_a_report_has_rfc5965s_structure_and_our_fields() -> None:
     mail = report_of(envelope())
     check_wire(mail, eight_bit=False)
-    msg = check_structure(mail)
+    msg = check_structure(mail, RECEIVED_AT)
     assert msg["From"] == "reports@trap.test"
     assert msg["To"].replace("\r\n", "").split(", ") == list(REPORT.to)
     assert msg["Subject"] == "spamtrap all: cheap pills"
@@ -205,7 +124,7 @@ def test_the_null_sender_is_reported_as_an_empty_path() -> None:
 def test_an_envelope_sender_a_header_cannot_hold_is_left_out() -> None:
     for sender in ("bot @spam.example", "bot\r\nX-Evil: 1@spam.example", "b\u00f6t@spam.example"):
         mail = report_of(envelope(mail_from=sender))
-        check_structure(mail)
+        check_structure(mail, RECEIVED_AT)
         assert "Original-Mail-From" not in dict(feedback(mail))
         assert "X-Evil" not in dict(feedback(mail))
 
@@ -253,7 +172,7 @@ def test_a_large_message_is_reported_by_its_header_alone() -> None:
     env = envelope(TEXT + b"x" * 500 + b"\r\n")
     small = dataclasses.replace(REPORT, max_original=300)
     mail = report_of(env, small)
-    msg = check_structure(mail)
+    msg = check_structure(mail, RECEIVED_AT)
     third = msg.get_payload()[2]
     assert third.get_content_type() == "text/rfc822-headers"
     head = part_body(raw_bodies(mail)[2])
@@ -267,7 +186,7 @@ def test_a_message_that_cannot_travel_as_rfc822_goes_as_its_header() -> None:
         env = envelope(TEXT + body)
         mail = report_of(env)
         check_wire(mail, eight_bit=True)
-        third = check_structure(mail).get_payload()[2]
+        third = check_structure(mail, RECEIVED_AT).get_payload()[2]
         assert third.get_content_type() == "text/rfc822-headers"
 
 
@@ -280,7 +199,7 @@ def test_8bit_goes_as_8bit_only_where_the_relay_takes_it() -> None:
     assert b"Content-Transfer-Encoding: 8bit" in raw and part_body(raw) == stored(env)
     seven = report_of(env, eight_bit=False)
     check_wire(seven, eight_bit=False)
-    third = check_structure(seven).get_payload()[2]
+    third = check_structure(seven, RECEIVED_AT).get_payload()[2]
     assert third.get_content_type() == "text/rfc822-headers"
     assert third["Content-Transfer-Encoding"] == "quoted-printable"
     head = third.get_payload(decode=True)
@@ -364,7 +283,7 @@ def test_any_message_makes_a_well_formed_report(
     report = dataclasses.replace(REPORT, include_rcpts=include_rcpts, max_original=max_original)
     mail = report_of(env, report, eight_bit)
     check_wire(mail, eight_bit)
-    msg = check_structure(mail)
+    msg = check_structure(mail, RECEIVED_AT)
     third = msg.get_payload()[2]
     if third.get_content_type() == "message/rfc822":
         assert part_body(raw_bodies(mail)[2]) == arf.wire_form(stored(env))

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spamtrap.intake.parse import Dialect, dialect_family
-from tests.unit.test_stats import T, message, stats, write_index
+from tests.support.stats import T, message, stats, write_index
 
 
 def rendered(*commands: tuple[bytes, bytes], flags: tuple[str, ...] = ()) -> str:

@@ -66,29 +66,12 @@ def offenders(root: Path, allowed: str) -> list[str]:
     return found
 
 
-# Imports between test modules written while the layers were being drawn:
-# each goes once its helpers are in tests/support (AuthRelay is in
-# tests.support.notify, the S3 harness in tests.support.s3). Do not add to it.
-NOT_YET_MOVED = {
-    "tests/integration/test_index_s3.py imports tests.integration.test_store_s3",
-    "tests/integration/test_output_forward.py imports tests.integration.test_notify",
-    "tests/integration/test_output_forward.py imports tests.unit.test_arf",
-    "tests/system/test_output_forward.py imports tests.integration.test_output_forward",
-    "tests/system/test_output_forward.py imports tests.integration.test_output_pyzor",
-    "tests/system/test_output_forward.py imports tests.system.test_outputs",
-    "tests/system/test_output_forward.py imports tests.unit.test_arf",
-    "tests/system/test_outputs_roles.py imports tests.system.test_outputs",
-    "tests/system/test_outputs_roles.py imports tests.system.test_roles",
-    "tests/unit/test_dialect_family.py imports tests.unit.test_stats",
-    "tests/unit/test_output_pyzor.py imports tests.unit.test_output_pyzor_wire",
-}
 OWN_GUARD = "tests/unit/test_layers.py imports tests.unit.conftest"
 
 
 def test_test_modules_import_only_the_support_helpers() -> None:
-    found = set(offenders(REPO / "tests", "tests.support")) - {OWN_GUARD}
-    new = sorted(found - NOT_YET_MOVED)
-    assert new == [], "move shared helpers to tests/support:\n" + "\n".join(new)
+    found = sorted(set(offenders(REPO / "tests", "tests.support")) - {OWN_GUARD})
+    assert found == [], "move shared helpers to tests/support:\n" + "\n".join(found)
 
 
 def test_benchmarks_import_only_the_support_helpers() -> None:

@@ -23,7 +23,7 @@ from spamtrap.outputs import _pyzor_wire as wire
 from spamtrap.outputs import kinds, settings_class
 from spamtrap.outputs.base import OutputContext, OutputItem, PermanentFailure, TemporaryFailure
 from spamtrap.outputs.pyzor import PyzorOutput, Settings, parse_key, split_server
-from tests.unit.test_output_pyzor_wire import (
+from tests.support.pyzor_fakes import (
     KEY,
     NOW,
     SALT,
