@@ -57,10 +57,10 @@ from typing import Any, TextIO
 from spamtrap.cli.pull_progress import Progress, megabytes
 from spamtrap.cli.pull_remote import PullError, Remote, ResumeRefusedError, Source, index_name
 from spamtrap.cli.pull_sources import FeedSource, MailSource, S3Source
-from spamtrap.cli.pull_state import State, fsync_dir, locked, rewind
+from spamtrap.cli.pull_state import State, locked, rewind
 from spamtrap.cli.pull_unpack import Skipped, unpack_maildir, unpack_mbox
 from spamtrap.message import wire_bytes
-from spamtrap.store import valid_set_name
+from spamtrap.store import fsync_dir, valid_set_name
 
 EXIT_OK = 0
 EXIT_FAILED = 1

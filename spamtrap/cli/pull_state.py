@@ -13,17 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from spamtrap.cli.pull_remote import KEY_TIME, PullError
+from spamtrap.store import fsync_dir
 
 STATE_VERSION = 1
 UNPACK_TARGETS = ("maildir", "mbox", "wire")
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class State:

@@ -71,6 +71,16 @@ class Redirect:
 Download: TypeAlias = LocalFile | Redirect | None
 
 
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a rename, a new or deleted file) durable.
+    The store, its retention and ``spamtrap pull`` all place files this way."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def valid_set_name(name: str) -> bool:
     return SET_NAME_RE.fullmatch(name) is not None
 

@@ -35,6 +35,7 @@ from spamtrap.store import (
     Download,
     LocalFile,
     StoreClosedError,
+    fsync_dir,
     index_key,
     manifest_key,
     valid_set_name,
@@ -49,14 +50,6 @@ log = Logger()
 
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temp_name(target: str) -> str:
@@ -156,7 +149,7 @@ class LocalStore:
         set_dir = os.path.dirname(target)
         if not os.path.isdir(set_dir):
             os.makedirs(set_dir, exist_ok=True)
-            _fsync_dir(self.root)  # make the new set directory itself durable
+            fsync_dir(self.root)  # make the new set directory itself durable
         if self.retention is None:
             self._place(key, path, manifest, index)
             return
@@ -173,7 +166,7 @@ class LocalStore:
         if index is not None:
             self._place_copy(index, os.path.join(self.root, index_key(key)))
         self._place_bytes(manifest, os.path.join(self.root, manifest_key(key)))
-        _fsync_dir(os.path.dirname(target))
+        fsync_dir(os.path.dirname(target))
 
     def _place_copy(self, source: str, target: str) -> None:
         tmp = _temp_name(target)
@@ -192,7 +185,7 @@ class LocalStore:
             raise
         # The object must be durable under its name before the manifest
         # (the commit marker) can appear.
-        _fsync_dir(os.path.dirname(target))
+        fsync_dir(os.path.dirname(target))
 
     def _place_bytes(self, data: bytes, target: str) -> None:
         tmp = _temp_name(target)

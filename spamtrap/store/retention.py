@@ -36,7 +36,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from spamtrap.store import BUNDLE_SUFFIX, INDEX_SUFFIX, KEY_RE, MANIFEST_SUFFIX
+from spamtrap.store import BUNDLE_SUFFIX, INDEX_SUFFIX, KEY_RE, MANIFEST_SUFFIX, fsync_dir
 
 log = Logger()
 
@@ -189,8 +189,8 @@ class Retention:
                     pass
             if suffix == MANIFEST_SUFFIX:
                 # The manifest's removal is durable before the bundle goes.
-                _fsync_dir(directory)
-        _fsync_dir(directory)
+                fsync_dir(directory)
+        fsync_dir(directory)
         self._deleted(reason, bundle.size)
         log.info(
             "store retention: deleted {stem} ({size} bytes, {reason})",
@@ -202,11 +202,3 @@ class Retention:
     def _show(self, used: int) -> None:
         if self._used_gauge is not None:
             self._used_gauge.set(used)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
