@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from spamtrap import retry
 from spamtrap.bundle.file import BundleFile as _Bundle
 from spamtrap.bundle.file import manifest_bytes, message_keys
 from spamtrap.bundle.manifest import Published
@@ -236,8 +237,7 @@ class Uploader:
         """retry_initial doubling to retry_max, with jitter in [base/2, base]
         so that many sets (and nodes) do not retry against a recovering
         store in step."""
-        base = min(self._retry_max, self._retry_initial * 2.0 ** min(attempts - 1, 30))
-        return base * (0.5 + 0.5 * self._rng.random())
+        return retry.backoff(self._retry_initial, self._retry_max, attempts, self._rng)
 
     def _drop(self, bundle: _Bundle, reason: str) -> None:
         self._lifecycle.move(bundle, S.DROPPED)

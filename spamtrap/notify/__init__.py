@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from spamtrap import retry
 from spamtrap.bundle.manifest import Published
 from spamtrap.config import Config, SetConfig, WebhookConfig
 from spamtrap.interfaces import DelayedCall, NetworkReactor, NoticeChannel, ReactorTime, pick_clock
@@ -366,9 +367,8 @@ class Notifier:
         if d.permanent(failure):
             self._give_up(d, f"permanent error: {error}")
             return
-        base = min(d.retry_max, d.retry_first * 2.0 ** min(d.attempts - 1, 30))
         # Jitter in [base/2, base]: many nodes do not retry in step.
-        delay = base * (0.5 + 0.5 * self._rng.random())
+        delay = retry.backoff(d.retry_first, d.retry_max, d.attempts, self._rng)
         if self._clock.seconds() + delay - d.started > GIVE_UP_AFTER:
             self._give_up(d, f"gave up after {d.attempts} attempts, last: {error}")
             return

@@ -36,6 +36,7 @@ from twisted.internet import defer, task, threads
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
+from spamtrap import retry
 from spamtrap.interfaces import as_reactor_time
 from spamtrap.outputs.base import OutputFailure, OutputItem, PermanentFailure
 from spamtrap.outputs.queue import decode_item
@@ -58,8 +59,9 @@ JITTER = 0.2
 
 def backoff(settings: OutputConfig, attempt: int, rng: random.Random) -> float:
     """Seconds to wait after failed try ``attempt`` (from 1), with jitter."""
-    base = min(settings.retry_max, settings.retry_initial * 2.0 ** min(attempt - 1, 60))
-    return base * rng.uniform(1 - JITTER, 1 + JITTER)
+    return retry.backoff(
+        settings.retry_initial, settings.retry_max, attempt, rng, (1 - JITTER, 1 + JITTER)
+    )
 
 
 class TokenBucket:
