@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from spamtrap.notify import Notifier
 from spamtrap.notify.mail import ATTEMPT_TIMEOUT, MailSender, describe_error, is_permanent
 from spamtrap.smtp_client import QUIT_GRACE
+from tests.support.fake_relay import FakeRelay
 from tests.support.notify import (
     NotifyMetrics,
     as_published,
@@ -26,28 +26,6 @@ from tests.support.notify import (
     manifest,
     notify_errors,
 )
-
-
-class Relay:
-    """The far end of one connection: replies go in, our commands come out."""
-
-    def __init__(self, factory: Any) -> None:
-        self.factory = factory
-        self.protocol = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-
-    def say(self, reply: bytes) -> bytes:
-        self.protocol.dataReceived(reply)
-        while self.transport.producer is not None:  # the message body
-            self.transport.producer.resumeProducing()
-        sent = self.transport.value()
-        self.transport.clear()
-        return sent
-
-    def lose(self, reason: Exception) -> None:
-        self.protocol.connectionLost(Failure(reason))
-        self.factory.clientConnectionLost(None, Failure(reason))
 
 
 class Connections:
@@ -60,8 +38,8 @@ class Connections:
         self.factories.append(factory)
         return _Connector()
 
-    def relay(self) -> Relay:
-        return Relay(self.factories[-1])
+    def relay(self) -> FakeRelay:
+        return FakeRelay(self.factories[-1])
 
 
 class _Connector:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -34,6 +34,7 @@ from spamtrap.outputs.base import (
 )
 from spamtrap.outputs.forward import ForwardOutput, ForwardRelay, Settings, build
 from spamtrap.smtp_client import QUIT_GRACE, RelayConfigError
+from tests.support.fake_relay import FakeRelay
 
 HEAD = "traps: {catch_all: true}\nsets: {all: {}, shared: {redact_trap_addresses: true}}\n"
 TOP_RELAY = RelayConfig(host="127.0.0.1", port=2525, sender="trap@trap.test")
@@ -132,28 +133,12 @@ def test_credentials_in_plaintext_to_a_remote_relay_are_refused_at_their_line() 
 # -- the client ---------------------------------------------------------------------
 
 
-class Relay:
-    """The far end of one connection: replies go in, our commands come out."""
+class Relay(FakeRelay):
+    """The relay of the output's last connection attempt."""
 
     def __init__(self, reactor: MemoryReactorClock) -> None:
         self.host, self.port, factory, self.timeout, _ = reactor.tcpClients[-1]
-        self.connector = reactor.connectors[-1]
-        self.factory = factory
-        self.protocol = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-
-    def say(self, reply: bytes) -> bytes:
-        self.protocol.dataReceived(reply)
-        while self.transport.producer is not None:  # the message body
-            self.transport.producer.resumeProducing()
-        sent = self.transport.value()
-        self.transport.clear()
-        return sent
-
-    def lose(self, reason: Exception) -> None:
-        self.protocol.connectionLost(Failure(reason))
-        self.factory.clientConnectionLost(self.connector, Failure(reason))
+        super().__init__(factory, reactor.connectors[-1])
 
     def session(
         self, ehlo: bytes = b"250-mx.partner.test\r\n250-8BITMIME\r\n250 SIZE\r\n"
