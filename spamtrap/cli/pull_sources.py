@@ -13,7 +13,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -71,20 +71,22 @@ class UrlSource:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
 
+    @staticmethod
+    def _beside(remote: Remote, given: str | None, name: Callable[[str], str], what: str) -> str:
+        """The URL of the bundle's manifest or index: as the source gave it,
+        or named beside the bundle's own URL."""
+        if given is not None:
+            return given or remote.location
+        if not remote.location.endswith(BUNDLE_SUFFIX):
+            raise PullError(f"{remote.key}: no {what} URL for {remote.location}")
+        return name(remote.location)
+
     def manifest(self, remote: Remote) -> RemoteManifest:
-        url = remote.manifest_location or remote.location
-        if remote.manifest_location is None:
-            if not url.endswith(BUNDLE_SUFFIX):
-                raise PullError(f"{remote.key}: no manifest URL for {url}")
-            url = manifest_name(url)
+        url = self._beside(remote, remote.manifest_location, manifest_name, "manifest")
         return remote_manifest(self.get(url), remote)
 
     def fetch_index(self, remote: Remote) -> bytes:
-        url = remote.index_location or remote.location
-        if remote.index_location is None:
-            if not url.endswith(BUNDLE_SUFFIX):
-                raise PullError(f"{remote.key}: no index URL for {url}")
-            url = index_name(url)
+        url = self._beside(remote, remote.index_location, index_name, "index")
         try:
             return self.get(url)
         except PullError as e:
