@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from spamtrap.bundle.manifest import Manifest
 from spamtrap.cli.main import main
 from spamtrap.cli.pull_remote import Problem, PullError, Remote, RemoteManifest, remote_manifest
-from spamtrap.cli.pull_sources import MailSource, read_notice, remote_from
+from spamtrap.cli.pull_sources import MailSource, UrlSource, read_notice, remote_from
 from spamtrap.cli.pull_state import rewind
 from tests.support.pull import T0, manifest, pull, stored
 
@@ -122,7 +122,9 @@ def test_a_notice_names_the_bundles_index_and_mail_pull_takes_it(tmp_path: Path)
     body = raw.split(b"\n\n", 1)[1]
     assert body.endswith(
         b"Index: 2026-01-01T00:00:00.node1.AAAAAAAAAAAAAAAA.index.jsonl\n"
-        + b"Index-SHA256: " + sha.encode() + b"\n"
+        + b"Index-SHA256: "
+        + sha.encode()
+        + b"\n"
     )
     # A bundle stored without an index: neither field.
     plain = daemon_notice({**doc, "url": indexed["url"]}, "s@t.example", "l@t.example", T0)
@@ -234,3 +236,40 @@ def test_any_remote_manifest_is_read_or_refused_with_its_key(raw: bytes) -> None
         assert REMOTE_KEY in str(e)
         return
     assert got.key == REMOTE_KEY and got.size >= 0 and len(got.sha256) == 64
+
+
+class _Recorder(UrlSource):
+    """A UrlSource that records the URLs it would fetch."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=1.0)
+        self.urls: list[str] = []
+
+    def get(self, url: str, headers: dict[str, str] | None = None) -> bytes:
+        self.urls.append(url)
+        raise PullError("not fetched")
+
+
+def test_manifest_and_index_urls_are_as_given_or_beside_the_bundle() -> None:
+    base = "http://node.example/bundles/" + REMOTE_KEY
+    given = Remote(
+        REMOTE_KEY, base, manifest_location="http://m/x.json", index_location="http://i/x"
+    )
+    beside = Remote(REMOTE_KEY, base)
+    source = _Recorder()
+    for remote in (given, beside):
+        with pytest.raises(PullError):
+            source.manifest(remote)
+        with pytest.raises(PullError):
+            source.fetch_index(remote)
+    assert source.urls == [
+        "http://m/x.json",
+        "http://i/x",
+        base.removesuffix(".mbox.gz") + ".json",
+        base.removesuffix(".mbox.gz") + ".index.jsonl",
+    ]
+    elsewhere = Remote(REMOTE_KEY, "http://node.example/download?id=1")
+    with pytest.raises(PullError, match="no manifest URL for http://node.example/download"):
+        source.manifest(elsewhere)
+    with pytest.raises(PullError, match="no index URL for http://node.example/download"):
+        source.fetch_index(elsewhere)
