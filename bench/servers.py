@@ -106,7 +106,7 @@ def busy_cpu_seconds() -> float:
 def _popen(
     args: list[str], extra_env: dict[str, str] | None = None, **kw: object
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(extra_env or {}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
         args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw
     )

