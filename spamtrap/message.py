@@ -26,6 +26,7 @@ import re
 import secrets
 import string
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -110,7 +111,10 @@ def new_message_id(node: str, now: float | None = None) -> str:
 _FOLD = "\r\n\t"
 
 # Built once: json.dumps() with non-default arguments builds one per call.
-_RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
+# No circular check (a record is plain dicts, lists and strings; the bytes
+# are the same): 8.0 -> 6.6 us per encode on spam-2, measured 2026-12-03.
+_RECORD_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+_RECORD_DECODER = json.JSONDecoder()
 
 
 # -- escaping: sender-controlled text inside our header block -----------------
@@ -191,13 +195,18 @@ LINE_ENDS = ("crlf", "lf", "mixed", "none")
 def line_ends_of(data: bytes) -> str:
     """``crlf`` (every LF has a CR before it), ``lf`` (no LF has), ``mixed``,
     or ``none`` (no LF at all). A CR without LF is not a line end."""
+    return _line_facts(data)[0]
+
+
+def _line_facts(data: bytes) -> tuple[str, int]:
+    """:func:`line_ends_of` ``data``, and how many LFs it holds."""
     lf = data.count(b"\n")
     if not lf:
-        return "none"
+        return "none", 0
     crlf = data.count(b"\r\n")
     if crlf == lf:
-        return "crlf"
-    return "lf" if crlf == 0 else "mixed"
+        return "crlf", lf
+    return ("lf" if crlf == 0 else "mixed"), lf
 
 
 def _head_end(data: bytes) -> int:
@@ -206,13 +215,22 @@ def _head_end(data: bytes) -> int:
     line, or 0 if the data starts with an empty line."""
     if data[:1] == b"\n" or data[:2] == b"\r\n":
         return 0
-    if data.find(b"\n", 0, MAX_HEADER_BYTES) < 0:  # one fast memchr for no LF at all
-        return min(len(data), MAX_HEADER_BYTES)
     end = min(len(data), MAX_HEADER_BYTES)
-    for blank in (b"\n\n", b"\n\r\n"):
-        i = data.find(blank, 0, MAX_HEADER_BYTES)
-        if 0 <= i < end:
-            end = i
+    nl = data.find(b"\n", 0, MAX_HEADER_BYTES)
+    if nl < 0:  # one fast memchr for no LF at all
+        return end
+    # The earlier of the two blank lines. The one the first line end makes
+    # likely is looked for first, the other only before it: a CRLF message
+    # has no "\n\n", and looking for one read all of it up to 256 KiB
+    # (spoofed_of: 9.8 -> 5.1 us per spam-2 message, measured 2026-12-03).
+    likely, other = (b"\n\r\n", b"\n\n") if data[nl - 1 : nl] == b"\r" else (b"\n\n", b"\n\r\n")
+    i = data.find(likely, 0, end)
+    if i >= 0:
+        end = i
+    # Only matches that start before end: end + len - 1 bounds the search.
+    i = data.find(other, 0, min(end + len(other) - 1, MAX_HEADER_BYTES))
+    if i >= 0:
+        end = i
     return end
 
 
@@ -322,9 +340,9 @@ class Envelope:
     # header_block escapes each and folds with its line end. The last piece
     # starts "for <" (split_block relies on it).
     received: list[str] = field(default_factory=list)
-    # (data, line ends, spoofed names) of the last data looked at: stages
-    # replace data, so it is recomputed when data is another object.
-    _facts: tuple[bytes, str, str | None] | None = field(
+    # (data, line ends, spoofed names, LF count) of the last data looked at:
+    # stages replace data, so it is recomputed when data is another object.
+    _facts: tuple[bytes, str, str | None, int] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -334,10 +352,12 @@ class Envelope:
         CRLF+TAB (unescaped; header_block writes the escaped field)."""
         return _FOLD.join(self.received)
 
-    def _data_facts(self) -> tuple[bytes, str, str | None]:
+    def _data_facts(self) -> tuple[bytes, str, str | None, int]:
         facts = self._facts
-        if facts is None or facts[0] is not self.data:
-            facts = (self.data, line_ends_of(self.data), spoofed_of(self.data))
+        data = self.data
+        if facts is None or facts[0] is not data:
+            line_ends, lf = _line_facts(data)
+            facts = (data, line_ends, spoofed_of(data), lf)
             self._facts = facts
         return facts
 
@@ -364,17 +384,39 @@ class Envelope:
         """Our metadata fields and the trap-hop Received line, lines ending
         in ``eol``. Every value is escaped (escape_value): nothing a sender
         sent can end a line or start a field of ours."""
-        lines = []
+        _, line_ends, spoofed, _ = self._data_facts()
+        meta = self.meta
+        headers: list[str] = []
+        values: list[str] = []  # headers[i]'s value, then the Received pieces
         for name, header in META_FIELDS.items():
-            for value in self.values(name):
-                lines.append(f"{header}: {escape_value(value)}{eol}")
+            # as self.values(name), without a call per name
+            if name == "line_ends":
+                field_values: Sequence[str] = (line_ends,)
+            elif name == "spoofed":
+                field_values = () if spoofed is None else (spoofed,)
+            else:
+                field_values = meta.get(name, ())
+            for value in field_values:
+                headers.append(header)
+                values.append(value)
         # Stages' own fields (x_name -> X-Spamtrap-X-Name), after ours.
-        for name, values in self.meta.items():
+        for name, field_values in meta.items():
             if name.startswith("x_"):
                 header = "X-Spamtrap-" + "-".join(p.capitalize() for p in name.split("_"))
-                lines.extend(f"{header}: {escape_value(v)}{eol}" for v in values)
+                headers.extend(header for _ in field_values)
+                values += field_values
+        values += self.received
+        # One check of all values instead of an escape_value() each: almost
+        # no value needs escaping. Printable text holds none of _UNSAFE but
+        # the backslash, and a value's leading space follows a ":" in the
+        # probe (a ": " inside one only takes the exact way). header_block:
+        # 12.4 -> 8.3 us per spam-2 message, measured 2026-12-03.
+        probe = ":".join(values)
+        if not probe.isprintable() or "\\" in probe or ": " in probe or probe[:1] == " ":
+            values = [escape_value(v) for v in values]
+        lines = [f"{h}: {v}{eol}" for h, v in zip(headers, values, strict=False)]
         if self.received:
-            folded = (eol + "\t").join(map(escape_value, self.received))
+            folded = (eol + "\t").join(values[len(headers) :])
             lines.append(f"Received: {folded}{eol}")
         return "".join(lines).encode("utf-8", "surrogateescape")
 
@@ -393,9 +435,17 @@ class Envelope:
         """
         if line_endings == "wire":
             return self.header_block() + self.data
-        data = self.data
-        if self.line_ends == "crlf":
-            data = data.replace(b"\r\n", b"\n")
+        data, line_ends, _, lf = self._data_facts()
+        if line_ends == "crlf":
+            # Every LF has a CR before it. If every CR has an LF after it
+            # too (as good as every message), the conversion deletes every
+            # CR, and translate() does that in one pass where replace()
+            # searches for each CRLF: 17.4 -> 8.4 us (count included) per
+            # spam-2 message, measured 2026-12-03.
+            if data.count(b"\r") == lf:
+                data = data.translate(None, b"\r")
+            else:
+                data = data.replace(b"\r\n", b"\n")
         return self.header_block("\n") + data
 
     # Spool serialisation: "<len of JSON>\n" + JSON + message bytes.
@@ -418,7 +468,16 @@ class Envelope:
     def from_record(cls, record: bytes) -> Envelope:
         nl = record.index(b"\n")
         n = int(record[:nl])
-        head = json.loads(record[nl + 1 : nl + 1 + n].decode("utf-8", "surrogateescape"))
+        text = record[nl + 1 : nl + 1 + n].decode("utf-8", "surrogateescape")
+        # raw_decode() is json.loads() without its two white-space matches
+        # (7.4 -> 6.0 us on spam-2, measured 2026-12-03); text it does not
+        # take whole goes to json.loads(), for the same result or error.
+        try:
+            head, end = _RECORD_DECODER.raw_decode(text)
+        except ValueError:
+            end = -1
+        if end != len(text):
+            head = json.loads(text)
         if head.get("v") != 1:
             raise ValueError(f"unknown spool record version {head.get('v')!r}")
         # "received" is a list of pieces; a string (spool files written before

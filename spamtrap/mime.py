@@ -30,7 +30,13 @@ _FIELD = re.compile(rb"(" + _FIELD_LINE + rb")((?:" + _CONTINUATION + rb")*)")
 _FIELD_NAME = re.compile(rb"([^\x00-\x20\x7f:]+)[ \t]*:")
 _BLANK_LINE = re.compile(rb"\r?\n")
 _BLANK_AFTER_LINE = re.compile(rb"\n()\r?\n")
-_FOLD = re.compile(rb"\r?\n[ \t]+")
+# header_fields: a fold once CRLFs are LFs, and a field line of the
+# unfolded block with an LF put in front and every CR made an LF (see there).
+_LF_FOLD = re.compile(rb"\n[ \t]+")
+_LINE_FIELD = re.compile(
+    # LF, white space, the name (no space or TAB in it), white space, colon
+    rb"\n[ \t\x0b\x0c]*+([^:\s](?:[^: \t\n]*[^:\s])?)[ \t\x0b\x0c]*:([^\n]*)"
+)
 # After "--boundary": "--" for the close delimiter, white space, the line end.
 _DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*+(?=\r?\n|\Z)")
 _PARAM = re.compile(rb';\s*([A-Za-z0-9_.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
@@ -101,17 +107,24 @@ def field_spans(data: bytes) -> tuple[list[FieldSpan], int]:
 
 
 def header_fields(block: bytes) -> list[tuple[str, str]]:
-    """Unfolded ``(lower-case name, value)`` pairs; lines without a colon skipped."""
-    out = []
-    for line in _FOLD.sub(b" ", block).splitlines():
-        name, sep, value = line.partition(b":")
-        name = name.strip()
-        if not sep or not name or b" " in name or b"\t" in name:
-            continue
-        out.append(
-            (name.decode("ascii", "replace").lower(), value.strip().decode("utf-8", "replace"))
-        )
-    return out
+    """Unfolded ``(lower-case name, value)`` pairs; lines without a colon skipped.
+
+    The fields are: unfold (a line end, CRLF or LF, and the blanks after it
+    become one space), split into lines (at CRLF, LF or CR), and keep each
+    line with a colon whose name (before it, white space stripped) is not
+    empty and holds no space or TAB. The value is the rest, stripped.
+    """
+    # One regexp finds the fields, not a Python loop over splitlines()
+    # (partition, strip and checks per line): CRLF -> LF first lets the
+    # fold pattern start with a literal (\r?\n made the regexp engine try
+    # every byte), and CR -> LF after unfolding makes every line start
+    # after an LF (the only difference, empty lines, holds no field).
+    # 33.4 -> 19.0 us per top header of spam-2, measured 2026-12-03.
+    text = b"\n" + _LF_FOLD.sub(b" ", block.replace(b"\r\n", b"\n")).replace(b"\r", b"\n")
+    return [
+        (name.decode("ascii", "replace").lower(), value.strip().decode("utf-8", "replace"))
+        for name, value in _LINE_FIELD.findall(text)
+    ]
 
 
 def content_type(fields: list[tuple[str, str]]) -> tuple[str, dict[str, str]]:
@@ -188,7 +201,12 @@ class Part:
     message_depth: int = 0
 
     def header(self, name: str) -> str | None:
-        return next((v for n, v in self.fields if n == name), None)
+        # A plain loop: next() over a generator cost twice as much (it runs
+        # several times per part), measured 2026-12-03.
+        for n, v in self.fields:
+            if n == name:
+                return v
+        return None
 
     @property
     def filename(self) -> str | None:

@@ -221,6 +221,25 @@ def test_header_block_escapes_once() -> None:
     assert env.meta["helo"] == ["a\\b\rc"]
 
 
+@pytest.mark.parametrize(
+    "value", [" lead", "a\\b", "x\u2028y", "\x85", "t\tab", "a: b", ":  b", "plain", ""]
+)
+def test_each_value_is_escaped_on_its_own(value: str) -> None:
+    # header_block checks all values at once for anything to escape: a
+    # value in the middle of the block, in a stage's field or in a
+    # Received piece is escaped as escape_value() does, and only it.
+    received = ["from x", value, "for <v@trap.example>; date"]
+    meta = {"id": ["m1"], "helo": [value], "rcpt": ["<v@trap.example>"], "x_note": [value]}
+    env = Envelope("m1", 0.0, "b@y", ["v@trap.example"], b"x\r\n", meta=meta, received=received)
+    for eol in ("\r\n", "\n"):
+        block = env.header_block(eol).decode("utf-8", "surrogateescape")
+        esc = escape_value(value)
+        assert f"{eol}X-Spamtrap-Helo: {esc}{eol}" in block
+        assert f"{eol}X-Spamtrap-X-Note: {esc}{eol}" in block
+        assert block.startswith(f"X-Spamtrap-Id: m1{eol}")
+        assert f"{eol}Received: from x{eol}\t{esc}{eol}\tfor <v@trap.example>; date{eol}" in block
+
+
 # -- property: arbitrary HELO, MAIL and RCPT bytes through the protocol ----------
 
 # SMTP commands are split on LF: an argument never holds one.

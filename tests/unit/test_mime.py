@@ -267,6 +267,25 @@ def test_split_message_cases() -> None:
     assert ("content-type", "text/html") in mime.header_fields(head)
 
 
+def test_header_fields_unfold_and_split_lines_as_mail_readers_do() -> None:
+    block = (
+        b"Subject : one\r\n two\r\n"  # space before the colon; a CRLF fold
+        b"A: 1\rB: 2\r\n"  # a bare CR ends a line: B is a field
+        b"bad name: x\r\nno colon\r\n"  # skipped
+        b"\x0bC\x0b:\x0c3 \r\n"  # VT and FF are white space around name and value
+        b"D: 4\r\r\n\t5\n"  # CR, then a fold: " 5" is a line of its own, no field
+        b"E:\n\t6\r\n"  # an LF fold
+    )
+    assert mime.header_fields(block) == [
+        ("subject", "one two"),
+        ("a", "1"),
+        ("b", "2"),
+        ("c", "3"),
+        ("d", "4"),
+        ("e", "6"),
+    ]
+
+
 def test_field_spans_cover_folded_fields_exactly() -> None:
     data = b"Received: from a\r\n\tby b\r\nSubject: x\r\nJUNK\r\nTo: y\r\n\r\nBody: no\r\n"
     spans, end = mime.field_spans(data)
