@@ -138,7 +138,7 @@ class CampaignIndex:
             candidates = [c for c, _ in Counter(hits).most_common(CANDIDATES)]
         best, best_similarity = None, JOIN_SIMILARITY
         for campaign in candidates:
-            alike = similarity(s, tuple(campaign.sketch))
+            alike = similarity(s, campaign.sketch)
             if alike >= best_similarity:
                 best, best_similarity = campaign, alike
         return best
