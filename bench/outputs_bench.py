@@ -21,7 +21,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.servers import Server, smtp_source, start_smtp_sink, start_spamtrap
+from bench.servers import Server, cpu_seconds_of, smtp_source, start_smtp_sink, start_spamtrap
 
 WITH_WORKERS = """
 traps: {catch_all: true}
@@ -109,6 +109,20 @@ def _throughput(server: Server, outputs: list[str], n: int, deadline: float) -> 
     return out
 
 
+def _round(server: Server, n: int, deadline: float = 300.0) -> tuple[float, float]:
+    """(msg/s of one smtp-source run, the node's CPU µs per message until
+    its workers have processed the run)."""
+    before = sum(cpu_seconds_of(pid) for pid in server.pids)
+    rate = n / smtp_source(server.port, 20, n)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        accepted = server.metric("spamtrap_messages_accepted_total")
+        if server.metric("spamtrap_messages_processed_total") >= accepted:
+            break
+        time.sleep(0.05)
+    return rate, (sum(cpu_seconds_of(pid) for pid in server.pids) - before) / n * 1e6
+
+
 def main(quick: bool = False) -> dict[str, Any]:
     from bench.run import table
 
@@ -124,11 +138,14 @@ def main(quick: bool = False) -> dict[str, Any]:
         )
         servers = [start_spamtrap("outputs off", config=WITH_WORKERS), limited]
         seen: dict[str, list[float]] = {s.name: [] for s in servers}
+        cpu: dict[str, list[float]] = {s.name: [] for s in servers}
         for i in range(rounds):
             # ABBA: the server measured second pays for the first one's
             # background work (flushes, bundle writes); swap each round.
             for s in servers if i % 2 == 0 else servers[::-1]:
-                seen[s.name].append(n / smtp_source(s.port, 20, n))
+                msgs, us = _round(s, n)
+                seen[s.name].append(msgs)
+                cpu[s.name].append(us)
         # The unlimited node runs alone: its outputs work on in the
         # background and would take CPU from the other nodes' rounds.
         for s in servers:
@@ -137,8 +154,11 @@ def main(quick: bool = False) -> dict[str, Any]:
             "outputs on, unlimited", config=outputs_config(sink.port, bh_port, hook, UNLIMITED)
         )
         servers = [on]
-        seen[on.name] = [n / smtp_source(on.port, 20, n) for _ in range(rounds)]
+        unlimited = [_round(on, n) for _ in range(rounds)]
+        seen[on.name] = [r for r, _ in unlimited]
+        cpu[on.name] = [us for _, us in unlimited]
         rate = {name: statistics.median(v) for name, v in seen.items()}
+        cpu_median = {name: statistics.median(v) for name, v in cpu.items()}
         intake = {
             "sessions": 20,
             **rate,
@@ -164,6 +184,10 @@ def main(quick: bool = False) -> dict[str, Any]:
     table([intake])
     for name, each in seen.items():
         print(f"- {name}: " + ", ".join(f"{v:.0f}" for v in each) + " msg/s")
+    print("\nCPU µs per message (until processed), median and rounds:\n")
+    for name, each in cpu.items():
+        rounds_us = ", ".join(f"{v:.0f}" for v in each)
+        print(f"- {name}: {cpu_median[name]:.0f} ({rounds_us})")
     print(f"\n## outputs: each output's own throughput ({burst} msgs at once, rate 0)\n")
     table([{"output": o, **v} for o, v in own.items()])
     print(f"\nblackholed pyzor output: {blackholed}")
@@ -173,6 +197,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         "partner_rates": PARTNER_RATES,
         "intake": intake,
         "intake_rounds": seen,
+        "cpu_us_per_message": cpu,
         "outputs": own,
         "blackholed": blackholed,
     }

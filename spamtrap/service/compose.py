@@ -25,6 +25,7 @@ worker's pipeline reads from the stream, and "all" does both.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -74,6 +75,26 @@ def with_backlog(description: str) -> str:
     if kind in ("tcp", "tcp6") and "backlog=" not in description:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     return description
+
+
+# Young-generation collections: one per this many allocations of container
+# objects, not CPython's 700. Each message allocates thousands (parsed
+# parts, Deferreds, metadata), and a collection every 700 walks the same
+# survivors again and again. With gc.freeze() after start-up (the modules,
+# config and compiled rules leave the collector's view), the embedded
+# default spent 2.7% less CPU per message, in rounds alternating with a
+# node without them (2026-12-03, 4 rounds of smtp-source -m 5000).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Freeze what start-up made, and collect the young generation less
+    often; once per process, after every service has started (twistd's:
+    see makeService; tests that build nodes in their own process keep the
+    collector as it is)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 class SpamtrapService(service.MultiService):
@@ -421,6 +442,8 @@ def makeService(options: Options, reactor: Any = None) -> SpamtrapService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+        # twistd's process: the node is its only tenant.
+        reactor.callWhenRunning(tune_gc)
     try:
         return SpamtrapService(options.config, reactor)
     except (OSError, ValueError, StoreConfigError) as e:

@@ -278,3 +278,18 @@ def test_any_node_option_is_taken_as_given_or_refused_by_name(value: str) -> Non
         assert str(e).startswith("--node: bad node name")
     else:
         assert cfg.node == value
+
+
+def test_tune_gc_freezes_start_up_and_collects_the_young_less_often() -> None:
+    import gc
+
+    from spamtrap.service.compose import GC_YOUNG_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
