@@ -167,11 +167,14 @@ def _header_view(block: bytes) -> View:
 
 def _redact_header(block: bytes, traps: TrapSet) -> bytes:
     """A header block: raw text and encoded words, then parameters."""
+    # The raw text always, and the decoded view on top: the view drops
+    # every encoded word's syntax and joins its text to what stands next to
+    # it, so an address right before or after a word ("x@trap.example=?a?Q?
+    # b?=", "...=?a?Q?.b?=") reads there with a longer domain (trap.exampleb,
+    # trap.example.b), not a trap one, while the raw text still shows it.
+    out = bytearray(redact_in_text(block, traps))
     if b"=?" in block:
-        out = bytearray(block)
         redact_through(out, _header_view(block), traps, -1)
-    else:
-        out = bytearray(redact_in_text(block, traps))
     if b"*" in block or b"\\" in block:
         _redact_parameters(block, traps, out)
     return bytes(out)

@@ -897,3 +897,21 @@ def test_redaction_is_linear_in_trap_domain_spellings() -> None:
 
 def test_redaction_is_linear_in_multipart_nesting() -> None:
     assert_linear(nested_multiparts, 1000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"x@trap.example=?!?Q??=Content-Type: multipart/mixed; boundary=b\r\n",
+        b"Subject: x@trap.example=?utf-8?Q?foo?=\r\n\r\nbody",
+        b"Subject: x@trap.example=?utf-8?Q?.com?=\r\n\r\nbody",
+        b"Subject: single@example.org=?x?q?z?=\r\n\r\n",
+        b"Subject: =?x?q?z?=single@example.org\r\n\r\n",
+    ],
+)
+def test_address_next_to_an_encoded_word_is_redacted(data: bytes) -> None:
+    # The decoded view joins a word's text to the address beside it; the
+    # raw text must be redacted too (hypothesis found the first one).
+    once = redact(data, ["single@example.org"], ["trap.example"])
+    assert b"trap.example" not in once and b"single@example.org" not in once
+    assert redact(once, ["single@example.org"], ["trap.example"]) == once
