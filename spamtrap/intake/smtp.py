@@ -478,6 +478,7 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, SessionMetadata, smtp.ESMTP)
         self._start()
         return True
 
+
 class TrapSMTPFactory(SessionHost):
     """Builds sessions; holds what they share (see :class:`SessionHost`)."""
 

@@ -37,6 +37,12 @@ class SessionState(enum.Enum):
     REPLY_PENDING = "reply_pending"
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: hash them so too, in C.
+    # Enum's own __hash__ is a Python call (hash of the name), and a session
+    # makes about 22 state lookups (HOLDING, LEGAL_MOVES): 0.10 -> 0.025 us each,
+    # 1.7 us of 91 per session, measured 2026-12-03.
+    __hash__ = object.__hash__
+
 
 S = SessionState
 LEGAL_MOVES: dict[SessionState, frozenset[SessionState]] = {
