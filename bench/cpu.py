@@ -26,7 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.servers import Server, cpu_seconds_of, smtp_source, start_bare, start_spamtrap
+from bench.servers import (
+    Server,
+    caught_up,
+    cpu_seconds_of,
+    smtp_source,
+    start_bare,
+    start_spamtrap,
+)
 
 SESSIONS, MESSAGES, SIZE = 20, 4000, 4096
 
@@ -79,26 +86,11 @@ def component(stack: str) -> str:
     return "other"
 
 
-def _processed(server: Server) -> tuple[float, float]:
-    return (
-        server.metric("spamtrap_messages_accepted_total"),
-        server.metric("spamtrap_messages_processed_total"),
-    )
-
-
 def _round(server: Server, messages: int, deadline: float = 300.0) -> float:
     """CPU seconds one load costs the server, until it has processed it all."""
     before = sum(cpu_seconds_of(pid) for pid in server.pids)
     smtp_source(server.port, SESSIONS, messages, SIZE)
-    if server.http_ports:
-        started = time.monotonic()
-        while time.monotonic() - started < deadline:
-            accepted, processed = _processed(server)
-            if processed >= accepted:
-                break
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"{server.name}: not caught up in {deadline:.0f} s")
+    caught_up(server, deadline)  # the bare server has no metrics: no wait
     return sum(cpu_seconds_of(pid) for pid in server.pids) - before
 
 

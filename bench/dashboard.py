@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.servers import Server, cpu_seconds_of, smtp_source, start_spamtrap
+from bench.servers import Server, caught_up, cpu_seconds_of, smtp_source, start_spamtrap
 
 # The ``apart`` layout: the nodes on one CPU, everything else on the other.
 NODE_CPUS, OTHER_CPUS = {0}, {1}
@@ -46,21 +46,11 @@ http: {{dashboard: {mode}}}
 """
 
 
-def _drained(server: Server, deadline: float = 300) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        accepted = server.metric("spamtrap_messages_accepted_total")
-        if server.metric("spamtrap_messages_processed_total") >= accepted:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{server.name}: filters did not catch up in {deadline:.0f} s")
-
-
 def _round(server: Server, sessions: int, n: int) -> tuple[float, float]:
     """(msg/s, CPU µs per message) of one smtp-source run and its drain."""
     cpu0 = sum(cpu_seconds_of(pid) for pid in server.pids)
     wall = smtp_source(server.port, sessions, n)
-    _drained(server)
+    caught_up(server)
     cpu1 = sum(cpu_seconds_of(pid) for pid in server.pids)
     return n / wall, (cpu1 - cpu0) / n * 1e6
 

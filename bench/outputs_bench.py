@@ -21,7 +21,14 @@ import statistics
 import time
 from typing import Any
 
-from bench.servers import Server, cpu_seconds_of, smtp_source, start_smtp_sink, start_spamtrap
+from bench.servers import (
+    Server,
+    caught_up,
+    cpu_seconds_of,
+    smtp_source,
+    start_smtp_sink,
+    start_spamtrap,
+)
 
 WITH_WORKERS = """
 traps: {catch_all: true}
@@ -109,17 +116,12 @@ def _throughput(server: Server, outputs: list[str], n: int, deadline: float) -> 
     return out
 
 
-def _round(server: Server, n: int, deadline: float = 300.0) -> tuple[float, float]:
+def _round(server: Server, n: int) -> tuple[float, float]:
     """(msg/s of one smtp-source run, the node's CPU µs per message until
     its workers have processed the run)."""
     before = sum(cpu_seconds_of(pid) for pid in server.pids)
     rate = n / smtp_source(server.port, 20, n)
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        accepted = server.metric("spamtrap_messages_accepted_total")
-        if server.metric("spamtrap_messages_processed_total") >= accepted:
-            break
-        time.sleep(0.05)
+    caught_up(server)
     return rate, (sum(cpu_seconds_of(pid) for pid in server.pids) - before) / n * 1e6
 
 

@@ -29,6 +29,7 @@ from bench.servers import (
     REPO,
     Server,
     busy_cpu_seconds,
+    caught_up,
     cpu_seconds_of,
     smtp_source,
     start_bare,
@@ -144,20 +145,6 @@ def _counts(server: Server, name: str, fallback: float) -> list[float]:
     return server.metric_each(name) if server.http_ports else [fallback]
 
 
-def _caught_up(server: Server, deadline: float = 300) -> float:
-    """Wait until each process has filtered all it accepted; seconds waited."""
-    started = time.perf_counter()
-    if not server.http_ports:
-        return 0.0
-    while time.perf_counter() - started < deadline:
-        accepted = server.metric_each("spamtrap_messages_accepted_total")
-        processed = server.metric_each("spamtrap_messages_processed_total")
-        if all(p >= a for a, p in zip(accepted, processed, strict=True)):
-            return time.perf_counter() - started
-        time.sleep(0.05)
-    raise TimeoutError(f"{server.name}: filters did not catch up in {deadline:.0f} s")
-
-
 def _round(server: Server, sessions: int, n: int) -> dict[str, Any]:
     """One smtp-source run against one server, measured per process: what
     each accepted, its CPU while SMTP ran, and its CPU until its filters had
@@ -169,7 +156,7 @@ def _round(server: Server, sessions: int, n: int) -> dict[str, Any]:
     source1, busy1 = _children_cpu(), busy_cpu_seconds()
     cpu1 = [cpu_seconds_of(pid) for pid in server.pids]
     accepted1 = _counts(server, "spamtrap_messages_accepted_total", n)
-    drain = _caught_up(server)
+    drain = caught_up(server)
     cpu2 = [cpu_seconds_of(pid) for pid in server.pids]
     msgs = [b - a for a, b in zip(accepted0, accepted1, strict=True)]
     return {

@@ -197,3 +197,17 @@ def smtp_source(port: int, sessions: int, messages: int, size: int = 4096) -> fl
     started = time.perf_counter()
     subprocess.run(args, check=True, timeout=600, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
+
+
+def caught_up(server: Server, deadline: float = 300) -> float:
+    """Wait until each process has filtered all it accepted; seconds waited."""
+    started = time.perf_counter()
+    if not server.http_ports:
+        return 0.0
+    while time.perf_counter() - started < deadline:
+        accepted = server.metric_each("spamtrap_messages_accepted_total")
+        processed = server.metric_each("spamtrap_messages_processed_total")
+        if all(p >= a for a, p in zip(accepted, processed, strict=True)):
+            return time.perf_counter() - started
+        time.sleep(0.05)
+    raise TimeoutError(f"{server.name}: filters did not catch up in {deadline:.0f} s")
