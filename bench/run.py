@@ -2,7 +2,7 @@
 
     python -m bench.run [intake] [multiproc] [hold] [hold_many] [rss] [latency] [e2e]
                         [redis_workers] [faults] [hostile] [cpu] [dashboard] [campaigns]
-                        [outputs]
+                        [outputs] [switch]
                         [--quick] [--profile]
 
 With no scenario names, all run. Results print as Markdown and are saved to
@@ -524,6 +524,13 @@ def campaigns() -> None:
     save("campaigns", campaign_bench.main(quick=QUICK))
 
 
+def switch() -> None:
+    """CPU per message and intake at several GIL switch intervals."""
+    from bench import switch as switch_bench
+
+    save("switch", switch_bench.main(quick=QUICK))
+
+
 def outputs() -> None:
     """Intake with three outputs on (one blackholed) against outputs off,
     and each output's own msg/s (issue 13)."""
@@ -547,6 +554,7 @@ SCENARIOS = {
     "hostile": hostile,
     "campaigns": campaigns,
     "outputs": outputs,
+    "switch": switch,
 }
 
 

@@ -97,6 +97,14 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def tune_switching(cfg: Config) -> None:
+    """Filter stages hold the GIL in worker threads; the reactor must get it
+    back soon after each of its system calls, or SMTP latency grows with
+    filter load (CPython's default wait is 5 ms). Each forced switch costs
+    CPU, though: see filters.switch_interval."""
+    sys.setswitchinterval(cfg.filters.switch_interval)
+
+
 class SpamtrapService(service.MultiService):
     """One node: owns the components and their start/stop order."""
 
@@ -284,10 +292,7 @@ class SpamtrapService(service.MultiService):
         return d.addErrback(failed)
 
     def startService(self) -> None:
-        # Filter stages hold the GIL in worker threads; the reactor must get
-        # it back quickly after each of its system calls, or SMTP latency
-        # grows with filter load (CPython's default wait is 5 ms).
-        sys.setswitchinterval(0.001)
+        tune_switching(self.cfg)
         # Before any thread starts: RSS must fall again after large messages.
         memory.tune_malloc()
         self._acquire()  # done already under twistd

@@ -309,6 +309,24 @@ ERROR_CASES = [
         "did you mean 'max_message_size'",
     ),
     (TRAP + "smtp:\n  rdns: 'yes'\n", 3, "smtp.rdns", "expected true or false, got a string"),
+    (
+        TRAP + "filters:\n  switch_interval: 50us\n",
+        3,
+        "filters.switch_interval",
+        "not a duration",
+    ),
+    (
+        TRAP + "filters:\n  switch_interval: 0.00001\n",
+        3,
+        "filters.switch_interval",
+        "must be between 0.1ms and 100ms",
+    ),
+    (
+        TRAP + "filters:\n  switch_interval: 1s\n",
+        3,
+        "filters.switch_interval",
+        "must be between 0.1ms and 100ms",
+    ),
     (TRAP + "filters: {workers: two}\n", 2, "filters.workers", "expected an integer"),
     (TRAP + "smtp: [tcp:25]\n", 2, "smtp", "expected a mapping, got a list"),
     ("traps: {domains: trap.example}\n", 1, "traps.domains", "expected a list"),
@@ -456,8 +474,8 @@ def test_error(text: str, line: int | None, path: str, fragment: str) -> None:
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     issue = only_issue(TRAP + "filters: {zzzzz: 1}\n")
     assert issue.message == (
-        "unknown key 'zzzzz' (known: workers, max_size, order, stage_budget, virus, clamd,"
-        " lists, bounce, spamd, custom)"
+        "unknown key 'zzzzz' (known: workers, max_size, order, stage_budget, switch_interval,"
+        " virus, clamd, lists, bounce, spamd, custom)"
     )
 
 
@@ -773,3 +791,9 @@ def test_the_loaded_config_is_frozen() -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(section, field, getattr(section, field))
     assert default_config() == parse_config(DEFAULT_DOCUMENT)
+
+
+def test_the_switch_interval_defaults_to_2_5ms_and_takes_durations() -> None:
+    assert parse(TRAP).filters.switch_interval == 0.0025
+    assert parse(TRAP + "filters: {switch_interval: 1ms}\n").filters.switch_interval == 0.001
+    assert parse(TRAP + "filters: {switch_interval: 0.1}\n").filters.switch_interval == 0.1

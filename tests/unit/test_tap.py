@@ -293,3 +293,19 @@ def test_tune_gc_freezes_start_up_and_collects_the_young_less_often() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_switch_interval_is_the_configured_one() -> None:
+    import sys
+
+    from spamtrap.config import Config, FilterConfig
+    from spamtrap.service.compose import tune_switching
+
+    before = sys.getswitchinterval()
+    try:
+        tune_switching(Config())
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+        tune_switching(Config(filters=FilterConfig(switch_interval=0.004)))
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)
