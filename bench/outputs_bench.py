@@ -23,8 +23,7 @@ from typing import Any
 
 from bench.servers import (
     Server,
-    caught_up,
-    cpu_seconds_of,
+    measured_round,
     smtp_source,
     start_smtp_sink,
     start_spamtrap,
@@ -116,15 +115,6 @@ def _throughput(server: Server, outputs: list[str], n: int, deadline: float) -> 
     return out
 
 
-def _round(server: Server, n: int) -> tuple[float, float]:
-    """(msg/s of one smtp-source run, the node's CPU µs per message until
-    its workers have processed the run)."""
-    before = sum(cpu_seconds_of(pid) for pid in server.pids)
-    rate = n / smtp_source(server.port, 20, n)
-    caught_up(server)
-    return rate, (sum(cpu_seconds_of(pid) for pid in server.pids) - before) / n * 1e6
-
-
 def main(quick: bool = False) -> dict[str, Any]:
     from bench.run import table
 
@@ -145,7 +135,7 @@ def main(quick: bool = False) -> dict[str, Any]:
             # ABBA: the server measured second pays for the first one's
             # background work (flushes, bundle writes); swap each round.
             for s in servers if i % 2 == 0 else servers[::-1]:
-                msgs, us = _round(s, n)
+                msgs, us = measured_round(s, 20, n)
                 seen[s.name].append(msgs)
                 cpu[s.name].append(us)
         # The unlimited node runs alone: its outputs work on in the
@@ -156,7 +146,7 @@ def main(quick: bool = False) -> dict[str, Any]:
             "outputs on, unlimited", config=outputs_config(sink.port, bh_port, hook, UNLIMITED)
         )
         servers = [on]
-        unlimited = [_round(on, n) for _ in range(rounds)]
+        unlimited = [measured_round(on, 20, n) for _ in range(rounds)]
         seen[on.name] = [r for r, _ in unlimited]
         cpu[on.name] = [us for _, us in unlimited]
         rate = {name: statistics.median(v) for name, v in seen.items()}

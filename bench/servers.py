@@ -211,3 +211,12 @@ def caught_up(server: Server, deadline: float = 300) -> float:
             return time.perf_counter() - started
         time.sleep(0.05)
     raise TimeoutError(f"{server.name}: filters did not catch up in {deadline:.0f} s")
+
+
+def measured_round(server: Server, sessions: int, n: int, size: int = 4096) -> tuple[float, float]:
+    """One smtp-source run: (its msg/s, the server's CPU µs per message from
+    before the run until its workers have processed it)."""
+    before = sum(cpu_seconds_of(pid) for pid in server.pids)
+    rate = n / smtp_source(server.port, sessions, n, size)
+    caught_up(server)
+    return rate, (sum(cpu_seconds_of(pid) for pid in server.pids) - before) / n * 1e6

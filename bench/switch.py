@@ -16,17 +16,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.servers import Server, caught_up, cpu_seconds_of, smtp_source, start_spamtrap
+from bench.servers import measured_round, start_spamtrap
 
 INTERVALS = ("1ms", "2.5ms", "5ms")
 SESSIONS, SIZE = 20, 4096
-
-
-def _round(server: Server, n: int) -> tuple[float, float]:
-    before = sum(cpu_seconds_of(pid) for pid in server.pids)
-    rate = n / smtp_source(server.port, SESSIONS, n, SIZE)
-    caught_up(server)
-    return rate, (sum(cpu_seconds_of(pid) for pid in server.pids) - before) / n * 1e6
 
 
 def main(quick: bool = False) -> dict[str, Any]:
@@ -43,10 +36,10 @@ def main(quick: bool = False) -> dict[str, Any]:
     seen: dict[str, list[tuple[float, float]]] = {s.name: [] for s in servers}
     try:
         for s in servers:  # warm-up: imports, first segment, first bundle
-            _round(s, n // 4)
+            measured_round(s, SESSIONS, n // 4, SIZE)
         for i in range(rounds):
             for s in servers if i % 2 == 0 else servers[::-1]:
-                seen[s.name].append(_round(s, n))
+                seen[s.name].append(measured_round(s, SESSIONS, n, SIZE))
     finally:
         for s in servers:
             s.stop()
