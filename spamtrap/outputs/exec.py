@@ -13,33 +13,37 @@ status says how it went, as sendmail and procmail read a delivery agent's:
 - still running after ``timeout``: SIGTERM, then SIGKILL after
   ``kill_grace``; a temporary failure ``timeout``.
 
-Children are started with reactor.spawnProcess: nothing here blocks the
-reactor. The runner bounds how many run at once (``concurrency``).
+Each child runs in a thread of the output's own pool, started with
+subprocess (see spamtrap.outputs._child for why not reactor.spawnProcess):
+nothing here blocks the reactor, or takes its CPU. The runner bounds how
+many run at once (``concurrency``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, error, protocol
-from twisted.logger import Logger
+from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from spamtrap.config.rules import _choice, _duration, _nonempty, rule
 from spamtrap.config.schema import OutputConfig
 from spamtrap.message import LINE_ENDINGS
+from spamtrap.outputs._child import Children, Ended, SpawnError, run_child
 from spamtrap.outputs.base import OutputContext, OutputItem, PermanentFailure, TemporaryFailure
-
-log = Logger()
 
 EX_TEMPFAIL = 75  # sysexits.h
 # What the child inherits of our environment (never our secrets, such as
 # S3 or Redis credentials); SPAMTRAP_* are added per message.
 PASSED_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER")
-_STDERR_KEPT = 2048  # the last bytes of the child's stderr, for the log
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,39 +75,39 @@ def resolve_command(command: str) -> str | None:
     return shutil.which(command)
 
 
-class _Child(protocol.ProcessProtocol):
-    """One run: write the message, wait for the end, keep stderr's tail."""
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
 
-    def __init__(self, message: bytes) -> None:
-        self.message = message
-        # Fires with how it ended (ProcessDone or ProcessTerminated), as a
-        # value: a Failure given to callback() would fail the Deferred.
-        self.ended: defer.Deferred[BaseException] = defer.Deferred()
-        self.stderr = b""
-        self.timed_out = False
-        self.kill_timer: Any = None  # SIGKILL's, once SIGTERM was sent
 
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.write(self.message)
-        transport.closeStdin()
+class _Pool(ThreadPool):
+    """The output's threads are daemons: a process that ends without
+    closing the output (a test, a crash path) does not wait on them."""
 
-    def outReceived(self, data: bytes) -> None:
-        pass  # ignored (it must still be read, or the child blocks on a full pipe)
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr = (self.stderr + data)[-_STDERR_KEPT:]
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason.value or error.ProcessTerminated())
+    threadFactory = _DaemonThread
 
 
 class ExecOutput:
-    def __init__(self, name: str, settings: Settings, context: OutputContext) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        context: OutputContext,
+        *,
+        in_thread: Callable[..., Deferred[Ended]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.reactor = context.reactor
-        self._children: set[Any] = set()  # the running children's transports
+        self._clock = clock
+        self._children = Children()
+        # One thread per running child, at most concurrency of them (the
+        # runner starts no more): a child waits its timeout in its thread,
+        # never in the reactor's own pool.
+        self._pool: ThreadPool | None = None
+        self._in_thread = in_thread if in_thread is not None else self._pooled
 
     def describe(self) -> str:
         return "exec " + " ".join(self.settings.argv)
@@ -113,67 +117,61 @@ class ExecOutput:
         env.update(SPAMTRAP_ID=item.id, SPAMTRAP_SET=item.set_name, SPAMTRAP_OUTPUT=self.name)
         return env
 
-    @defer.inlineCallbacks
-    def send(self, item: OutputItem) -> Any:
+    def _pooled(self, f: Callable[..., Ended], *args: Any, **kwargs: Any) -> Deferred[Ended]:
+        if self._pool is None:
+            self._pool = _Pool(0, self.settings.concurrency, name=f"spamtrap-exec-{self.name}")
+            self._pool.start()
+        return threads.deferToThreadPool(self.reactor, self._pool, f, *args, **kwargs)
+
+    def send(self, item: OutputItem) -> Deferred[None]:
         s = self.settings
         command = resolve_command(s.argv[0])
         if command is None:  # removed since the config was loaded: may come back
-            raise TemporaryFailure("spawn", f"{s.argv[0]!r} is not an executable file")
-        child = _Child(item.envelope.stored_bytes(s.line_endings))
-        try:
-            transport = self.reactor.spawnProcess(
-                child, command, [s.argv[0], *s.argv[1:]], env=self._environment(item)
-            )
-        except OSError as e:
-            raise TemporaryFailure("spawn", str(e))
-        self._children.add(transport)
-        timer = self.reactor.callLater(s.timeout, self._stop, child, transport)
-        try:
-            ended = yield child.ended
-        finally:
-            self._children.discard(transport)
-            for call in (timer, child.kill_timer):
-                if call is not None and call.active():
-                    call.cancel()
-        _judge(child, ended, s)
-
-    def _stop(self, child: _Child, transport: Any) -> None:
-        child.timed_out = True
-        _signal(transport, "TERM")
-        child.kill_timer = self.reactor.callLater(
-            self.settings.kill_grace, _signal, transport, "KILL"
+            return defer.fail(TemporaryFailure("spawn", f"{s.argv[0]!r} is not an executable file"))
+        d = self._in_thread(
+            run_child,
+            command,
+            [s.argv[0], *s.argv[1:]],
+            self._environment(item),
+            item.envelope.stored_bytes(s.line_endings),
+            s.timeout,
+            s.kill_grace,
+            self._children,
+            self._children.generation,
+            clock=self._clock,
         )
+        return d.addCallbacks(_judge, _not_started, callbackArgs=(s,))
 
-    def close(self) -> defer.Deferred[None] | None:
+    def close(self) -> Deferred[None] | None:
         """Children still running at stop are killed (their entries stay
-        queued and run again after the restart)."""
-        for transport in list(self._children):
-            _signal(transport, "KILL")
-        return None
+        queued and run again after the restart); fires once their threads
+        have ended."""
+        self._children.kill_all()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return None
+        # Joining the threads waits for the killed children's ends: in a
+        # thread of the reactor's pool, not in the reactor.
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)
 
 
-def _signal(transport: Any, name: str) -> None:
-    try:
-        transport.signalProcess(name)
-    except error.ProcessExitedAlready:
-        pass
+def _not_started(failure: Failure) -> None:
+    failure.trap(SpawnError)
+    raise TemporaryFailure("spawn", failure.getErrorMessage())
 
 
-def _judge(child: _Child, ended: BaseException, s: Settings) -> None:
+def _judge(ended: Ended, s: Settings) -> None:
     """Return for a delivered message; raise the failure the run was."""
-    if child.timed_out:
+    if ended.timed_out:
         raise TemporaryFailure("timeout", f"still running after {s.timeout:g}s; killed")
-    if isinstance(ended, error.ProcessDone):
+    if ended.status == 0:
         return
-    value: Any = ended
-    status = getattr(value, "exitCode", None)
-    tail = child.stderr.decode("utf-8", "replace").strip()
-    detail = f"{s.argv[0]}: " + (f"exit status {status}" if status is not None else "ended")
-    detail += f": {tail}" if tail else ""
-    if status == EX_TEMPFAIL:
+    tail = ended.stderr.decode("utf-8", "replace").strip()
+    if ended.status is None:
+        raise TemporaryFailure("signal", f"{s.argv[0]}: killed by signal {ended.signal}")
+    detail = f"{s.argv[0]}: exit status {ended.status}" + (f": {tail}" if tail else "")
+    if ended.status == EX_TEMPFAIL:
         raise TemporaryFailure("tempfail", detail)
-    if status is None and getattr(value, "signal", None) is not None:
-        raise TemporaryFailure("signal", f"{s.argv[0]}: killed by signal {value.signal}")
     raise PermanentFailure("exit-status", detail)
 
 

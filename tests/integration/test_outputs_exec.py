@@ -1,9 +1,11 @@
-"""``type: exec`` with real commands on the real reactor: a script that
-files each message, exit statuses, and a hanging one killed at its timeout."""
+"""``type: exec`` with real commands: on the real reactor, a script that
+files each message, exit statuses, and a hanging one killed at its
+timeout; and run_child (spamtrap.outputs._child) with real children."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from twisted.internet import defer, reactor
 
 from spamtrap.config import RelayConfig
 from spamtrap.message import Envelope
+from spamtrap.outputs import _child
 from spamtrap.outputs import exec as exec_kind
 from spamtrap.outputs.base import OutputContext, OutputItem, PermanentFailure, TemporaryFailure
 
@@ -107,3 +110,112 @@ async def test_close_kills_what_still_runs(tmp_path: Path) -> None:
     out.close()
     e = await failure_of(d)
     assert isinstance(e, TemporaryFailure) and e.reason == "signal"
+
+
+# run_child itself, in this thread, with real children. Its clock is the
+# test's: it jumps once the child says it is ready, so the timeout comes at
+# once and no test waits for one.
+
+
+class ReadyClock:
+    """0 until the child has touched ``ready``; then ``step`` further on
+    each reading (0: it stays put)."""
+
+    def __init__(self, ready: Path, step: float) -> None:
+        self.ready, self.step, self.now = ready, step, 0.0
+
+    def __call__(self) -> float:
+        if self.ready.exists():
+            self.now += self.step or (1000.0 if self.now == 0 else 0)
+        return self.now
+
+
+def signals_sent(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    sent: list[int] = []
+    real = _child._send
+
+    def record(proc: Any, sig: int) -> None:
+        sent.append(sig)
+        real(proc, sig)
+
+    monkeypatch.setattr(_child, "_send", record)
+    return sent
+
+
+def waiting(tmp_path: Path, *, ignore_term: bool) -> str:
+    # SIG_IGN survives exec: sleep ignores SIGTERM as the shell did.
+    trap = 'trap "" TERM\n' if ignore_term else ""
+    ready = tmp_path / "ready"
+    return script(tmp_path, "wait.sh", f'{trap}touch "{ready}"\necho ready >&2\nexec sleep 600\n')
+
+
+def run(command: str, clock: Any, timeout: float = 10.0, **keys: Any) -> _child.Ended:
+    children = keys.pop("children", _child.Children())
+    generation = keys.pop("generation", children.generation)
+    message = keys.pop("message", b"Subject: x\n\nbody\n")
+    return _child.run_child(
+        command, [command], {}, message, timeout, 10.0, children, generation, clock=clock
+    )
+
+
+def test_a_child_past_its_timeout_gets_sigterm_then_sigkill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = signals_sent(monkeypatch)
+    ended = run(waiting(tmp_path, ignore_term=True), ReadyClock(tmp_path / "ready", 1000.0))
+    assert sent == [signal.SIGTERM, signal.SIGKILL]
+    assert ended.timed_out and ended.signal == signal.SIGKILL and ended.status is None
+    assert ended.stderr == b"ready\n"
+
+
+def test_a_child_that_ends_on_sigterm_gets_no_sigkill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = signals_sent(monkeypatch)
+    ended = run(waiting(tmp_path, ignore_term=False), ReadyClock(tmp_path / "ready", 0.0))
+    assert sent == [signal.SIGTERM]
+    assert ended.timed_out and ended.signal == signal.SIGTERM
+
+
+def test_a_grandchild_holding_stderr_does_not_hold_the_run(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild"
+    hook = script(tmp_path, "bg.sh", f'sleep 600 &\necho $! > "{pid_file}"\necho bye >&2\nexit 3\n')
+    try:
+        ended = run(hook, lambda: 0.0, timeout=600.0)
+        assert (ended.status, ended.signal, ended.timed_out) == (3, None, False)
+        assert ended.stderr == b"bye\n"
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_only_the_tail_of_stderr_is_kept(tmp_path: Path) -> None:
+    hook = script(tmp_path, "loud.sh", "cat >&2\necho 'the last line' >&2\nexit 1\n")
+    ended = run(hook, lambda: 0.0, message=b"y" * 300_000)  # more than the pipes hold
+    assert len(ended.stderr) == _child.STDERR_KEPT
+    assert ended.stderr.endswith(b"yyythe last line\n")
+
+
+def test_a_run_started_before_a_close_kills_its_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = signals_sent(monkeypatch)
+    children = _child.Children()
+    before = children.generation
+    children.kill_all()  # the close came while this run was on its way
+    ended = run(
+        script(tmp_path, "s.sh", "exec sleep 600\n"),
+        lambda: 0.0,
+        600.0,
+        children=children,
+        generation=before,
+    )
+    assert sent == [signal.SIGKILL] and ended.signal == signal.SIGKILL
+
+
+def test_a_command_that_cannot_start_raises_spawn_error(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("#!/bin/sh\n")  # not executable
+    with pytest.raises(_child.SpawnError, match="ermission denied"):
+        run(str(plain), lambda: 0.0)
+    with pytest.raises(_child.SpawnError, match="No such file"):
+        run(str(tmp_path / "gone"), lambda: 0.0)

@@ -1,23 +1,26 @@
-"""``type: exec`` against a stand-in for spawnProcess: what the child gets,
-how its end is read, and the timeout's SIGTERM then SIGKILL.
+"""``type: exec`` with the run of the child recorded: what the child gets,
+and how the output reads its end (``Ended``) as sendmail reads a delivery
+agent's.
 
-The real commands (a script that files messages, one that hangs) run in
+The children themselves (a script that files messages, one that hangs and
+is killed, a grandchild that keeps stderr open) run in
 tests/integration/test_outputs_exec.py and tests/system/test_outputs.py."""
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from spamtrap.config import RelayConfig
 from spamtrap.message import Envelope
+from spamtrap.outputs import _child
 from spamtrap.outputs import exec as exec_kind
 from spamtrap.outputs.base import (
     OutputContext,
@@ -28,63 +31,37 @@ from spamtrap.outputs.base import (
 )
 
 
-class Child:
-    """What spawnProcess returned: records what the output does to it."""
+class Runs:
+    """Stands in for the output's thread pool: records each run_child call
+    and answers it with what the test gives."""
 
-    def __init__(self, proto: Any, executable: str, args: list[str], env: dict[str, str]) -> None:
-        self.proto, self.executable, self.args, self.env = proto, executable, args, env
-        self.stdin = b""
-        self.stdin_closed = False
-        self.signals: list[str] = []
-        self.ended = False
-        proto.makeConnection(self)
-
-    def write(self, data: bytes) -> None:
-        self.stdin += data
-
-    def closeStdin(self) -> None:  # noqa: N802 - the transport's name
-        self.stdin_closed = True
-
-    def signalProcess(self, name: str) -> None:  # noqa: N802
-        if self.ended:
-            raise error.ProcessExitedAlready()
-        self.signals.append(name)
-
-    def end(self, code: int | None = 0, signal: int | None = None) -> None:
-        self.ended = True
-        if code == 0 and signal is None:
-            reason = Failure(error.ProcessDone(0))
-        else:
-            reason = Failure(error.ProcessTerminated(exitCode=code, signal=signal))
-        self.proto.processEnded(reason)
-
-
-class Reactor(Clock):
     def __init__(self) -> None:
-        super().__init__()
-        self.children: list[Child] = []
-        self.refuse: OSError | None = None
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+        self.pending: list[Deferred[_child.Ended]] = []
 
-    def spawnProcess(  # noqa: N802 - IReactorProcess's name
-        self, proto: Any, executable: str, args: list[str], env: dict[str, str]
-    ) -> Child:
-        if self.refuse is not None:
-            raise self.refuse
-        child = Child(proto, executable, args, env)
-        self.children.append(child)
-        return child
+    def __call__(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[_child.Ended]:
+        self.calls.append((f, args, kwargs))
+        d: Deferred[_child.Ended] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def args(self, i: int = 0) -> dict[str, Any]:
+        f, args, kwargs = self.calls[i]
+        assert f is _child.run_child
+        names = ("command", "argv", "env", "message", "timeout", "kill_grace", "children")
+        return dict(zip(names, args, strict=False)) | {"generation": args[7]} | kwargs
 
 
-def make(tmp_path: Path, **keys: Any) -> tuple[exec_kind.ExecOutput, Reactor]:
+def make(tmp_path: Path, **keys: Any) -> tuple[exec_kind.ExecOutput, Runs]:
     script = tmp_path / "hook"
     script.write_text("#!/bin/sh\ncat > /dev/null\n")
     script.chmod(0o755)
     values: dict[str, Any] = {"argv": [str(script), "--flag"], "timeout": 30.0}
     values.update(keys)
     settings = exec_kind.Settings(name="hook", type="exec", sets=["all"], **values)
-    reactor = Reactor()
-    context = OutputContext(reactor, "n1", str(tmp_path), RelayConfig(), "trap.example")
-    return exec_kind.build("hook", settings, context), reactor
+    context = OutputContext(Clock(), "n1", str(tmp_path), RelayConfig(), "trap.example")
+    runs = Runs()
+    return exec_kind.ExecOutput("hook", settings, context, in_thread=runs), runs
 
 
 def item(attempt: int = 1) -> OutputItem:
@@ -106,44 +83,51 @@ def outcome(d: Deferred[Any]) -> Any:
     return got[0].value if isinstance(got[0], Failure) else got[0]
 
 
+def ended(
+    status: int | None = 0, sig: int | None = None, stderr: bytes = b"", timed_out: bool = False
+) -> _child.Ended:
+    return _child.Ended(status=status, signal=sig, stderr=stderr, timed_out=timed_out)
+
+
 def test_the_child_gets_the_message_and_our_variables_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    out, reactor = make(tmp_path)
+    out, runs = make(tmp_path, timeout=12.0, kill_grace=3.0)
     d = out.send(item())
-    (child,) = reactor.children
-    assert child.executable == str(tmp_path / "hook")
-    assert child.args == [str(tmp_path / "hook"), "--flag"]
+    run = runs.args()
+    assert run["command"] == str(tmp_path / "hook")
+    assert run["argv"] == [str(tmp_path / "hook"), "--flag"]
     # The message as a unix set stores it: our block, LF line ends.
-    assert child.stdin == item().envelope.stored_bytes("unix")
-    assert child.stdin.startswith(b"X-Spamtrap-Id: ID1\n")
-    assert child.stdin_closed
-    assert child.env["SPAMTRAP_ID"] == "ID1"
-    assert child.env["SPAMTRAP_SET"] == "private"
-    assert child.env["SPAMTRAP_OUTPUT"] == "hook"
-    assert child.env["PATH"] == "/usr/bin:/bin"
-    assert "AWS_SECRET_ACCESS_KEY" not in child.env
-    assert set(child.env) <= set(exec_kind.PASSED_ENVIRONMENT) | {
+    assert run["message"] == item().envelope.stored_bytes("unix")
+    assert run["message"].startswith(b"X-Spamtrap-Id: ID1\n")
+    assert (run["timeout"], run["kill_grace"]) == (12.0, 3.0)
+    env = run["env"]
+    assert env["SPAMTRAP_ID"] == "ID1"
+    assert env["SPAMTRAP_SET"] == "private"
+    assert env["SPAMTRAP_OUTPUT"] == "hook"
+    assert env["PATH"] == "/usr/bin:/bin"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert set(env) <= set(exec_kind.PASSED_ENVIRONMENT) | {
         "SPAMTRAP_ID",
         "SPAMTRAP_SET",
         "SPAMTRAP_OUTPUT",
     }
-    child.end(0)
+    assert not d.called
+    runs.pending[0].callback(ended(0))
     assert outcome(d) is None
-    assert reactor.getDelayedCalls() == []  # the timeout was cancelled
 
 
 def test_wire_line_endings_pipe_the_bytes_as_received(tmp_path: Path) -> None:
-    out, reactor = make(tmp_path, line_endings="wire")
+    out, runs = make(tmp_path, line_endings="wire")
     out.send(item())
-    assert reactor.children[0].stdin == item().envelope.stored_bytes("wire")
-    assert reactor.children[0].stdin.endswith(b"body\r\n")
+    assert runs.args()["message"] == item().envelope.stored_bytes("wire")
+    assert runs.args()["message"].endswith(b"body\r\n")
 
 
 @pytest.mark.parametrize(
-    ("code", "signal", "kind", "reason"),
+    ("code", "sig", "kind", "reason"),
     [
         (75, None, TemporaryFailure, "tempfail"),
         (1, None, PermanentFailure, "exit-status"),
@@ -152,13 +136,12 @@ def test_wire_line_endings_pipe_the_bytes_as_received(tmp_path: Path) -> None:
     ],
 )
 def test_the_exit_status_says_how_it_went(
-    tmp_path: Path, code: int | None, signal: int | None, kind: type, reason: str
+    tmp_path: Path, code: int | None, sig: int | None, kind: type, reason: str
 ) -> None:
-    out, reactor = make(tmp_path)
+    out, runs = make(tmp_path)
     d = out.send(item())
-    child = reactor.children[0]
-    child.proto.errReceived(b"x" * 5000 + b"\nhook: mailbox locked\n")
-    child.end(code, signal)
+    tail = (b"x" * 5000 + b"\nhook: mailbox locked\n")[-_child.STDERR_KEPT :]
+    runs.pending[0].callback(ended(code, sig, tail))
     failure = outcome(d)
     assert type(failure) is kind and isinstance(failure, OutputFailure)
     assert failure.reason == reason
@@ -166,60 +149,71 @@ def test_the_exit_status_says_how_it_went(
         assert f"exit status {code}" in failure.detail
         assert failure.detail.endswith("hook: mailbox locked")  # stderr's tail
         assert len(failure.detail) < 2200
+    else:
+        assert f"signal {sig}" in failure.detail
 
 
-def test_a_child_past_its_timeout_gets_sigterm_then_sigkill(tmp_path: Path) -> None:
-    out, reactor = make(tmp_path, timeout=30.0, kill_grace=5.0)
+@pytest.mark.parametrize(
+    ("code", "sig"), [(None, signal.SIGKILL), (None, signal.SIGTERM), (0, None)]
+)
+def test_a_run_past_its_timeout_is_a_timeout_however_it_ended(
+    tmp_path: Path, code: int | None, sig: int | None
+) -> None:
+    # Even a child that exits 0 on SIGTERM did not deliver in time.
+    out, runs = make(tmp_path, timeout=30.0)
     d = out.send(item())
-    child = reactor.children[0]
-    reactor.advance(29.9)
-    assert child.signals == []
-    reactor.advance(0.1)
-    assert child.signals == ["TERM"]
-    reactor.advance(4.9)
-    assert child.signals == ["TERM"]
-    reactor.advance(0.1)
-    assert child.signals == ["TERM", "KILL"]
-    assert not d.called
-    child.end(None, 9)
+    runs.pending[0].callback(ended(code, sig, timed_out=True))
     failure = outcome(d)
     assert isinstance(failure, TemporaryFailure) and failure.reason == "timeout"
-    assert reactor.getDelayedCalls() == []
-
-
-def test_a_child_that_ends_on_sigterm_gets_no_sigkill(tmp_path: Path) -> None:
-    out, reactor = make(tmp_path, timeout=1.0, kill_grace=5.0)
-    d = out.send(item())
-    child = reactor.children[0]
-    reactor.advance(1.0)
-    child.end(None, 15)
-    assert outcome(d).reason == "timeout"
-    reactor.advance(10)
-    assert child.signals == ["TERM"]
+    assert "30s" in failure.detail
 
 
 def test_a_command_that_cannot_start_is_retried(tmp_path: Path) -> None:
-    out, reactor = make(tmp_path)
-    reactor.refuse = OSError(7, "Argument list too long")
-    failure = outcome(out.send(item()))
+    out, runs = make(tmp_path)
+    d = out.send(item())
+    runs.pending[0].errback(Failure(_child.SpawnError("Argument list too long")))
+    failure = outcome(d)
     assert isinstance(failure, TemporaryFailure) and failure.reason == "spawn"
+    assert "Argument list too long" in failure.detail
     os.unlink(tmp_path / "hook")  # removed since the config was loaded
-    reactor.refuse = None
     failure = outcome(out.send(item()))
     assert isinstance(failure, TemporaryFailure) and failure.reason == "spawn"
-    assert reactor.children == []
+    assert len(runs.calls) == 1  # nothing was started for it
 
 
-def test_close_kills_the_children_still_running(tmp_path: Path) -> None:
-    out, reactor = make(tmp_path)
+def test_an_error_in_the_run_itself_is_not_hidden(tmp_path: Path) -> None:
+    out, runs = make(tmp_path)
+    d = out.send(item())
+    runs.pending[0].errback(Failure(ValueError("a bug")))
+    assert isinstance(outcome(d), ValueError)  # the runner logs it as unexpected
+
+
+def test_close_kills_the_children_of_runs_started_before_it(tmp_path: Path) -> None:
+    out, runs = make(tmp_path)
     out.send(item())
-    second = out.send(item())
-    reactor.children[1].end(0)
-    assert outcome(second) is None
-    out.close()
-    assert reactor.children[0].signals == ["KILL"]
-    assert reactor.children[1].signals == []
+    before = runs.args()["generation"]
+    assert out.close() is None  # no pool was started: nothing to join
+    out.send(item())
+    # A run that registers its child after the close finds the generation
+    # moved on, and kills its child (tests/integration: with real ones).
+    children: _child.Children = runs.args(1)["children"]
+    assert runs.args(1)["generation"] == children.generation == before + 1
     assert "hook" in out.describe()
+
+
+def test_children_refuses_a_child_from_before_a_kill_all() -> None:
+    children = _child.Children()
+    old = children.generation
+    assert children.kill_all() == 0
+    assert not children.add(object(), old)  # type: ignore[arg-type]
+    assert children.add(object(), children.generation)  # type: ignore[arg-type]
+
+
+def test_the_pool_threads_are_daemons() -> None:
+    # A process that ends without closing the output does not wait on them.
+    pool = exec_kind._Pool(0, 3, name="spamtrap-exec-hook")
+    thread = pool.threadFactory(target=lambda: None, name="t")
+    assert thread.daemon and thread.name == "t"
 
 
 def test_resolve_command_takes_paths_and_names_on_path(tmp_path: Path) -> None:
