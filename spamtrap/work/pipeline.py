@@ -33,7 +33,7 @@ from spamtrap.interfaces import (
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
 from spamtrap.outputs.base import OutputSink
-from spamtrap.outputs.queue import encode_item
+from spamtrap.outputs.queue import ItemBase, encode_item
 from spamtrap.work.campaign import CampaignAssigner, CampaignIndex
 from spamtrap.work.collate import Collator
 from spamtrap.work.dedup import Deduper
@@ -316,6 +316,9 @@ class Pipeline(Generic[EntryT]):
         """The decision for one message; its bundle entries (with their
         index fields) go to ``adds``."""
         env = Envelope.from_record(record)
+        # Taken before the stages change env: most kept copies are queued
+        # for the outputs as this record and their new meta fields.
+        base = ItemBase(record, env) if self.outputs is not None else None
         result = evaluate(self.stages, self.collator, env, self.budget, self.campaigns)
         writes: list[tuple[str, bytes, float, bytes, str | None]] = []
         sends: list[tuple[str, bytes]] = []  # (output, encoded item)
@@ -347,7 +350,7 @@ class Pipeline(Generic[EntryT]):
                     info = fields[kind[0]] = self._index_fields(msg, copy, reasons)
                 writes.append((name, data, msg.received_at, info, campaign))
                 if self.outputs is not None:
-                    sends += self._handoffs(name, copy)
+                    sends += self._handoffs(name, copy, base)
         if not writes:
             result.sets = []  # discarded, unrouted or all duplicates: acked at once
             return result, None
@@ -365,11 +368,13 @@ class Pipeline(Generic[EntryT]):
         """The outputs' appends of a batch committed: release their counts."""
         self.acks.stored(tokens)
 
-    def _handoffs(self, set_name: str, copy: Envelope) -> list[tuple[str, bytes]]:
+    def _handoffs(
+        self, set_name: str, copy: Envelope, base: ItemBase | None
+    ) -> list[tuple[str, bytes]]:
         """The queue records of a set's kept copy, one per output listing it."""
         assert self.outputs is not None
         names = self.outputs.routes(set_name)
-        record = encode_item(set_name, copy) if names else b""
+        record = encode_item(set_name, copy, base) if names else b""
         return [(name, record) for name in names]
 
     def _index_fields(

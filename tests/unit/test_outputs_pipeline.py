@@ -135,6 +135,22 @@ def test_each_output_gets_the_copy_of_each_set_it_lists() -> None:
     assert {env.msg_id for env in copies.values()} == {"m1"}
 
 
+def test_a_copy_that_is_the_intake_record_is_queued_as_it() -> None:
+    w = World(CFG, {"all": ["o1"], "private": ["o2"]})
+    w.process(envelope(1))
+    ((handoffs, _),) = w.sink.enqueued
+    records = dict(handoffs)
+    # The copy of "all" is the spooled message and the meta fields the
+    # pipeline added (its campaign): the spool's record, not encoded again.
+    assert records["o1"].startswith(b"O2 all\n")
+    assert records["o1"].endswith(envelope(1).to_record())
+    # The redacted copy is another envelope: queued whole.
+    assert records["o2"].startswith(b"O1 private\n")
+    copies = {name: env for name, _, env in w.sink.items()}
+    assert copies["o1"].data == envelope(1).data
+    assert copies["o1"].meta.keys() >= envelope(1).meta.keys()
+
+
 def test_the_entry_is_acked_only_once_bundles_and_appends_are_done() -> None:
     w = World(CFG, {"all": ["o1"]})
     w.process(envelope(1))
