@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,33 +96,34 @@ def _round(server: Server, messages: int, deadline: float = 300.0) -> float:
     return sum(cpu_seconds_of(pid) for pid in server.pids) - before
 
 
+RATE = 250  # py-spy samples per second
+
+
 def _profile(server: Server, messages: int) -> dict[str, float]:
     """Share of py-spy samples per component during one round."""
+    samples = sampled(server, lambda: _round(server, messages))
+    total = sum(samples.values()) or 1
+    return {name: n / total for name, n in samples.most_common()}
+
+
+def sampled(server: Server, run: Callable[[], object], gil: bool = False) -> Counter[str]:
+    """py-spy samples per component of the server's first process while
+    ``run()`` runs; ``gil``: only samples of the thread holding the GIL
+    (what one process can do at once). A count divided by RATE is seconds."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = Path(tempfile.mkdtemp(prefix="spamtrap-cpu-")) / "profile.txt"
+    argv = [py_spy, "record", "--pid", str(server.pids[0]), "--rate", str(RATE)]
+    argv += ["--format", "raw", "--output", str(out), "--nonblocking", "--threads"]
     spy = subprocess.Popen(
-        [
-            py_spy,
-            "record",
-            "--pid",
-            str(server.pids[0]),
-            "--rate",
-            "250",
-            "--format",
-            "raw",
-            "--output",
-            str(out),
-            "--nonblocking",
-            "--threads",
-        ],
+        [*argv, "--gil"] if gil else argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     time.sleep(1.0)  # py-spy attaches
-    _round(server, messages)
+    run()
     spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
     spy.wait(timeout=60)
-    samples: collections.Counter[str] = collections.Counter()
+    samples: Counter[str] = collections.Counter()
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -129,8 +132,7 @@ def _profile(server: Server, messages: int) -> dict[str, float]:
         if stack.rsplit(";", 1)[-1].split(" (")[0] in IDLE:
             continue
         samples[component(stack)] += int(count)
-    total = sum(samples.values()) or 1
-    return {name: n / total for name, n in samples.most_common()}
+    return samples
 
 
 def main(quick: bool = False, profile: bool = False) -> dict[str, Any]:

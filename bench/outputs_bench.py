@@ -1,7 +1,7 @@
 """Intake with three outputs on, one of them blackholed, side by side with
 outputs off in the same run; then each output's own throughput (issue 13).
 
-    python -m bench.run outputs [--quick]
+    python -m bench.run outputs [--quick] [--profile]
 
 The outputs: ``exec`` (a command that reads the message and exits 0),
 ``forward`` (format attach, to Postfix's smtp-sink on loopback) and
@@ -12,6 +12,11 @@ report waits out its timeout, and its queue's bound sheds the oldest).
 "unlimited" runs alone, its outputs as fast as they go (the worst case: on
 a small machine their work, an exec child per message above all, takes
 CPU from intake), and each output's own msg/s is measured on it.
+
+``--profile`` samples one more round of each of the two nodes with py-spy,
+only the thread holding the GIL, and prints µs per message per component
+(bench/cpu.py COMPONENTS) for both, with the difference: one process runs
+one thread at a time, so GIL-held time per message is what bounds intake.
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ def _throughput(server: Server, outputs: list[str], n: int, deadline: float) -> 
     return out
 
 
-def main(quick: bool = False) -> dict[str, Any]:
+def main(quick: bool = False, profile: bool = False) -> dict[str, Any]:
     from bench.run import table
 
     n, rounds = (300, 2) if quick else (5000, 6)
@@ -138,6 +143,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 msgs, us = measured_round(s, 20, n)
                 seen[s.name].append(msgs)
                 cpu[s.name].append(us)
+        held = {s.name: _gil_held(s, n) for s in servers} if profile else {}
         # The unlimited node runs alone: its outputs work on in the
         # background and would take CPU from the other nodes' rounds.
         for s in servers:
@@ -183,6 +189,8 @@ def main(quick: bool = False) -> dict[str, Any]:
     print(f"\n## outputs: each output's own throughput ({burst} msgs at once, rate 0)\n")
     table([{"output": o, **v} for o, v in own.items()])
     print(f"\nblackholed pyzor output: {blackholed}")
+    if held:
+        _print_held(held)
     return {
         "messages": n,
         "rounds": rounds,
@@ -192,7 +200,33 @@ def main(quick: bool = False) -> dict[str, Any]:
         "cpu_us_per_message": cpu,
         "outputs": own,
         "blackholed": blackholed,
+        "gil_held_us_per_message": held,
     }
+
+
+def _gil_held(server: Server, n: int, rounds: int = 3) -> dict[str, float]:
+    """µs per message of GIL-held samples per component, over ``rounds``
+    rounds (one sample is 4 ms: one round of 5,000 holds too few)."""
+    from bench.cpu import RATE, sampled
+
+    def run() -> None:
+        for _ in range(rounds):
+            measured_round(server, 20, n)
+
+    samples = sampled(server, run, gil=True)
+    return {name: count / RATE / (n * rounds) * 1e6 for name, count in samples.most_common()}
+
+
+def _print_held(held: dict[str, dict[str, float]]) -> None:
+    off, on = held["outputs off"], held["outputs on"]
+    print("\n## outputs: GIL-held µs per message, by component (py-spy --gil)\n")
+    print("| component | outputs off | outputs on | on - off |")
+    print("|---|---|---|---|")
+    for name in sorted(set(off) | set(on), key=lambda k: -(on.get(k, 0) - off.get(k, 0))):
+        a, b = off.get(name, 0.0), on.get(name, 0.0)
+        print(f"| {name} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+    a, b = sum(off.values()), sum(on.values())
+    print(f"| all | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
 
 
 def _drain(server: Server, outputs: list[str], deadline: float) -> None:

@@ -536,7 +536,7 @@ def outputs() -> None:
     and each output's own msg/s (issue 13)."""
     from bench import outputs_bench
 
-    save("outputs", outputs_bench.main(quick=QUICK))
+    save("outputs", outputs_bench.main(quick=QUICK, profile="--profile" in sys.argv))
 
 
 SCENARIOS = {

@@ -213,9 +213,10 @@ class OutputQueue:
         """Queue an encoded item; fires once it is durable."""
         return self.spool.append(record, self._clock.seconds())
 
-    def append_many(self, records: list[bytes]) -> Deferred[int]:
-        """Queue encoded items in one hand-over; fires once all are durable."""
-        return self.spool.append_many(records, self._clock.seconds())
+    def append_many(self, records: list[bytes], crcs: list[int] | None = None) -> Deferred[int]:
+        """Queue encoded items in one hand-over; fires once all are durable.
+        ``crcs``: each record's ``zlib.crc32``, if known."""
+        return self.spool.append_many(records, self._clock.seconds(), crcs)
 
     @property
     def depth(self) -> int:

@@ -17,6 +17,7 @@ drained, since draining still enqueues.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -109,20 +110,28 @@ class Outputs(service.Service):
         reactor for every batch, so each queue takes its share as one
         append (see spamtrap.work.spool_writer.AppendMany)."""
         done: Deferred[None] = Deferred()
-        per_queue: dict[str, list[bytes]] = {}
+        per_queue: dict[str, tuple[list[bytes], list[int]]] = {}
+        # A set's kept copy is one record for every output listing the set:
+        # its crc is computed once here, not once per queue.
+        crc_of: dict[int, int] = {}
         for name, record in handoffs:
-            per_queue.setdefault(name, []).append(record)
+            crc = crc_of.get(id(record))
+            if crc is None:
+                crc = crc_of[id(record)] = zlib.crc32(record)
+            records, crcs = per_queue.setdefault(name, ([], []))
+            records.append(record)
+            crcs.append(crc)
         left = [len(per_queue)]
 
         def one(result: object, name: str) -> None:
             if isinstance(result, Failure):
-                self._append_failed(name, len(per_queue[name]), result)
+                self._append_failed(name, len(per_queue[name][0]), result)
             left[0] -= 1
             if left[0] == 0:
                 done.callback(None)
 
-        for name, records in per_queue.items():
-            self.queues[name].append_many(records).addBoth(one, name)
+        for name, (records, crcs) in per_queue.items():
+            self.queues[name].append_many(records, crcs).addBoth(one, name)
         if not per_queue:
             done.callback(None)
         return done

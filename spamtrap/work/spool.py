@@ -288,20 +288,29 @@ class Spool:
         self._writer.append(Append(bytes(payload), received_ms, d))
         return d
 
-    def append_many(self, payloads: Sequence[bytes], received_at: float) -> Deferred[int]:
+    def append_many(
+        self,
+        payloads: Sequence[bytes],
+        received_at: float,
+        crcs: Sequence[int] | None = None,
+    ) -> Deferred[int]:
         """Store records durably as one hand-over (all in one commit); fires
         with their number once they are synced. Their entries are queued
         like ``append``'s, but not handed back: for a producer (an output
         queue fed by the pipeline) that needs to know only that they are
-        durable."""
+        durable. ``crcs``: each payload's ``zlib.crc32``, if the caller
+        has them (it appends the same payloads elsewhere too)."""
         if self._closed or self._writer is None:
             return defer.fail(SpoolError("spool is not running"))
+        if crcs is not None and len(crcs) != len(payloads):
+            raise ValueError("append_many: one crc per payload")
         for payload in payloads:
             if len(payload) > MAX_PAYLOAD:
                 return defer.fail(SpoolError(f"spool record too large: {len(payload)} bytes"))
         d: Deferred[int] = Deferred()
         received_ms = max(0, round(received_at * 1000))
-        self._writer.append(AppendMany([bytes(p) for p in payloads], received_ms, d))
+        given = list(crcs) if crcs is not None else None
+        self._writer.append(AppendMany([bytes(p) for p in payloads], received_ms, d, given))
         return d
 
     def _committed(self, batch: Batch) -> None:

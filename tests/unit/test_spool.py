@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -586,6 +587,26 @@ async def test_append_many_fails_as_a_whole_on_a_write_error(
     assert spool.depth == 0
     assert await spool.append_many([b"c"], 1.0) == 1
     assert [(await spool.get()).read()] == [b"c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_writes_the_crcs_it_is_given(tmp_path: Path, make_spool: Any) -> None:
+    # The caller's crcs are the records' checksums on disk: right ones read
+    # back and recover; a wrong one is what a reader and recovery refuse.
+    spool = make_spool(tmp_path)
+    payloads = [b"first", b"second", b"third"]
+    crcs = [zlib.crc32(p) for p in payloads]
+    crcs[1] ^= 1
+    assert await spool.append_many(payloads, 1.0, crcs) == 3
+    got = [await spool.get() for _ in range(3)]
+    assert got[0].read() == b"first"
+    with pytest.raises(SpoolError):
+        got[1].read()
+    with pytest.raises(ValueError, match="one crc per payload"):
+        spool.append_many(payloads, 1.0, crcs[:2])
+    await spool.stop()
+    _, entries = recover(tmp_path)
+    assert [e.read() for e in entries] == [b"first"]  # recovery stops at the bad record
 
 
 @pytest_twisted.ensureDeferred
