@@ -8,7 +8,9 @@ The outputs: ``exec`` (a command that reads the message and exits 0),
 ``pyzor`` reporting to a UDP socket that never answers (blackholed: every
 report waits out its timeout, and its queue's bound sheds the oldest).
 "outputs on" runs them at the rates partners ask for, side by side with
-"outputs off": their rounds alternate, so noise hits both alike. Then
+"outputs off": their rounds alternate, so noise hits both alike, and the
+ratio is printed both as medians' ratio and as the median of each round's
+on/off (paired: the two ran within seconds of each other). Then
 "unlimited" runs alone, its outputs as fast as they go (the worst case: on
 a small machine their work, an exec child per message above all, takes
 CPU from intake), and each output's own msg/s is measured on it.
@@ -157,10 +159,17 @@ def main(quick: bool = False, profile: bool = False) -> dict[str, Any]:
         cpu[on.name] = [us for _, us in unlimited]
         rate = {name: statistics.median(v) for name, v in seen.items()}
         cpu_median = {name: statistics.median(v) for name, v in cpu.items()}
+        # The machine's speed drifts over a run (a shared VM: 1,000 to 1,300
+        # msg/s for the same node within minutes), so the ratio of medians
+        # moves with it; each round's on/off pair shares its moment.
+        paired = statistics.median(
+            b / a for a, b in zip(seen["outputs off"], seen["outputs on"], strict=True)
+        )
         intake = {
             "sessions": 20,
             **rate,
             "ratio on/off": rate["outputs on"] / rate["outputs off"],
+            "ratio on/off, paired": paired,
             "ratio unlimited/off": rate["outputs on, unlimited"] / rate["outputs off"],
         }
         # Let the first phase's backlog go out before timing the outputs.

@@ -3,11 +3,12 @@ spool, as group commits (see spamtrap.work.spool for the whole design)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, cast
 
@@ -28,8 +29,36 @@ from spamtrap.work.spool_records import (
 
 # Longest time acks and deletions wait for an append to ride along with.
 ACK_DELAY = 0.1
+# Buffers per writev() call (POSIX guarantees 16; Linux takes 1024).
+IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 
 log = Logger()
+
+
+def write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    """Write ``chunks`` to ``fd`` in order, as writev() calls, resuming
+    after a short write; raises OSError.
+
+    Not ``os.write(b"".join(chunks))``: an output queue's commit holds 0.2 s
+    of messages, about a MiB, and joining it allocated fresh memory every
+    time, whose page faults the writer took holding the GIL. py-spy put
+    that join at about 4 µs of GIL-held time per message in a node with
+    three output queues (2026-12-06, docs/benchmarks.md, issue 13)."""
+    start, end = 0, len(chunks)
+    pending: list[bytes | memoryview] = list(chunks)
+    while start < end:
+        group = pending[start : start + IOV_MAX]
+        written = os.writev(fd, group)
+        if written == 0 and any(len(c) for c in group):
+            raise OSError(errno.EIO, "writev() wrote nothing")
+        # Whole buffers written; a partly written one resumes at its rest.
+        for chunk in group:
+            size = len(chunk)
+            if written < size:
+                pending[start] = memoryview(chunk)[written:]
+                break
+            written -= size
+            start += 1
 
 
 @dataclass(slots=True)
@@ -301,9 +330,7 @@ class SpoolWriter:
     def _write(self, chunks: list[bytes]) -> None:
         # self._size already counts these bytes; only the fd moves here.
         assert self._fd is not None
-        view = memoryview(b"".join(chunks))
-        while view:
-            view = view[os.write(self._fd, view) :]
+        write_all(self._fd, chunks)
 
     def _sync(self) -> None:
         if self._config.fsync and self._fd is not None:

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from spamtrap.metrics import Metrics
 from spamtrap.work import spool as spool_module
+from spamtrap.work import spool_writer
 from spamtrap.work.spool import Spool, SpoolEntry, SpoolError, read_entries
 from spamtrap.work.spool_records import HEADER
 from tests.support.spool import ThreadCalls, config, recover
@@ -414,18 +415,18 @@ async def test_write_error_errbacks_and_next_append_uses_a_new_segment(
 ) -> None:
     spool = make_spool(tmp_path)
     before = await spool.append(b"before", 1.0)
-    real_write = os.write
+    real_writev = os.writev
 
-    def torn_write(fd: int, data: Any) -> int:
-        if bytes(data[:4]) != b"SPR1":
-            return real_write(fd, data)  # not ours: the reactor's waker, say
-        real_write(fd, bytes(data[:7]))  # part of a header, then the disk is full
+    def torn_writev(fd: int, buffers: list[Any]) -> int:
+        if bytes(buffers[0][:4]) != b"SPR1":
+            return real_writev(fd, buffers)
+        os.write(fd, bytes(buffers[0][:7]))  # part of a header, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module.os, "write", torn_write)
+    monkeypatch.setattr(spool_module.os, "writev", torn_writev)
     with pytest.raises(SpoolError, match="No space"):
         await spool.append(b"lost", 1.0)
-    monkeypatch.setattr(spool_module.os, "write", real_write)
+    monkeypatch.setattr(spool_module.os, "writev", real_writev)
     after = await spool.append(b"after", 1.0)
     assert after.seq > before.seq
     assert spool.depth == 2
@@ -445,21 +446,21 @@ async def test_a_failing_disk_is_reported_until_a_write_succeeds(
     spool = make_spool(tmp_path, clock=clock)
     await spool.append(b"before", clock.seconds())
     assert spool.write_failure is None
-    real_write = os.write
+    real_writev = os.writev
 
-    def full(fd: int, data: Any) -> int:
-        if bytes(data[:4]) != b"SPR1":
-            return real_write(fd, data)  # not ours: the reactor's waker, say
+    def full(fd: int, buffers: list[Any]) -> int:
+        if bytes(buffers[0][:4]) != b"SPR1":
+            return real_writev(fd, buffers)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module.os, "write", full)
+    monkeypatch.setattr(spool_module.os, "writev", full)
     for _ in range(3):
         clock.advance(5)
         with pytest.raises(SpoolError):
             await spool.append(b"lost", clock.seconds())
     # Since the first failure, not the last.
     assert spool.write_failure == ("No space left on device", 1_700_000_005)
-    monkeypatch.setattr(spool_module.os, "write", real_write)
+    monkeypatch.setattr(spool_module.os, "writev", real_writev)
     await spool.append(b"after", clock.seconds())
     assert spool.write_failure is None
     # What is on disk and not done: both messages, one handed out, none acked.
@@ -573,17 +574,17 @@ async def test_append_many_fails_as_a_whole_on_a_write_error(
     tmp_path: Path, make_spool: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = make_spool(tmp_path)
-    real_write = os.write
+    real_writev = os.writev
 
-    def full_disk(fd: int, data: Any) -> int:
-        if bytes(data[:4]) != b"SPR1":
-            return real_write(fd, data)
+    def full_disk(fd: int, buffers: list[Any]) -> int:
+        if bytes(buffers[0][:4]) != b"SPR1":
+            return real_writev(fd, buffers)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module.os, "write", full_disk)
+    monkeypatch.setattr(spool_module.os, "writev", full_disk)
     with pytest.raises(SpoolError, match="No space"):
         await spool.append_many([b"a", b"b"], 1.0)
-    monkeypatch.setattr(spool_module.os, "write", real_write)
+    monkeypatch.setattr(spool_module.os, "writev", real_writev)
     assert spool.depth == 0
     assert await spool.append_many([b"c"], 1.0) == 1
     assert [(await spool.get()).read()] == [b"c"]
@@ -615,6 +616,64 @@ async def test_append_many_refuses_a_record_too_large(tmp_path: Path, make_spool
     with pytest.raises(SpoolError, match="too large"):
         await spool.append_many([b"ok", b"x" * (spool_module.MAX_PAYLOAD + 1)], 1.0)
     assert spool.depth == 0
+
+
+# -- writing a commit ----------------------------------------------------------
+
+
+def _written(tmp_path: Path, chunks: list[bytes]) -> bytes:
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        spool_writer.write_all(fd, chunks)
+    finally:
+        os.close(fd)
+    return path.read_bytes()
+
+
+def test_write_all_writes_more_buffers_than_one_writev_takes(tmp_path: Path) -> None:
+    chunks = [b"%d:" % i + b"x" * (i % 7) for i in range(spool_writer.IOV_MAX * 2 + 5)]
+    assert _written(tmp_path, chunks) == b"".join(chunks)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunks=st.lists(st.binary(max_size=40), max_size=50),
+    cap=st.integers(min_value=1, max_value=60),
+)
+def test_write_all_resumes_after_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: list[bytes], cap: int
+) -> None:
+    # A short writev (a signal, a quota) ends anywhere, mid-buffer too: the
+    # rest follows, each byte once and in order.
+    real = os.writev
+    calls = []
+
+    def short(fd: int, buffers: list[bytes]) -> int:
+        calls.append(len(buffers))
+        assert len(buffers) <= spool_writer.IOV_MAX
+        room, taken = cap, []
+        for b in buffers:
+            if room == 0:
+                break
+            taken.append(bytes(b[:room]))
+            room -= len(taken[-1])
+        return real(fd, taken)
+
+    monkeypatch.setattr(spool_writer.os, "writev", short)
+    assert _written(tmp_path, chunks) == b"".join(chunks)
+    total = sum(map(len, chunks))
+    if total:
+        assert len(calls) >= -(-total // cap)
+
+
+def test_write_all_that_writes_nothing_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_writer.os, "writev", lambda fd, buffers: 0)
+    with pytest.raises(OSError, match="wrote nothing"):
+        _written(tmp_path, [b"", b"data"])
+    assert _written(tmp_path, [b"", b""]) == b""
 
 
 # -- the page cache ------------------------------------------------------------
