@@ -123,7 +123,13 @@ class OutputSink(Protocol):
         """The outputs that list ``set_name``."""
         ...
 
-    def enqueue(self, handoffs: Sequence[tuple[str, bytes]]) -> Deferred[None]:
-        """Append (output, encoded item) pairs durably; fires, never fails,
-        once every append has committed or failed (counted as shed)."""
+    def enqueue(self, handoffs: Sequence[tuple[str, bytes, int]]) -> Deferred[None]:
+        """Append (output, encoded item, its ``zlib.crc32``) durably; fires,
+        never fails, once every append has committed or failed (counted as
+        shed).
+
+        The caller computes the crc, in its own thread: one kept copy goes
+        to every output listing its set with one crc, and zlib lets the GIL
+        go for more than 5 KiB, which in the reactor thread hands the GIL to
+        a filter worker for up to a switch interval, once per message."""
         ...

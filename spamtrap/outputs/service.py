@@ -17,7 +17,6 @@ drained, since draining still enqueues.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,8 +37,9 @@ from spamtrap.work.spool import SpoolEntry
 
 log = Logger()
 
-# (output name, encoded item) pairs, as the pipeline's threads make them.
-Handoff = tuple[str, bytes]
+# (output name, encoded item, its zlib.crc32), as the pipeline's threads
+# make them (see spamtrap.outputs.base.OutputSink).
+Handoff = tuple[str, bytes, int]
 
 
 def queue_directory(data_dir: str, output: str, node: str) -> str:
@@ -111,13 +111,7 @@ class Outputs(service.Service):
         append (see spamtrap.work.spool_writer.AppendMany)."""
         done: Deferred[None] = Deferred()
         per_queue: dict[str, tuple[list[bytes], list[int]]] = {}
-        # A set's kept copy is one record for every output listing the set:
-        # its crc is computed once here, not once per queue.
-        crc_of: dict[int, int] = {}
-        for name, record in handoffs:
-            crc = crc_of.get(id(record))
-            if crc is None:
-                crc = crc_of[id(record)] = zlib.crc32(record)
+        for name, record, crc in handoffs:
             records, crcs = per_queue.setdefault(name, ([], []))
             records.append(record)
             crcs.append(crc)

@@ -8,6 +8,7 @@ or at once when the stages discard it or no set wants it.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,7 +233,7 @@ class Pipeline(Generic[EntryT]):
                 self._busy -= len(batch)
 
     async def _process(self, batch: list[EntryT]) -> None:
-        handoffs: list[tuple[Token, list[tuple[str, bytes]]]] = []
+        handoffs: list[tuple[Token, list[tuple[str, bytes, int]]]] = []
         results = await deferToThreadPool(
             as_reactor_from_threads(self.reactor), self.pool, self._work_batch, batch, handoffs
         )
@@ -273,7 +274,7 @@ class Pipeline(Generic[EntryT]):
     def _work_batch(
         self,
         batch: list[EntryT],
-        handoffs: list[tuple[Token, list[tuple[str, bytes]]]] | None = None,
+        handoffs: list[tuple[Token, list[tuple[str, bytes, int]]]] | None = None,
     ) -> list[Result | None]:
         """In a pool thread: read, decide, and write into the sets' bundles.
 
@@ -311,7 +312,7 @@ class Pipeline(Generic[EntryT]):
         entry: EntryT,
         record: bytes,
         adds: dict[str, list[Item]],
-        handoffs: list[tuple[Token, list[tuple[str, bytes]]]] | None = None,
+        handoffs: list[tuple[Token, list[tuple[str, bytes, int]]]] | None = None,
     ) -> tuple[Result, Token | None]:
         """The decision for one message; its bundle entries (with their
         index fields) go to ``adds``."""
@@ -321,7 +322,7 @@ class Pipeline(Generic[EntryT]):
         base = ItemBase(record, env) if self.outputs is not None else None
         result = evaluate(self.stages, self.collator, env, self.budget, self.campaigns)
         writes: list[tuple[str, bytes, float, bytes, str | None]] = []
-        sends: list[tuple[str, bytes]] = []  # (output, encoded item)
+        sends: list[tuple[str, bytes, int]] = []  # (output, encoded item, crc)
         reasons = index.notable(result.outcome.verdicts) if result.deliveries else []
         for msg, sets in result.deliveries:
             campaign = next(iter(msg.meta.get("campaign", ())), None)
@@ -370,12 +371,17 @@ class Pipeline(Generic[EntryT]):
 
     def _handoffs(
         self, set_name: str, copy: Envelope, base: ItemBase | None
-    ) -> list[tuple[str, bytes]]:
-        """The queue records of a set's kept copy, one per output listing it."""
+    ) -> list[tuple[str, bytes, int]]:
+        """The queue records of a set's kept copy, one per output listing
+        it, with their crc: one record and one crc for them all, computed
+        here in the worker (see OutputSink.enqueue)."""
         assert self.outputs is not None
         names = self.outputs.routes(set_name)
-        record = encode_item(set_name, copy, base) if names else b""
-        return [(name, record) for name in names]
+        if not names:
+            return []
+        record = encode_item(set_name, copy, base)
+        crc = zlib.crc32(record)
+        return [(name, record, crc) for name in names]
 
     def _index_fields(
         self, msg: Envelope, copy: Envelope, reasons: list[tuple[str, str, str]]

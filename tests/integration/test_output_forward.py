@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,8 @@ outputs:
     outputs.startService()
     try:
         envs = [envelope(n) for n in range(10, 16)]
-        await outputs.enqueue([("partners", encode_item("all", env)) for env in envs])
+        records = [encode_item("all", env) for env in envs]
+        await outputs.enqueue([("partners", r, zlib.crc32(r)) for r in records])
         failed = "spamtrap_output_failed_total"
         await until(lambda: sample(metrics, failed, output="partners", reason="refused") >= 3)
         assert sample(metrics, "spamtrap_output_sent_total", output="partners") == 0

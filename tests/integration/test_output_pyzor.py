@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,8 @@ outputs:
             Envelope(f"id{n}", time.time(), "", ["t@trap.example"], m)
             for n, m in enumerate(messages)
         ]
-        await outputs.enqueue([("report", encode_item("all", env)) for env in envelopes])
+        records = [encode_item("all", env) for env in envelopes]
+        await outputs.enqueue([("report", r, zlib.crc32(r)) for r in records])
         failed = "spamtrap_output_failed_total"
         await until(lambda: sample(metrics, failed, output="report", reason="timeout") >= 2)
         assert sample(metrics, "spamtrap_output_sent_total", output="report") == 0

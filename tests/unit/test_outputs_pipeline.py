@@ -3,6 +3,7 @@ the spool entry may go (only once the outputs' appends committed)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,12 @@ class Sink:
 
     def __init__(self, routes: dict[str, list[str]]) -> None:
         self._routes = routes
-        self.enqueued: list[tuple[list[tuple[str, bytes]], Deferred[None]]] = []
+        self.enqueued: list[tuple[list[tuple[str, bytes, int]], Deferred[None]]] = []
 
     def routes(self, set_name: str) -> Sequence[str]:
         return self._routes.get(set_name, [])
 
-    def enqueue(self, handoffs: Sequence[tuple[str, bytes]]) -> Deferred[None]:
+    def enqueue(self, handoffs: Sequence[tuple[str, bytes, int]]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.enqueued.append((list(handoffs), d))
         return d
@@ -60,9 +61,14 @@ class Sink:
     def items(self) -> list[tuple[str, str, Envelope]]:
         out = []
         for handoffs, _ in self.enqueued:
-            for name, record in handoffs:
+            for name, record, crc in handoffs:
+                assert crc == zlib.crc32(record)  # the record's, for the queue to write
                 out.append((name, *decode_item(record)))
         return out
+
+
+def handoff(name: str, record: bytes) -> tuple[str, bytes, int]:
+    return (name, record, zlib.crc32(record))
 
 
 def envelope(i: int, rcpt: str = "victim@trap.example") -> Envelope:
@@ -139,7 +145,7 @@ def test_a_copy_that_is_the_intake_record_is_queued_as_it() -> None:
     w = World(CFG, {"all": ["o1"], "private": ["o2"]})
     w.process(envelope(1))
     ((handoffs, _),) = w.sink.enqueued
-    records = dict(handoffs)
+    records = {name: record for name, record, _ in handoffs}
     # The copy of "all" is the spooled message and the meta fields the
     # pipeline added (its campaign): the spool's record, not encoded again.
     assert records["o1"].startswith(b"O2 all\n")
@@ -167,7 +173,7 @@ def test_a_batch_is_handed_over_at_once_and_released_together() -> None:
     w = World(cfg, {"all": ["o1", "o2"]})
     w.process(envelope(1), envelope(2), envelope(3))
     ((handoffs, committed),) = w.sink.enqueued  # one hand-over for the batch
-    assert [name for name, _ in handoffs] == ["o1", "o2"] * 3
+    assert [name for name, *_ in handoffs] == ["o1", "o2"] * 3
     w.store("all")
     assert w.source.acked == []
     committed.callback(None)
@@ -254,7 +260,10 @@ async def test_outputs_route_and_queue_durably(tmp_path: Path) -> None:
     outputs.startService()
     assert (tmp_path / "outputs" / "a" / "n1").is_dir()
     done = outputs.enqueue(
-        [("a", encode_item("all", envelope(1))), ("b", encode_item("private", envelope(1)))]
+        [
+            handoff("a", encode_item("all", envelope(1))),
+            handoff("b", encode_item("private", envelope(1))),
+        ]
     )
     await clock.run(done, "the appends")
     await clock.settle(lambda: len(recorders["b"].items) == 1, "b's send")
@@ -274,7 +283,7 @@ async def test_an_append_that_fails_is_counted_as_shed_and_still_fires(tmp_path:
     metrics = Metrics()
     outputs = Outputs(cfg, metrics, clock, clock=clock, build=lambda s, c: Recorder())
     # Never started: every append fails, as on a broken disk.
-    done = outputs.enqueue([("a", b"x"), ("b", b"y")])
+    done = outputs.enqueue([handoff("a", b"x"), handoff("b", b"y")])
     assert done.called  # fired, not failed: the pipeline goes on
     shed = metrics.registry.get_sample_value("spamtrap_output_shed_total", {"output": "a"})
     assert shed == 1
