@@ -79,7 +79,10 @@ def test_base64_glued_encodings_decode_both() -> None:
     assert mime.decode_base64(b"QQ==QkM=") == b"ABC"
 
 
-@given(st.binary(max_size=500))
+# Quoted-printable is line-oriented: its line breaks are the text's, so a CR
+# beside an LF is not kept by the encoder (quopri.encodestring(b"\n\r\n") is
+# b"\n\n"). Payloads without CR round-trip exactly.
+@given(st.binary(max_size=500).map(lambda b: b.replace(b"\r", b"")))
 def test_quoted_printable_round_trips(payload: bytes) -> None:
     assert mime.decode_quoted_printable(quopri.encodestring(payload)) == payload
 
