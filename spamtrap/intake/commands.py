@@ -15,6 +15,7 @@ from spamtrap.intake.data import DATA_SENTINEL
 from spamtrap.intake.envelope import Transaction
 from spamtrap.intake.parse import param_value, parse_path
 from spamtrap.intake.relay import as_text
+from spamtrap.intake.replies import send_reply
 from spamtrap.intake.state import SessionState
 
 DATA = SessionState.DATA
@@ -68,7 +69,7 @@ class Commands(SessionBase):
         reply = replies.get(key)
         if reply is None:
             reply = replies[key] = format_reply(250, self.host + b"\n" + self.listExtensions())
-        self.transport.write(reply)
+        send_reply(self.transport, reply)
 
     def do_MAIL(self, rest: bytes) -> None:
         if self._txn is not None:

@@ -67,6 +67,7 @@ from spamtrap.intake.facts import SessionMetadata, host_port
 from spamtrap.intake.limits import SessionHost, client_key
 from spamtrap.intake.parse import Dialect
 from spamtrap.intake.relay_commands import RelayCommands
+from spamtrap.intake.replies import send_reply
 from spamtrap.intake.spill import Spill
 from spamtrap.intake.state import HOLDING, SessionState, check_move
 from spamtrap.message import Envelope, new_session_id
@@ -170,7 +171,7 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, SessionMetadata, smtp.ESMTP)
 
     def _refuse(self, reason: str) -> None:
         self.factory.metrics.connections_refused.labels(reason=reason).inc()
-        self.transport.write(b"421 4.7.0 %s Too many connections, try later\r\n" % self.host)
+        send_reply(self.transport, b"421 4.7.0 %s Too many connections, try later\r\n" % self.host)
         self._move(CLOSED)
         self.transport.loseConnection()
 
@@ -204,7 +205,7 @@ class TrapSMTP(Commands, RelayCommands, DataIntake, SessionMetadata, smtp.ESMTP)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         # One write per reply; the parent writes every line of it separately.
-        self.transport.write(format_reply(code, message))
+        send_reply(self.transport, format_reply(code, message))
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP spamtrap"
