@@ -40,10 +40,10 @@ def write_all(fd: int, chunks: Sequence[bytes]) -> None:
     after a short write; raises OSError.
 
     Not ``os.write(b"".join(chunks))``: an output queue's commit holds 0.2 s
-    of messages, about a MiB, and joining it allocated fresh memory every
-    time, whose page faults the writer took holding the GIL. py-spy put
-    that join at about 4 µs of GIL-held time per message in a node with
-    three output queues (2026-12-06, docs/benchmarks.md, issue 13)."""
+    of messages, about a MiB, and the join copied it into a fresh buffer
+    each time, holding the GIL. py-spy put that join at about 4 µs of
+    GIL-held time per message in a node with three output queues
+    (2026-12-06, docs/benchmarks.md, issue 13)."""
     start, end = 0, len(chunks)
     pending: list[bytes | memoryview] = list(chunks)
     while start < end:
