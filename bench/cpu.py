@@ -64,6 +64,9 @@ COMPONENTS: list[tuple[str, str]] = [
     ("spamtrap/message.py", "envelope and metadata"),
     ("intake/envelope.py", "envelope and metadata"),
     ("work/pipeline.py", "pipeline: batching, decisions, acks"),
+    # A reply's socket send, which Twisted's doWrite made before
+    # send_reply (issue 15, fourth round): still the reactor's TCP work.
+    ("intake/replies.py", "reactor and TCP"),
     ("intake/", "SMTP session (spamtrap)"),
     ("twisted/mail/", "SMTP parsing (twisted.mail)"),
     ("metrics.py", "metrics"),
