@@ -116,6 +116,12 @@ class Output(Protocol):
         ...
 
 
+# What the pipeline hands an output queue: (output name, encoded item, its
+# zlib.crc32). One kept copy is one record and one crc for every output
+# that lists its set.
+Handoff = tuple[str, bytes, int]
+
+
 class OutputSink(Protocol):
     """What the pipeline hands kept messages to (spamtrap.outputs.service)."""
 
@@ -123,7 +129,7 @@ class OutputSink(Protocol):
         """The outputs that list ``set_name``."""
         ...
 
-    def enqueue(self, handoffs: Sequence[tuple[str, bytes, int]]) -> Deferred[None]:
+    def enqueue(self, handoffs: Sequence[Handoff]) -> Deferred[None]:
         """Append (output, encoded item, its ``zlib.crc32``) durably; fires,
         never fails, once every append has committed or failed (counted as
         shed).

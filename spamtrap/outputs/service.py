@@ -30,16 +30,12 @@ from spamtrap.config import Config
 from spamtrap.interfaces import ReactorTime
 from spamtrap.metrics import Metrics
 from spamtrap.outputs import kind_module
-from spamtrap.outputs.base import Output, OutputContext
+from spamtrap.outputs.base import Handoff, Output, OutputContext
 from spamtrap.outputs.queue import OutputQueue
 from spamtrap.outputs.runner import OutputRunner, read_in_thread
 from spamtrap.work.spool import SpoolEntry
 
 log = Logger()
-
-# (output name, encoded item, its zlib.crc32), as the pipeline's threads
-# make them (see spamtrap.outputs.base.OutputSink).
-Handoff = tuple[str, bytes, int]
 
 
 def queue_directory(data_dir: str, output: str, node: str) -> str:

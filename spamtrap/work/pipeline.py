@@ -33,7 +33,7 @@ from spamtrap.interfaces import (
 )
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
-from spamtrap.outputs.base import OutputSink
+from spamtrap.outputs.base import Handoff, OutputSink
 from spamtrap.outputs.queue import ItemBase, encode_item
 from spamtrap.work.campaign import CampaignAssigner, CampaignIndex
 from spamtrap.work.collate import Collator
@@ -233,7 +233,7 @@ class Pipeline(Generic[EntryT]):
                 self._busy -= len(batch)
 
     async def _process(self, batch: list[EntryT]) -> None:
-        handoffs: list[tuple[Token, list[tuple[str, bytes, int]]]] = []
+        handoffs: list[tuple[Token, list[Handoff]]] = []
         results = await deferToThreadPool(
             as_reactor_from_threads(self.reactor), self.pool, self._work_batch, batch, handoffs
         )
@@ -274,7 +274,7 @@ class Pipeline(Generic[EntryT]):
     def _work_batch(
         self,
         batch: list[EntryT],
-        handoffs: list[tuple[Token, list[tuple[str, bytes, int]]]] | None = None,
+        handoffs: list[tuple[Token, list[Handoff]]] | None = None,
     ) -> list[Result | None]:
         """In a pool thread: read, decide, and write into the sets' bundles.
 
@@ -312,7 +312,7 @@ class Pipeline(Generic[EntryT]):
         entry: EntryT,
         record: bytes,
         adds: dict[str, list[Item]],
-        handoffs: list[tuple[Token, list[tuple[str, bytes, int]]]] | None = None,
+        handoffs: list[tuple[Token, list[Handoff]]] | None = None,
     ) -> tuple[Result, Token | None]:
         """The decision for one message; its bundle entries (with their
         index fields) go to ``adds``."""
@@ -322,7 +322,7 @@ class Pipeline(Generic[EntryT]):
         base = ItemBase(record, env) if self.outputs is not None else None
         result = evaluate(self.stages, self.collator, env, self.budget, self.campaigns)
         writes: list[tuple[str, bytes, float, bytes, str | None]] = []
-        sends: list[tuple[str, bytes, int]] = []  # (output, encoded item, crc)
+        sends: list[Handoff] = []
         reasons = index.notable(result.outcome.verdicts) if result.deliveries else []
         for msg, sets in result.deliveries:
             campaign = next(iter(msg.meta.get("campaign", ())), None)
@@ -369,9 +369,7 @@ class Pipeline(Generic[EntryT]):
         """The outputs' appends of a batch committed: release their counts."""
         self.acks.stored(tokens)
 
-    def _handoffs(
-        self, set_name: str, copy: Envelope, base: ItemBase | None
-    ) -> list[tuple[str, bytes, int]]:
+    def _handoffs(self, set_name: str, copy: Envelope, base: ItemBase | None) -> list[Handoff]:
         """The queue records of a set's kept copy, one per output listing
         it, with their crc: one record and one crc for them all, computed
         here in the worker (see OutputSink.enqueue)."""

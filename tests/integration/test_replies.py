@@ -38,6 +38,12 @@ async def _pair() -> tuple[Any, socket.socket, Any]:
     return server.transport, client, port
 
 
+async def _close(transport: Any, client: socket.socket, port: Any) -> None:
+    transport.loseConnection()
+    client.close()
+    await port.stopListening()
+
+
 def _read_all(client: socket.socket) -> bytes:
     out = b""
     while True:
@@ -69,9 +75,7 @@ async def test_a_reply_to_an_idle_connection_is_sent_at_once() -> None:
         assert transport not in reactor.getWriters()
         assert await _drain(client, 14) == b"250 2.0.0 ok\r\n"
     finally:
-        transport.loseConnection()
-        client.close()
-        await port.stopListening()
+        await _close(transport, client, port)
 
 
 @pytest_twisted.ensureDeferred
@@ -91,9 +95,7 @@ async def test_what_the_socket_does_not_take_follows_in_order() -> None:
         want = b"".join(replies)
         assert await _drain(client, len(want)) == want
     finally:
-        transport.loseConnection()
-        client.close()
-        await port.stopListening()
+        await _close(transport, client, port)
 
 
 @pytest_twisted.ensureDeferred
@@ -108,8 +110,7 @@ async def test_a_reply_to_a_peer_that_is_gone_leaves_the_loss_to_the_transport()
         await transport.protocol.lost.addTimeout(10, reactor)
         assert not transport.connected
     finally:
-        transport.loseConnection()
-        await port.stopListening()
+        await _close(transport, client, port)
 
 
 def test_other_transports_get_a_plain_write() -> None:

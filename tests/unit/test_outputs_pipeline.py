@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from spamtrap.config import Config, SpoolConfig, parse_config
 from spamtrap.message import Envelope
 from spamtrap.metrics import Metrics
+from spamtrap.outputs.base import Handoff
 from spamtrap.outputs.queue import decode_item, encode_item
 from spamtrap.outputs.service import Outputs
 from spamtrap.testing import ListWorkSource, SyncPool
@@ -48,12 +49,12 @@ class Sink:
 
     def __init__(self, routes: dict[str, list[str]]) -> None:
         self._routes = routes
-        self.enqueued: list[tuple[list[tuple[str, bytes, int]], Deferred[None]]] = []
+        self.enqueued: list[tuple[list[Handoff], Deferred[None]]] = []
 
     def routes(self, set_name: str) -> Sequence[str]:
         return self._routes.get(set_name, [])
 
-    def enqueue(self, handoffs: Sequence[tuple[str, bytes, int]]) -> Deferred[None]:
+    def enqueue(self, handoffs: Sequence[Handoff]) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.enqueued.append((list(handoffs), d))
         return d
@@ -67,7 +68,7 @@ class Sink:
         return out
 
 
-def handoff(name: str, record: bytes) -> tuple[str, bytes, int]:
+def handoff(name: str, record: bytes) -> Handoff:
     return (name, record, zlib.crc32(record))
 
 
